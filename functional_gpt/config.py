@@ -1,0 +1,118 @@
+"""Model hyperparameters under GPT-2's own names, presets, and Hugging Face config.json I/O."""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .files import write_json
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 hyperparameters, named as in Hugging Face's GPT2Config."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) < 1:
+                raise UserError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"config: {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Build from a dict with GPT-2's names; keys this class does not know are ignored
+        (a Hugging Face config.json carries many), a wrong type is a UserError."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in fields:
+                continue
+            kind = int if fields[key] in (int, "int") else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"config: {key} must be a number, got {value!r}")
+            kwargs[key] = kind(value)
+        return cls(**kwargs)
+
+
+_SMALL_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+PRESETS: dict[str, GPTConfig] = {
+    # The four released GPT-2 sizes: 124M, 355M, 774M, 1558M parameters.
+    "gpt2": GPTConfig(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
+    # Sized for training on a 2-core CPU in minutes (GPT-2's vocabulary, short context).
+    "cpu-small": GPTConfig(n_positions=256, n_embd=256, n_layer=4, n_head=4, **_SMALL_DROPOUT),
+    "cpu-tiny": GPTConfig(n_positions=128, n_embd=128, n_layer=2, n_head=2, **_SMALL_DROPOUT),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """The config of a named preset; an unknown name is a UserError listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def read_hf_config(path: str | os.PathLike) -> GPTConfig:
+    """Read a Hugging Face GPT-2 config.json (file, or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a JSON config ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return GPTConfig.from_dict(d)
+
+
+def hf_config_dict(config: GPTConfig) -> dict:
+    """The config.json content transformers' GPT2Config expects, GPT-2 defaults included."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_ctx": config.n_positions,
+        "n_inner": None,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        **config.to_dict(),
+    }
+
+
+def write_hf_config(config: GPTConfig, path: str | os.PathLike) -> None:
+    """Write config.json for transformers (atomically: temp file, then rename)."""
+    write_json(path, hf_config_dict(config))

@@ -1,0 +1,42 @@
+"""`fgpt info`: what this machine and a model look like, checked with one forward pass."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_params
+from .config import GPTConfig, preset
+from .device import pick_device
+from .params import count_params, init_params
+from .model import forward
+
+
+def info_report(*, preset_name: str | None = None, weights: str | None = None,
+                device: str | None = None, seq_len: int = 64, seed: int = 0) -> str:
+    """A readable report: torch version, device, threads, config, parameter count, and
+    the loss of one forward pass on random tokens (about ln(vocab_size) for a fresh model)."""
+    dev = pick_device(device)
+    if weights is not None:
+        params, config = load_params(weights, device=dev)
+        source = weights
+    else:
+        config = preset(preset_name or "gpt2")
+        params = init_params(config, seed=seed, device=dev)
+        source = f"preset {preset_name or 'gpt2'} (fresh init, seed {seed})"
+    T = min(seq_len, config.n_positions)
+    tokens = torch.randint(config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
+    with torch.inference_mode():
+        logits = forward(params, tokens[:, :-1], config)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    lines = [
+        f"torch       {torch.__version__}",
+        f"device      {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        f"threads     {torch.get_num_threads()}",
+        f"model       {source}",
+        "config      " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()),
+        f"parameters  {count_params(config):,}",
+        f"forward     {T} random tokens: loss {loss.item():.4f} nats/token "
+        f"(ln(vocab_size) = {math.log(config.vocab_size):.4f})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""The whole GPT-2: embeddings, blocks, final layer norm, tied LM head.
+
+`forward(params, tokens)` is the model. `forward_cached` is the same computation over
+an explicit KV cache (a value passed in and returned) for generation.
+
+Activations are seen through `tap(name, x) -> x`, called on every intermediate with a
+name that follows the param keys: "wte", "wpe", "embed" (their sum, the input to block
+0), and per block i "h.i.ln_1", "h.i.attn", "h.i.ln_2", "h.i.mlp", "h.i" (its output),
+then "ln_f" and "logits". A recording tap fills a dict (`recorder`), the default tap
+changes nothing, a tap that returns another tensor patches the activation.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .errors import UserError
+from .layers import layer_norm, transformer_block
+from .params import Params, config_from_shapes
+
+
+def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def recorder(store: dict):
+    """A tap that records each activation (detached) into `store` under its name."""
+
+    def tap(name: str, x: torch.Tensor) -> torch.Tensor:
+        store[name] = x.detach()
+        return x
+
+    return tap
+
+
+def config_of(params: Params) -> GPTConfig:
+    """The config read off the shapes of `params` (head size 64, as in every released GPT-2)."""
+    return config_from_shapes(
+        {
+            "wte.weight": tuple(params["wte"]["weight"].shape),
+            "wpe.weight": tuple(params["wpe"]["weight"].shape),
+            **{f"h.{i}.ln_1.weight": () for i in range(len(params["h"]))},
+        }
+    )
+
+
+def forward(
+    params: Params,
+    tokens: torch.Tensor,
+    config: GPTConfig | None = None,
+    *,
+    dropout: bool = False,
+    tap=no_tap,
+) -> torch.Tensor:
+    """tokens: int64 [B, T] -> logits: float [B, T, vocab_size] (next-token scores).
+
+    config: what shapes cannot tell (n_head, epsilon, dropout rates); read off the
+      shapes when None. dropout: apply the config's dropout rates (training); off by
+      default. `params` is never modified.
+    """
+    config = config or config_of(params)
+    T = _check_tokens(tokens, config, end=tokens.shape[-1])
+    positions = torch.arange(T, device=tokens.device)
+    return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout)
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len` positions.
+
+    k, v: [n_layer, B, n_head, max_len, head_dim]. length: positions filled (the same for
+    every row). valid: bool [B, max_len], False where a row holds left padding, so that
+    prompts of different lengths can share a batch.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    length: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def new_cache(
+    config: GPTConfig,
+    batch_size: int,
+    max_len: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` (default n_positions) tokens."""
+    max_len = max_len or config.n_positions
+    if not 1 <= max_len <= config.n_positions:
+        raise UserError(f"cache length {max_len} must be in 1..n_positions={config.n_positions}")
+    shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+    return KVCache(
+        k=torch.zeros(shape, dtype=dtype, device=device),
+        v=torch.zeros(shape, dtype=dtype, device=device),
+        valid=torch.ones(batch_size, max_len, dtype=torch.bool, device=device),
+    )
+
+
+def forward_cached(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    config: GPTConfig | None = None,
+    *,
+    valid: torch.Tensor | None = None,
+    tap=no_tap,
+) -> tuple[torch.Tensor, KVCache]:
+    """Run new tokens after those already in `cache`.
+
+    tokens: int64 [B, T], the tokens at cache positions length .. length+T-1.
+    valid: bool [B, T], False marking left padding among these tokens (prefill of
+      prompts of different lengths); None means all real. Padding is never attended to,
+      and each row's position ids count its real tokens only, so a padded row computes
+      exactly what it would alone.
+    Returns (logits [B, T, vocab_size], the cache holding length + T positions). The
+    input cache's buffers are written in place and shared by the returned cache: keep
+    using the returned one. No dropout (inference).
+    """
+    config = config or config_of(params)
+    start, T = cache.length, tokens.shape[-1]
+    _check_tokens(tokens, config, end=start + T, limit=cache.max_len)
+    if valid is not None:
+        cache.valid[:, start : start + T] = valid
+    seen = cache.valid[:, : start + T]
+    padded = not bool(seen.all())
+    if padded:
+        positions = (seen.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        query = torch.arange(start, start + T, device=tokens.device)[:, None]
+        key = torch.arange(start + T, device=tokens.device)[None, :]
+        # A padding query may attend to itself alone, which keeps its softmax finite.
+        mask = ((key <= query) & seen[:, None, :]) | (key == query)
+        mask = mask[:, None]  # [B, 1, T, start + T]
+    else:
+        positions = torch.arange(start, start + T, device=tokens.device)
+        mask = None
+        if start > 0 and T > 1:  # causal mask aligned to the end, not the upper left
+            query = torch.arange(start, start + T, device=tokens.device)[:, None]
+            mask = torch.arange(start + T, device=tokens.device)[None, :] <= query
+    logits = _transformer(
+        params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start
+    )
+    return logits, replace(cache, length=start + T)
+
+
+def _transformer(params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0):
+    embd_p, attn_p, resid_p = (
+        (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
+    )
+    x = tap("wte", F.embedding(tokens, params["wte"]["weight"]))
+    x = x + tap("wpe", F.embedding(positions, params["wpe"]["weight"]).expand_as(x))
+    x = tap("embed", F.dropout(x, embd_p) if embd_p else x)
+    for i, block in enumerate(params["h"]):
+        x = transformer_block(
+            x,
+            **block,
+            n_head=config.n_head,
+            eps=config.layer_norm_epsilon,
+            name=f"h.{i}",
+            tap=tap,
+            mask=mask,
+            kv_buffers=None if cache is None else (cache.k[i], cache.v[i]),
+            start=start,
+            attn_pdrop=attn_p,
+            resid_pdrop=resid_p,
+        )
+    x = tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
+    return tap("logits", F.linear(x, params["wte"]["weight"]))
+
+
+def _check_tokens(tokens: torch.Tensor, config: GPTConfig, *, end: int, limit: int | None = None):
+    limit = limit or config.n_positions
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise UserError(f"tokens must be an int64 tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
+    if tokens.shape[1] == 0:
+        raise UserError("tokens: empty sequence (T = 0)")
+    if end > limit:
+        raise UserError(f"sequence of {end} tokens is longer than the context of {limit} positions")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
+    return tokens.shape[1]

