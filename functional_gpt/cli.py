@@ -57,6 +57,12 @@ def _download(args) -> int:
     return 0
 
 
+def _tolerance_flags(parser, *, default, default_text):
+    parser.add_argument("--atol", type=float, default=default, help=f"absolute tolerance (default {default_text})")
+    parser.add_argument("--rtol", type=float, default=default,
+                        help=f"tolerance relative to the largest |B| of each tensor (default {default_text})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fgpt", description="GPT-2 as pure functions.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,22 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     dump.set_defaults(run=_dump)
 
-    tolerance = argparse.ArgumentParser(add_help=False)
-    tolerance.add_argument("--atol", type=float, help="absolute tolerance (default 1e-4; compare: by --dtype)")
-    tolerance.add_argument("--rtol", type=float, help="tolerance relative to max|B| (default 1e-4; compare: by --dtype)")
-
-    diff = commands.add_parser("diff", parents=[tolerance], help="compare two dumps tensor by tensor; exit 1 if they differ")
+    diff = commands.add_parser("diff", help="compare two dumps tensor by tensor; exit 1 if they differ")
     diff.add_argument("a", metavar="A.safetensors")
     diff.add_argument("b", metavar="B.safetensors")
-    diff.set_defaults(run=_diff, atol=1e-4, rtol=1e-4)
+    _tolerance_flags(diff, default=1e-4, default_text="1e-4")
+    diff.set_defaults(run=_diff)
 
-    compare = commands.add_parser("compare", parents=[tolerance], help="diff functional_gpt against transformers on a prompt")
+    compare = commands.add_parser("compare", help="diff functional_gpt against transformers on a prompt")
     compare.add_argument("--weights", metavar="PATH", required=True, help="a checkpoint file or directory")
     compare.add_argument("--prompt", metavar="TEXT", default=prompt, help=f"(default {prompt!r})")
     compare.add_argument("--grads", action="store_true", help="compare the loss and every parameter's gradient too")
     compare.add_argument("--dtype", choices=dtypes, default="float32",
                          help="compute dtype; sets default tolerances: float32 1e-4/1e-4, float16 1e-2/1e-2, bfloat16 1e-1/5e-2")
     compare.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _tolerance_flags(compare, default=None, default_text="by --dtype")
     compare.set_defaults(run=_compare)
 
     export = commands.add_parser("export", help="write config.json + model.safetensors that transformers loads")
