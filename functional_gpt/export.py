@@ -41,8 +41,10 @@ def download(name: str, out: str | os.PathLike | None = None) -> Path:
     by_hand = f"put {' and '.join(HUB_FILES)} from {hub_url(name)} into {out}/"
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError:
         raise UserError(f"huggingface_hub is not installed (pip install 'functional-gpt[download]'); or {by_hand}") from None
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one line below
     try:
         for filename in HUB_FILES:
             hf_hub_download(f"openai-community/{name}", filename, local_dir=out)
