@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY
 from functional_gpt import UserError, flatten, forward, load_params, save_params, write_hf_config
-from functional_gpt.checkpoint import CONFIG_METADATA_KEY
+from functional_gpt.checkpoint import CONFIG_METADATA_KEY, weight_files
 
 
 def _tokens(T=16):
@@ -114,7 +114,7 @@ def test_not_safetensors(tmp_path):
 def test_truncated_file(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(UserError, match=r"m.safetensors: not a readable safetensors file"):
+    with pytest.raises(UserError, match=r"m.safetensors: truncated: tensor \S+ ends at byte \d+, the file has \d+"):
         load_params(saved)
 
 
@@ -139,3 +139,18 @@ def test_paths_without_a_checkpoint(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="pickled weights, which are never loaded"):
         load_params(tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path, hf_tiny):
+    model, directory = hf_tiny
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    keys = list(tensors)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, str(tmp_path / name), metadata={"format": "pt"})
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    params, _ = load_params(tmp_path)
+    assert torch.equal(params["h"][1]["mlp"]["c_proj"]["weight"], tensors["transformer.h.1.mlp.c_proj.weight"])
+    assert [f.name for f in weight_files(tmp_path)] == ["a.safetensors", "b.safetensors"]
