@@ -12,7 +12,6 @@ names. `reference.capture_reference` produces the same names from transformers.
 import json
 import math
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch

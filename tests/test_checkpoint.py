@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY
+from conftest import TINY, published_layout
 from functional_gpt import UserError, flatten, forward, load_params, save_params, write_hf_config
 from functional_gpt.checkpoint import CONFIG_METADATA_KEY, weight_files
 
@@ -32,11 +32,7 @@ def test_save_load_round_trip_is_exact_and_self_describing(tmp_path, tiny_params
 def test_published_layout_loads(tmp_path, hf_tiny):
     """As on the hub: no `transformer.` prefix, causal-mask buffers, an explicit tied head."""
     model, hf_dir = hf_tiny
-    state = {k.removeprefix("transformer."): v for k, v in load_file(hf_dir / "model.safetensors").items()}
-    for i in range(TINY.n_layer):
-        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, TINY.n_positions, TINY.n_positions).tril()
-        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    state["lm_head.weight"] = state["wte.weight"].clone()
+    state = published_layout(model)
     published = tmp_path / "published"
     published.mkdir()
     save_file(state, published / "model.safetensors", metadata={"format": "pt"})

@@ -2,14 +2,15 @@
 shape for shape, and real gpt2-sized checkpoints in both published layouts load exactly.
 (gpt2-xl from disk, with its peak RSS, is measured by tools/measure_load_rss.py.)"""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from functional_gpt import flatten, load_params, param_spec, preset
+from functional_gpt import count_params, flatten, load_params, param_spec, preset
 
-from conftest import hf_model
-from test_checkpoint import published_layout
+from conftest import hf_model, published_layout
 
 SIZES = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 
@@ -24,6 +25,7 @@ def test_param_spec_is_transformers_state_dict(name):
     assert theirs.pop("lm_head.weight") == theirs["wte.weight"]  # tied: no key of ours
     ours = {k: s.shape for k, s in param_spec(config).items()}
     assert list(ours.items()) == list(theirs.items())
+    assert count_params(config) == sum(math.prod(shape) for shape in theirs.values())
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from functional_gpt import UserError, flatten, forward, init_params, load_params
 from functional_gpt.cli import main
 from functional_gpt.export import download
 
-from conftest import TINY, hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ that hold by construction: causality, purity, cache equivalence."""
 import pytest
 import torch
 
-from conftest import TINY, hf_model
+from conftest import hf_model
 from functional_gpt import (
     PRESETS,
     UserError,
