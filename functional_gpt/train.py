@@ -394,7 +394,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     start = time.time()
-    lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps, min_lr=cfg.min_lr)
     with stop:
         while step < cfg.max_steps:
             t0 = time.time()
@@ -460,6 +459,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
                "peak_rss_mib": peak_mb, "interrupted": False}
     metrics.append({"step": step, "final_val_loss": final})
     _write_metrics(run, metrics)
+    plot_losses(metrics, run / "loss.png")
     return summary
 
 
@@ -506,7 +506,8 @@ def _write_metrics(run: Path, metrics: list[dict]) -> None:
 
 
 def plot_losses(metrics: list[dict], path: str | os.PathLike) -> None:
-    """Train loss per step (faint), its moving average, and validation loss, in nats/token."""
+    """Train loss per step (faint), its moving average, the periodic validation loss and
+    the final one over all of val.bin, in nats/token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -522,7 +523,11 @@ def plot_losses(metrics: list[dict], path: str | os.PathLike) -> None:
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, color="tab:blue", label=f"train (mean of {k} steps)")
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation (fixed windows)")
+    for m in metrics:
+        if "final_val_loss" in m:
+            ax.plot(m["step"], m["final_val_loss"], "*", color="tab:red", markersize=12,
+                    label=f"final validation, all of val.bin: {m['final_val_loss']:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

@@ -125,6 +125,17 @@ def test_resume_is_bit_identical(setup, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_gradient_accumulation_equals_one_big_batch(setup, tmp_path):
+    quiet_train(run_config(setup, tmp_path / "big", max_steps=1, batch_size=4, dropout=0.0))
+    quiet_train(run_config(setup, tmp_path / "accum", max_steps=1, batch_size=2, grad_accum=2, dropout=0.0))
+    big = load_file(tmp_path / "big" / "model.safetensors")
+    accum = load_file(tmp_path / "accum" / "model.safetensors")
+    start = flatten(init_params(load_params(tmp_path / "big")[1], seed=0))
+    assert not torch.equal(big["h.0.mlp.c_fc.weight"], start["h.0.mlp.c_fc.weight"])
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_kill_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
     run = tmp_path / "run"
     quiet_train(run_config(setup, run, max_steps=2))
