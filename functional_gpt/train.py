@@ -51,7 +51,7 @@ class TrainConfig:
     out: str = "runs/shakespeare"  # run directory
     preset: str = "cpu-small"  # model preset when training from scratch
     init: str | None = None  # start from these weights (file, run dir or HF dir) instead
-    max_steps: int = 1000  # optimizer updates in all
+    max_steps: int = 380  # optimizer updates in all
     decay_steps: int | None = None  # where the cosine reaches min_lr (default max_steps)
     batch_size: int = 16  # windows per micro-batch
     grad_accum: int = 1  # micro-batches per update
@@ -59,7 +59,7 @@ class TrainConfig:
     stride: int | None = None  # offset between training windows (default context_length)
     lr: float = 3e-3  # peak learning rate
     min_lr: float | None = None  # floor of the cosine (default lr / 10)
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1  # on 2-D block weights only (see optim.decays)
     beta1: float = 0.9
     beta2: float = 0.95
