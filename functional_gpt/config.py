@@ -66,7 +66,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
     "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
     # Sized for training on a 2-core CPU in minutes (GPT-2's vocabulary, short context).
-    "cpu-small": GPTConfig(n_positions=256, n_embd=256, n_layer=4, n_head=4, **_SMALL_DROPOUT),
+    "cpu-small": GPTConfig(n_positions=128, n_embd=256, n_layer=4, n_head=4, **_SMALL_DROPOUT),
     "cpu-tiny": GPTConfig(n_positions=128, n_embd=128, n_layer=2, n_head=2, **_SMALL_DROPOUT),
 }
 

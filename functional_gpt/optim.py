@@ -1,0 +1,92 @@
+"""AdamW, the learning-rate schedule and gradient clipping as plain functions over
+{GPT-2 key: tensor} dicts, so the optimizer state is data that saves under parameter names.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+Flat = dict[str, torch.Tensor]  # GPT-2 dotted key -> tensor
+
+
+class AdamWState(NamedTuple):
+    """Adam's moving averages per parameter (same keys and shapes as the params) and the
+    number of updates made so far."""
+
+    exp_avg: Flat
+    exp_avg_sq: Flat
+    step: int
+
+
+def decays(key: str, tensor: torch.Tensor) -> bool:
+    """Weight decay applies to the 2-D matrices of the blocks only: not to biases or
+    layer-norm gains (1-D), nor to the token and position embeddings, whose rows are
+    looked up rather than multiplied and which the tied LM head already regularises."""
+    return tensor.dim() == 2 and key not in ("wte.weight", "wpe.weight")
+
+
+def adamw_init(params: Flat) -> AdamWState:
+    zeros = {k: torch.zeros_like(p) for k, p in params.items()}
+    return AdamWState(zeros, {k: torch.zeros_like(p) for k, p in params.items()}, 0)
+
+
+@torch.no_grad()
+def adamw_step(
+    params: Flat,
+    grads: Flat,
+    state: AdamWState,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> AdamWState:
+    """One AdamW update (Loshchilov & Hutter, as torch.optim.AdamW computes it).
+
+    `params` and the moment tensors of `state` are updated in place (they are large and
+    the caller owns them); the returned state carries the new step count. Decay follows
+    `decays`.
+    """
+    beta1, beta2 = betas
+    step = state.step + 1
+    keys = list(params)
+    p = [params[k] for k in keys]
+    g = [grads[k] for k in keys]
+    m = [state.exp_avg[k] for k in keys]
+    v = [state.exp_avg_sq[k] for k in keys]
+    decayed = [params[k] for k in keys if decays(k, params[k])]
+    if weight_decay and decayed:
+        torch._foreach_mul_(decayed, 1 - lr * weight_decay)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2_sqrt = math.sqrt(1 - beta2**step)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+    return AdamWState(state.exp_avg, state.exp_avg_sq, step)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> float:
+    """Learning rate for update `step` (0-based): linear warm-up from lr/warmup_steps to
+    lr over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then min_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
+    """Scale `grads` in place so their global L2 norm is at most `max_norm` (None: no
+    clipping). -> the norm before clipping (inf or nan when a gradient is not finite)."""
+    g = list(grads.values())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        torch._foreach_mul_(g, max_norm / (float(norm) + 1e-6))
+    return float(norm)

@@ -1,0 +1,121 @@
+"""Corpus preparation and the windows dataset, checked against tiktoken's own encoding,
+sha256 of the files, and slices of the token stream."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from functional_gpt import UserError
+from functional_gpt.data import (
+    Position, check_fits, epoch_order, eval_starts, load_tokens, markdown_to_text, next_batch,
+    prepare, window_starts,
+)
+from functional_gpt.tokenizer import ENDOFTEXT_ID, gpt2_encoding
+
+
+def test_markdown_to_text_strips_play_markup():
+    md = "# Macbeth\n\n## SCENE I. A desert place.\n\n_Thunder. Enter three Witches_\n\n**First Witch**  \nWhen shall we three meet again  \n"
+    assert markdown_to_text(md) == (
+        "Macbeth\n\nSCENE I. A desert place.\n\nThunder. Enter three Witches\n\nFirst Witch\nWhen shall we three meet again\n"
+    )
+
+
+def test_prepare_files_holds_out_last_files_by_path(tmp_path):
+    texts = {"a.txt": "First file.\n", "b.md": "Second, **as is**.\n", "c.txt": "Third and last.\n"}
+    for name, text in texts.items():
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text(text, encoding="utf-8")
+    meta = prepare([tmp_path / "in"], tmp_path / "out", val_files=1, progress=False)
+    enc = gpt2_encoding()
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype="<u2").tolist()
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2").tolist()
+    assert train == enc.encode_ordinary(texts["a.txt"]) + [ENDOFTEXT_ID] + enc.encode_ordinary(texts["b.md"])
+    assert val == enc.encode_ordinary(texts["c.txt"])
+    on_disk = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert on_disk == meta
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert [e["sha256"] for e in meta["train"]] == [
+        hashlib.sha256((tmp_path / "in" / n).read_bytes()).hexdigest() for n in ("a.txt", "b.md")
+    ]
+
+
+def test_prepare_single_file_splits_its_tail(tmp_path):
+    (tmp_path / "one.txt").write_text("word " * 1000, encoding="utf-8")
+    meta = prepare([tmp_path / "one.txt"], tmp_path / "out", progress=False)
+    ids = gpt2_encoding().encode_ordinary("word " * 1000)
+    assert meta["train_tokens"] + meta["val_tokens"] == len(ids)
+    assert meta["val_tokens"] == int(len(ids) * 0.1)
+    joined = np.concatenate([load_tokens(tmp_path / "out", "train"), load_tokens(tmp_path / "out", "val")])
+    assert joined.tolist() == ids
+
+
+def test_default_corpus_holds_out_four_tragedies(tmp_path):
+    meta = prepare(None, tmp_path / "shakespeare", progress=False)
+    assert len(meta["train"]) == 34
+    assert [e["path"].split("plays/")[1] for e in meta["val"]] == [
+        "tragedies/macbeth.md", "tragedies/othello.md", "tragedies/romeo-and-juliet.md", "tragedies/timon-of-athens.md",
+    ]
+    assert 150_000 < meta["val_tokens"] < 160_000
+    assert 1_400_000 < meta["train_tokens"] + meta["val_tokens"] < 1_600_000
+    val = load_tokens(tmp_path / "shakespeare", "val")
+    assert int((val == ENDOFTEXT_ID).sum()) == 3  # one between each pair of plays
+    text = gpt2_encoding().decode(val[:200].tolist())
+    assert text.startswith("Macbeth\n") and "**" not in text and "_" not in text
+
+
+def test_prepare_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        prepare([tmp_path / "missing.txt"], tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no"):
+        prepare([tmp_path / "empty"], tmp_path / "out", progress=False)
+    (tmp_path / "blank.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(UserError, match="blank.txt: file is empty"):
+        prepare([tmp_path / "blank.txt"], tmp_path / "out", progress=False)
+    (tmp_path / "latin1.txt").write_bytes("abc caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt: not UTF-8 text \(byte offset 7"):
+        prepare([tmp_path / "latin1.txt"], tmp_path / "out", progress=False)
+
+
+def test_windows_are_slices_with_shifted_targets():
+    tokens = np.arange(1000, dtype="<u2")
+    x, y, position = next_batch(tokens, Position(), batch_size=4, context_length=16, stride=8, seed=3)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    for row_x, row_y in zip(x, y):
+        start = int(row_x[0])
+        assert start % 8 == 0
+        assert row_x.tolist() == list(range(start, start + 16))
+        assert row_y.tolist() == list(range(start + 1, start + 17))
+    assert position == Position(0, 4)
+
+
+def test_epoch_visits_every_window_once_and_batches_chain():
+    tokens = np.arange(200, dtype="<u2")
+    starts = window_starts(len(tokens), 10, 5)
+    assert starts.tolist() == list(range(0, 190, 5))  # the last window ends at token 199
+    n = len(starts)
+    x_all, _, end = next_batch(tokens, Position(), batch_size=n, context_length=10, stride=5, seed=1)
+    assert sorted(x_all[:, 0].tolist()) == starts.tolist() and end == Position(1, 0)
+    # Two half batches are the same stream as one whole batch, across the epoch boundary too.
+    x_a, _, mid = next_batch(tokens, Position(0, n - 3), batch_size=3, context_length=10, stride=5, seed=1)
+    x_b, _, _ = next_batch(tokens, mid, batch_size=3, context_length=10, stride=5, seed=1)
+    x_ab, _, _ = next_batch(tokens, Position(0, n - 3), batch_size=6, context_length=10, stride=5, seed=1)
+    assert torch.equal(torch.cat([x_a, x_b]), x_ab)
+    assert x_ab[3:, 0].tolist() == starts[epoch_order(n, 1, 1)[:3]].tolist()
+    assert not torch.equal(epoch_order(n, 1, 0), epoch_order(n, 1, 1))
+    assert torch.equal(epoch_order(n, 1, 0), epoch_order(n, 1, 0))
+
+
+def test_eval_windows_do_not_overlap_and_cover_the_split():
+    starts = eval_starts(1001, 100)
+    assert starts.tolist() == list(range(0, 1000, 100))  # 10 windows predict tokens 1..1000
+    assert eval_starts(1000, 100).tolist() == list(range(0, 900, 100))
+    assert eval_starts(1001, 100, limit=4).tolist() == [0, 300, 600, 900]
+
+
+def test_corpus_shorter_than_one_window_says_how_many_tokens():
+    with pytest.raises(UserError, match="holds 50 tokens; one window of context_length=64 needs at least 65"):
+        check_fits(np.zeros(50, dtype="<u2"), 64, "train.bin")
