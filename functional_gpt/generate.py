@@ -192,3 +192,54 @@ def stream_text(
         if stats is not None:
             stats.update(prompt_tokens=len(prompt), new_tokens=produced,
                          prefill_s=t_first - t0, decode_s=t_last - t_first)
+
+
+def print_samples(
+    params: Params,
+    prompt_text: str,
+    config: GPTConfig,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling,
+    num_samples: int = 1,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    out,
+    err,
+) -> None:
+    """`fgpt generate`: stream `num_samples` continuations of the prompt to `out`, one
+    after another, each followed on `err` by a summary line (prompt tokens, new tokens,
+    prefill and decode tokens/s). Sample i draws with seed + i, so it does not depend on
+    how many samples were asked for; seed None draws a fresh seed."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    ids, notice = encode_prompt(prompt_text, config)
+    if notice:
+        print(f"note: {notice}", file=err)
+    device = params["wte"]["weight"].device
+    for i in range(num_samples):
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed + i)
+        if num_samples > 1:
+            print(f"--- sample {i + 1} ---", file=out, flush=True)
+        stats = {}
+        for piece in stream_text(params, ids, config, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 generator=generator, stop=stop, stats=stats):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        print(_summary(stats), file=err, flush=True)
+
+
+def _summary(stats: dict) -> str:
+    prefill = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] > 0 else float("nan")
+    decode_steps = stats["new_tokens"] - 1
+    decode = decode_steps / stats["decode_s"] if decode_steps > 0 and stats["decode_s"] > 0 else float("nan")
+    return (f"[prompt {stats['prompt_tokens']} tokens, {stats['new_tokens']} new tokens; "
+            f"prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s]")
