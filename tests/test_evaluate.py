@@ -117,3 +117,22 @@ def test_missing_inputs_are_user_errors(tiny_params, tiny_config, tmp_path):
         evaluate(tiny_params, [torch.arange(10)], tiny_config, stride=32, show_progress=False)
     with pytest.raises(UserError, match="out of range"):
         evaluate(tiny_params, [torch.arange(200)], tiny_config, show_progress=False)
+
+
+def test_cli_eval_json_on_a_run_directory(tiny_params, tiny_config, tmp_path, capsys):
+    from functional_gpt.cli import main
+
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    data_dir.mkdir()
+    np.random.default_rng(1).integers(0, 128, 70).astype("<u2").tofile(data_dir / "val.bin")
+    save_params(run_dir / "model.safetensors", tiny_params, tiny_config)
+    (run_dir / "state.json").write_text(json.dumps({"data_dir": str(data_dir)}))
+    assert main(["eval", "--weights", str(run_dir), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = evaluate(tiny_params, load_eval_data(data_dir, run_dir)[0], tiny_config, show_progress=False)
+    assert got["tokens"] == 69 and got["perplexity"] == pytest.approx(expected.perplexity)
+    assert got["bits_per_byte"] == pytest.approx(expected.bits_per_byte)
+    (tmp_path / "bad.txt").write_bytes(b"\xc3\x28")
+    assert main(["eval", "--weights", str(run_dir), "--data", str(tmp_path / "bad.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.txt: not UTF-8" in err and err.count("\n") == 1

@@ -4,10 +4,13 @@ batches against rows alone, and greedy tokens against transformers' generate."""
 import pytest
 import torch
 
-from functional_gpt import UserError, flatten, forward, forward_cached, new_cache, unflatten
+from functional_gpt import (
+    UserError, flatten, forward, forward_cached, init_params, load_params, new_cache, preset, save_params, unflatten,
+)
+from functional_gpt.cli import main
 from functional_gpt.generate import encode_prompt, generate, prefill, stream_text
 from functional_gpt.sampling import Sampling
-from functional_gpt.tokenizer import ENDOFTEXT_ID, decode
+from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
 
 from conftest import hf_model
 
@@ -145,3 +148,50 @@ def test_encode_prompt_empty_and_too_long(tiny_config):
 def test_bad_input_is_a_user_error(tiny_params, tiny_config, prompts, kwargs, message):
     with pytest.raises(UserError, match=message):
         next(generate(tiny_params, prompts, tiny_config, **kwargs))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    config = preset("cpu-tiny")
+    save_params(tmp_path / "m.safetensors", init_params(config, seed=0), config)
+    return str(tmp_path / "m.safetensors")
+
+
+def test_cli_streams_text_and_a_summary(checkpoint, capsys):
+    args = ["generate", "--weights", checkpoint, "--prompt", "Hello", "--max_new_tokens", "12", "--greedy"]
+    assert main(args + ["--num_samples", "2"]) == 0
+    out, err = capsys.readouterr()
+    params, config = load_params(checkpoint)
+    expected = decode(run(params, config, [encode("Hello")], 12)[0])
+    assert out == f"--- sample 1 ---\n{expected}\n--- sample 2 ---\n{expected}\n"
+    assert err.count("[prompt 1 tokens, 12 new tokens; prefill") == 2 and "decode" in err
+
+
+def test_cli_seeded_samples_repeat(checkpoint, capsys):
+    args = ["generate", "--weights", checkpoint, "--max_new_tokens", "10", "--top_p", "0.9", "--seed", "3"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top_p", "0"], "--top_p"),
+        (["--top_k", "0"], "--top_k"),
+        (["--min_p", "1"], "--min_p"),
+        (["--max_new_tokens", "-2"], "--max_new_tokens"),
+        (["--weights", "/nonexistent/x"], "/nonexistent/x"),
+    ],
+)
+def test_cli_bad_input_is_one_line(checkpoint, capsys, flags, message):
+    assert main(["generate", "--weights", checkpoint, "--prompt", "a", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_directory_without_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--weights", str(tmp_path), "--prompt", "a"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
