@@ -10,19 +10,21 @@ loads it too. `load_params` also reads Hugging Face layouts: a directory with
 """
 
 import json
+import math
 import os
 import re
+import struct
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import GPTConfig, read_hf_config
 from .errors import UserError
 from .files import atomic_path
-from .params import Params, check_shapes, config_from_shapes, flatten, unflatten
+from .params import Params, check_shapes, config_from_shapes, flatten, param_spec, unflatten
 
 CONFIG_METADATA_KEY = "functional_gpt.config"
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
@@ -67,50 +69,105 @@ def load_params(
     """Load a checkpoint (see the module doc) -> (nested params, config).
 
     Keys and shapes are checked against the config before any tensor is read; each
-    tensor is then read once from disk and converted to `dtype` (None keeps the file's).
-    The config comes from the file's metadata, else `config.json` beside it, else the
-    shapes. Any problem is a one-line UserError naming the file and the key.
+    tensor's bytes are then read from disk straight into a freshly allocated tensor
+    (no memory map, no intermediate copy), so loading needs about one copy of the
+    weights in memory. Tensors are converted to `dtype` (None keeps the file's) one at
+    a time. The config comes from the file's metadata, else `config.json` beside it,
+    else the shapes. Any problem is a one-line UserError naming the file and the key.
     """
     files = weight_files(path)
+    source = str(files[0] if len(files) == 1 else path)
+    located = {}  # GPT-2 key -> (file, header entry)
+    tied_head = None
+    metadata = None
+    for file in files:
+        entries, file_metadata = _read_header(file)
+        metadata = file_metadata if metadata is None else metadata
+        for key, entry in entries.items():
+            name = key.removeprefix("transformer.")
+            if _MASK_BUFFER.match(name):
+                continue
+            if name == "lm_head.weight":
+                tied_head = (file, key, entry)
+            else:
+                located[name] = (file, key, entry)
+    shapes = {name: entry.shape for name, (_, _, entry) in located.items()}
+    config = _config_for(files[0], metadata, shapes)
+    check_shapes(shapes, config, source)
     with ExitStack() as stack:
-        handles = [stack.enter_context(_open_safetensors(f)) for f in files]
-        located = {}  # GPT-2 key -> (handle, key in file)
-        tied_head = None
-        for handle in handles:
-            for key in handle.keys():
-                name = key.removeprefix("transformer.")
-                if _MASK_BUFFER.match(name):
-                    continue
-                if name == "lm_head.weight":
-                    tied_head = (handle, key)
-                else:
-                    located[name] = (handle, key)
-        shapes = {name: tuple(h.get_slice(k).get_shape()) for name, (h, k) in located.items()}
-        source = str(files[0] if len(files) == 1 else path)
-        config = _config_for(files[0], handles[0].metadata() or {}, shapes)
-        check_shapes(shapes, config, source)
+        handles = {file: stack.enter_context(open(file, "rb", buffering=0)) for file in files}
         flat = {}
-        for name, (handle, key) in located.items():
-            flat[name] = _read(handle, key, source).to(device=device, dtype=dtype)
+        for name in param_spec(config):  # GPT-2's order, whatever the file's
+            file, key, entry = located[name]
+            flat[name] = _read(handles[file], key, entry, source).to(device=device, dtype=dtype)
         if tied_head is not None:
-            head = _read(*tied_head, source).to(device=device, dtype=flat["wte.weight"].dtype)
+            file, key, entry = tied_head
+            head = _read(handles[file], key, entry, source).to(device=device, dtype=flat["wte.weight"].dtype)
             if not torch.equal(head, flat["wte.weight"]):
                 raise UserError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
     return unflatten(flat), config
 
 
-def _open_safetensors(file: Path):
+class _Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
+
+
+def _read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
+    """A safetensors header -> ({key: entry}, metadata). The format: 8 bytes giving the
+    header length n (little-endian u64), n bytes of JSON {key: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the data."""
     try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+    except (OSError, struct.error, ValueError) as e:
         raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, entries = 8 + n, {}
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{file}: bad header entry for tensor {key}: {info!r}") from None
+        if dtype not in _DTYPES:
+            raise UserError(f"{file}: tensor {key} has dtype {dtype}, not one of {', '.join(_DTYPES)}")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if end - begin != nbytes or begin < 0:
+            raise UserError(f"{file}: tensor {key}: data_offsets {[begin, end]} do not hold {dtype} {list(shape)}")
+        if data_start + end > size:
+            raise UserError(f"{file}: truncated: tensor {key} ends at byte {data_start + end}, the file has {size}")
+        entries[key] = _Entry(_DTYPES[dtype], shape, data_start + begin, nbytes)
+    return entries, metadata
 
 
-def _read(handle, key: str, source: str) -> torch.Tensor:
-    try:
-        return handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{source}: cannot read tensor {key} ({e})") from None
+def _read(f, key: str, entry: _Entry, source: str) -> torch.Tensor:
+    """Read one tensor's bytes from the open file `f` into a new CPU tensor."""
+    t = torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    f.seek(entry.offset)
+    done = 0
+    while done < entry.nbytes:  # one read may return less than asked (e.g. over 2 GiB)
+        n = f.readinto(buffer[done:])
+        if not n:
+            raise UserError(f"{source}: cannot read tensor {key}: the file ends early")
+        done += n
+    return t
 
 
 def _config_for(file: Path, metadata: dict, shapes: dict) -> GPTConfig:

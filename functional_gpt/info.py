@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_params
-from .config import GPTConfig, preset
+from .config import preset
 from .device import pick_device
 from .params import count_params, init_params
 from .model import forward

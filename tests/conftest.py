@@ -44,3 +44,16 @@ def hf_tiny(tmp_path):
     model = hf_model(TINY)
     model.save_pretrained(tmp_path / "hf")
     return model, tmp_path / "hf"
+
+
+def published_layout(model, dtype=torch.float32) -> dict:
+    """A transformers model's tensors laid out as the published GPT-2 files are: no
+    `transformer.` prefix, the causal-mask buffers attn.bias / attn.masked_bias, and
+    (as some conversions do) an explicit lm_head.weight equal to wte.weight."""
+    P = model.config.n_positions
+    tensors = {k.removeprefix("transformer."): v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+    for i in range(model.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.ones(P, P).tril().view(1, 1, P, P)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    tensors["lm_head.weight"] = tensors["wte.weight"].clone()
+    return tensors

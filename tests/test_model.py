@@ -1,0 +1,173 @@
+"""The model against transformers' GPT2LMHeadModel with the same weights, plus properties
+that hold by construction: causality, purity, cache equivalence."""
+
+import pytest
+import torch
+
+from conftest import hf_model
+from functional_gpt import (
+    PRESETS,
+    UserError,
+    config_of,
+    flatten,
+    forward,
+    forward_cached,
+    init_params,
+    load_params,
+    new_cache,
+    recorder,
+)
+
+
+def _tokens(config, B, T, seed=0):
+    return torch.randint(config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_tiny_logits_match_transformers(hf_tiny):
+    model, path = hf_tiny
+    params, config = load_params(path)
+    tokens = _tokens(config, 3, config.n_positions)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert (forward(params, tokens, config) - expected).abs().max().item() < 1e-4
+
+
+def test_gpt2_124m_logits_match_transformers_on_1024_tokens(tmp_path):
+    model = hf_model(PRESETS["gpt2"], seed=1)
+    model.save_pretrained(tmp_path)
+    del model  # load what is on disk, then rebuild the reference from the same file
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    params, config = load_params(tmp_path)
+    assert config == PRESETS["gpt2"]
+    tokens = _tokens(config, 1, 1024)
+    with torch.inference_mode():
+        expected = reference(tokens).logits
+        got = forward(params, tokens)  # config read off the shapes
+    assert got.shape == (1, 1024, 50257)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_captured_activations_match_hidden_states(hf_tiny):
+    model, path = hf_tiny
+    params, config = load_params(path)
+    tokens = _tokens(config, 2, 20)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    store = {}
+    forward(params, tokens, config, tap=recorder(store))
+    # hidden_states[i] is the input to block i; the last one comes after ln_f.
+    names = ["embed"] + [f"h.{i}" for i in range(config.n_layer - 1)] + ["ln_f"]
+    assert len(hidden) == len(names)
+    for name, expected in zip(names, hidden):
+        assert (store[name] - expected).abs().max().item() < 1e-5, name
+    expected_names = {"wte", "wpe", "embed", "ln_f", "logits"} | {
+        f"h.{i}{part}" for i in range(config.n_layer) for part in ("", ".ln_1", ".attn", ".ln_2", ".mlp")
+    }
+    assert set(store) == expected_names
+
+
+def test_patching_tap_equals_ablating_the_reference(hf_tiny):
+    """A tap that returns zeros for h.1.mlp equals transformers with that MLP's output zeroed."""
+    model, path = hf_tiny
+    params, config = load_params(path)
+    tokens = _tokens(config, 2, 16)
+    hook = model.transformer.h[1].mlp.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    hook.remove()
+    zero_mlp = lambda name, x: torch.zeros_like(x) if name == "h.1.mlp" else x
+    got = forward(params, tokens, config, tap=zero_mlp)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (forward(params, tokens, config) - expected).abs().max().item() > 1e-3
+
+
+def test_causal_gradient_of_early_loss_ignores_later_tokens(tiny_params, tiny_config):
+    tokens = _tokens(tiny_config, 1, 12)
+    store = {}
+
+    def keep_grad(name, x):  # swap the embeddings for a leaf whose gradient we can read
+        if name == "embed":
+            x = store[name] = x.detach().requires_grad_()
+        return x
+
+    logits = forward(tiny_params, tokens, tiny_config, tap=keep_grad)
+    logits[0, 5].logsumexp(-1).backward()
+    grad = store["embed"].grad[0].abs().sum(-1)
+    assert (grad[:6] > 0).all()
+    assert (grad[6:] == 0).all()
+
+
+def test_forward_does_not_modify_params(tiny_params, tiny_config):
+    before = {k: v.clone() for k, v in flatten(tiny_params).items()}
+    forward(tiny_params, _tokens(tiny_config, 2, 8), tiny_config, dropout=True)
+    assert all(torch.equal(before[k], v) for k, v in flatten(tiny_params).items())
+
+
+def test_dropout_only_when_asked(tiny_params, tiny_config):
+    tokens = _tokens(tiny_config, 2, 8)
+    plain = forward(tiny_params, tokens, tiny_config)
+    assert torch.equal(plain, forward(tiny_params, tokens, tiny_config))
+    torch.manual_seed(3)
+    dropped = forward(tiny_params, tokens, tiny_config, dropout=True)
+    torch.manual_seed(3)
+    assert torch.equal(dropped, forward(tiny_params, tokens, tiny_config, dropout=True))
+    assert not torch.allclose(dropped, plain)
+
+
+def test_config_read_off_shapes_uses_head_size_64():
+    config = PRESETS["cpu-small"]
+    params = init_params(config)
+    inferred = config_of(params)
+    assert (inferred.n_embd, inferred.n_layer, inferred.n_head, inferred.n_positions) == (256, 4, 4, 256)
+    tokens = _tokens(config, 1, 10)
+    assert torch.equal(forward(params, tokens), forward(params, tokens, config))
+
+
+def test_cached_chunks_equal_one_forward(tiny_params, tiny_config):
+    tokens = _tokens(tiny_config, 2, 30)
+    full = forward(tiny_params, tokens, tiny_config)
+    cache = new_cache(tiny_config, 2)
+    pieces = []
+    for a, b in [(0, 11), (11, 17), (17, 18), (18, 30)]:  # prefill, a multi-token chunk, single steps
+        logits, cache = forward_cached(tiny_params, tokens[:, a:b], cache, tiny_config)
+        pieces.append(logits)
+    assert cache.length == 30
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_rows_compute_what_they_would_alone(tiny_params, tiny_config):
+    short, long = _tokens(tiny_config, 1, 5, seed=1), _tokens(tiny_config, 1, 9, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[0, :4] = False
+    logits, cache = forward_cached(tiny_params, batch, new_cache(tiny_config, 2), tiny_config, valid=valid)
+    step, _ = forward_cached(tiny_params, torch.tensor([[7], [7]]), cache, tiny_config)
+    alone_short = forward(tiny_params, torch.cat([short, torch.tensor([[7]])], 1), tiny_config)
+    alone_long = forward(tiny_params, torch.cat([long, torch.tensor([[7]])], 1), tiny_config)
+    assert (logits[0, 4:] - alone_short[0, :5]).abs().max().item() < 1e-5
+    assert (step[0, 0] - alone_short[0, 5]).abs().max().item() < 1e-5
+    assert (logits[1] - alone_long[0, :9]).abs().max().item() < 1e-5
+    assert (step[1, 0] - alone_long[0, 9]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (torch.tensor([[1, 2, 128]]), "token id 128 is out of range for vocab_size=128"),
+        (torch.tensor([[-1, 2]]), "token id -1 is out of range"),
+        (torch.zeros(1, 33, dtype=torch.long), "33 tokens is longer than the context of 32 positions"),
+        (torch.zeros(1, 4), "must be an int64 tensor"),
+        (torch.zeros(4, dtype=torch.long), "must be an int64 tensor"),
+    ],
+)
+def test_bad_tokens_are_named(tiny_params, tiny_config, tokens, message):
+    with pytest.raises(UserError, match=message):
+        forward(tiny_params, tokens, tiny_config)
+
+
+def test_cache_overflow_is_named(tiny_params, tiny_config):
+    cache = new_cache(tiny_config, 1, max_len=8)
+    _, cache = forward_cached(tiny_params, torch.zeros(1, 6, dtype=torch.long), cache, tiny_config)
+    with pytest.raises(UserError, match="9 tokens is longer than the context of 8 positions"):
+        forward_cached(tiny_params, torch.zeros(1, 3, dtype=torch.long), cache, tiny_config)
