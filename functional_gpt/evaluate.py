@@ -122,13 +122,14 @@ def evaluate(params: Params, texts: list[torch.Tensor], config: GPTConfig, *, ma
 def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -> tuple[list[torch.Tensor], str]:
     """What `fgpt eval` scores -> (token sequences, a description of the source).
 
-    data None: `weights` is a training run directory whose state.json names the prepared
-    data directory; its val.bin is scored. A directory holding val.bin, or a .bin file:
+    data None: `weights` is a training run directory (or its model.safetensors) whose
+    state.json names the prepared data directory; its val.bin is scored. A directory holding val.bin, or a .bin file:
     uint16 little-endian token ids. A text file, or a directory of text files (all files
     below it, hidden ones skipped, each evaluated on its own): UTF-8 text, tokenized.
     """
     if data is None:
-        state = Path(weights) / "state.json"
+        weights = Path(weights)
+        state = (weights if weights.is_dir() else weights.parent) / "state.json"
         if not state.is_file():
             raise UserError(f"--data is required unless --weights is a training run directory (no {state})")
         try:

@@ -79,6 +79,7 @@ def test_run_directory_evaluates_its_validation_split(tiny_params, tiny_config, 
     (run_dir / "state.json").write_text(json.dumps({"data_dir": str(data_dir.resolve())}))
     texts, source = load_eval_data(None, run_dir)
     assert source.endswith("val.bin") and texts[0].tolist() == val.tolist()
+    assert torch.equal(load_eval_data(None, run_dir / "model.safetensors")[0][0], texts[0])
     texts_again, _ = load_eval_data(data_dir, run_dir)
     assert torch.equal(texts_again[0], texts[0])
     params, config = load_params(run_dir)
