@@ -84,7 +84,7 @@ def generate(
     starts = [max(0, len(s) - P) for s in seqs]
     stopped = [False] * len(seqs)
     with torch.inference_mode():
-        logits, cache, padded = _prefill_rows(params, seqs, starts, config)  # checks the ids
+        logits, cache, padded = _prefill_rows(params, seqs, starts, config)
         seen = None  # bool [B, V]: the tokens of each row so far, for the repetition penalty
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(len(seqs), config.vocab_size, dtype=torch.bool, device=device)
@@ -93,7 +93,7 @@ def generate(
         for step in range(max_new_tokens):
             next_tokens = sample(logits, sampling, seen, generator)
             ids = next_tokens.tolist()
-            for i, t in enumerate(ids):
+            for i in range(len(ids)):
                 if stopped[i]:
                     ids[i] = seqs[i][-1]
                 seqs[i].append(ids[i])
@@ -118,7 +118,7 @@ def _prefill_rows(params, seqs, starts, config):
     """Prefill each row's context seqs[i][starts[i]:], left-padded to the longest."""
     contexts = [s[start:] for s, start in zip(seqs, starts)]
     T = max(len(c) for c in contexts)
-    tokens = torch.tensor([[ENDOFTEXT_ID % config.vocab_size] * (T - len(c)) + c for c in contexts])
+    tokens = torch.tensor([[0] * (T - len(c)) + c for c in contexts])  # the pad id is never attended to
     valid = torch.tensor([[False] * (T - len(c)) + [True] * len(c) for c in contexts])
     padded = not bool(valid.all())
     device = params["wte"]["weight"].device
