@@ -145,7 +145,7 @@ def forward_cached_unchecked(
     tap=no_tap,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
-    """`forward_cached` without its input checks (token range, length), each a host sync,
+    """`forward_cached` without its input checks (token range, a host sync; length),
     for decode loops whose caller checked its tokens once. Out-of-range ids or an overfull
     cache here fail inside torch, not with a UserError.
 
