@@ -42,7 +42,7 @@ def plot_attention(probs: torch.Tensor, labels: list[str], path: str | os.PathLi
 
     L, H, T, _ = probs.shape
     cell = max(1.6, 0.16 * T)
-    fig, axes = plt.subplots(L, H, figsize=(cell * H + 1, cell * L + 1), squeeze=False)
+    fig, axes = plt.subplots(L, H, figsize=(cell * H + 1, cell * L + 1), squeeze=False, layout="constrained")
     show_ticks = T <= 48
     for i in range(L):
         for j in range(H):
@@ -60,7 +60,6 @@ def plot_attention(probs: torch.Tensor, labels: list[str], path: str | os.PathLi
                 ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
