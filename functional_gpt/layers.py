@@ -65,9 +65,9 @@ def self_attention(
     T = q.shape[2]
     if kv_buffers is not None:
         k_buf, v_buf = kv_buffers
-        k_buf[:, :, start : start + T] = k
-        v_buf[:, :, start : start + T] = v
-        k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
+        k_buf.narrow(2, start, T).copy_(k)
+        v_buf.narrow(2, start, T).copy_(v)
+        k, v = k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=attn_pdrop, is_causal=mask is None and T > 1
     )

@@ -113,6 +113,7 @@ def forward_cached(
     *,
     valid: torch.Tensor | None = None,
     tap=no_tap,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
     """Run new tokens after those already in `cache`.
 
@@ -121,17 +122,41 @@ def forward_cached(
       prompts of different lengths); None means all real. Padding is never attended to,
       and each row's position ids count its real tokens only, so a padded row computes
       exactly what it would alone.
-    Returns (logits [B, T, vocab_size], the cache holding length + T positions). The
+    last_only: compute the logits of the last position only (all that generation needs;
+      the LM head is a large share of a prefill's work).
+    Returns (logits [B, T or 1, vocab_size], the cache holding length + T positions). The
     input cache's buffers are written in place and shared by the returned cache: keep
     using the returned one. No dropout (inference).
     """
     config = config or config_of(params)
     start, T = cache.length, tokens.shape[-1]
     _check_tokens(tokens, config, end=start + T, limit=cache.max_len)
-    if valid is not None:
-        cache.valid[:, start : start + T] = valid
+    return forward_cached_unchecked(params, tokens, cache, config, valid=valid, tap=tap, last_only=last_only)
+
+
+def forward_cached_unchecked(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    config: GPTConfig,
+    *,
+    valid: torch.Tensor | None = None,
+    padded: bool | None = None,
+    tap=no_tap,
+    last_only: bool = False,
+) -> tuple[torch.Tensor, KVCache]:
+    """`forward_cached` without its input checks (token range, a host sync; length),
+    for decode loops whose caller checked its tokens once. Out-of-range ids or an overfull
+    cache here fail inside torch, not with a UserError.
+
+    padded: whether any row of the cache (its first length + T positions) holds padding,
+      when the caller knows; None scans `cache.valid` for it (one more host sync).
+    """
+    start, T = cache.length, tokens.shape[-1]
+    cache.valid[:, start : start + T] = True if valid is None else valid
     seen = cache.valid[:, : start + T]
-    padded = not bool(seen.all())
+    if padded is None:
+        padded = not bool(seen.all())
     if padded:
         positions = (seen.cumsum(-1) - 1).clamp(min=0)[:, start:]
         query = torch.arange(start, start + T, device=tokens.device)[:, None]
@@ -146,12 +171,14 @@ def forward_cached(
             query = torch.arange(start, start + T, device=tokens.device)[:, None]
             mask = torch.arange(start + T, device=tokens.device)[None, :] <= query
     logits = _transformer(
-        params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start
+        params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start, last_only=last_only
     )
     return logits, replace(cache, length=start + T)
 
 
-def _transformer(params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0):
+def _transformer(
+    params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0, last_only=False
+):
     embd_p, attn_p, resid_p = (
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
     )
@@ -172,6 +199,8 @@ def _transformer(params, tokens, positions, config, *, tap, dropout=False, mask=
             attn_pdrop=attn_p,
             resid_pdrop=resid_p,
         )
+    if last_only:
+        x = x[:, -1:]
     x = tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
     return tap("logits", F.linear(x, params["wte"]["weight"]))
 
