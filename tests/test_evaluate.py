@@ -12,7 +12,6 @@ from functional_gpt import UserError, load_params, save_params
 from functional_gpt.evaluate import evaluate, load_eval_data, windows
 from functional_gpt.tokenizer import encode, gpt2_encoding
 
-from conftest import hf_model
 
 
 def transformers_nats(model, ids, max_length, stride):
