@@ -34,9 +34,11 @@ from .data import DEFAULT_DATA_DIR, Position, check_fits, eval_starts, gather_wi
 from .device import pick_device
 from .errors import UserError
 from .files import atomic_path, write_json
+from .generate import generate
 from .model import forward
 from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
 from .params import Params, flatten, init_params, unflatten
+from .sampling import Sampling
 from .tokenizer import ENDOFTEXT_ID, decode
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -184,19 +186,15 @@ def val_loss(params: Params, config: GPTConfig, tokens: np.ndarray, starts, cont
     return total / count
 
 
-@torch.inference_mode()
 def sample_text(params: Params, config: GPTConfig, n_tokens: int, seed: int, device,
                 temperature: float = 0.8) -> str:
     """A short sample from `<|endoftext|>` (token 0 in a smaller vocabulary), drawn from its
-    own seeded generator so that it never disturbs the training RNG. (Full generation
-    lives in `fgpt generate`.)"""
+    own seeded generator so that it never disturbs the training RNG."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.tensor([[ENDOFTEXT_ID if ENDOFTEXT_ID < config.vocab_size else 0]], device=device)
-    for _ in range(n_tokens):
-        logits = forward(params, tokens[:, -config.n_positions :], config)[:, -1].float()
-        probs = torch.softmax(logits / temperature, dim=-1)
-        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return decode(tokens[0, 1:].tolist())
+    start = ENDOFTEXT_ID if ENDOFTEXT_ID < config.vocab_size else 0
+    steps = generate(params, [[start]], config, max_new_tokens=n_tokens,
+                     sampling=Sampling(temperature=temperature), generator=generator)
+    return decode([int(token[0]) for token in steps])
 
 
 # ---------------------------------------------------------------------- checkpoints
