@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import functional_gpt.runs as runs_module
 import functional_gpt.train as train_module
 from functional_gpt import UserError, flatten, init_params, load_params, save_params
 from functional_gpt.cli import main
 from functional_gpt.train import (
-    cross_entropy, load_checkpoint, loss_and_grads, make_config, read_config_file, resume_config, train,
+    cross_entropy, loss_and_grads, make_config, read_config_file, resume_config, train,
 )
+from functional_gpt.runs import load_checkpoint
 
 from conftest import hf_model
 
@@ -144,7 +146,7 @@ def test_kill_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the optimizer state")
 
-    monkeypatch.setattr(train_module, "save_file", crash)
+    monkeypatch.setattr(runs_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
@@ -166,7 +168,7 @@ def test_kill_between_renames_rolls_forward(setup, tmp_path, monkeypatch):
         calls.append(dst)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train_module.os, "replace", replace_then_die)
+    monkeypatch.setattr(runs_module.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
