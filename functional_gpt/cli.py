@@ -69,7 +69,6 @@ def _attention(args) -> int:
     return 0
 
 
-
 def _dump(args) -> int:
     from .compare import dump
 
@@ -112,10 +111,15 @@ def _download(args) -> int:
     return 0
 
 
+def _device_flag(parser):
+    parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+
+
 def _tolerance_flags(parser, *, default, default_text):
     parser.add_argument("--atol", type=float, default=default, help=f"absolute tolerance (default {default_text})")
     parser.add_argument("--rtol", type=float, default=default,
                         help=f"tolerance relative to the largest |B| of each tensor (default {default_text})")
+
 
 def _prepare(args) -> int:
     from .data import prepare
@@ -184,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = info.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help=f"one of: {', '.join(PRESETS)} (default gpt2)")
     source.add_argument("--weights", metavar="PATH", help="a checkpoint file or directory")
-    info.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(info)
     info.set_defaults(run=_info)
 
     gen = commands.add_parser("generate", help="stream text from a checkpoint (KV cache)")
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_samples", type=int, default=1, metavar="N")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="stop before this text (repeatable); <|endoftext|> always stops")
-    gen.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(gen)
     gen.set_defaults(run=_generate)
 
     ev = commands.add_parser("eval", help="cross-entropy, perplexity and bits per byte over a text")
@@ -217,14 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, default=None, metavar="N", help="window step (default max_length // 2)")
     ev.add_argument("--batch_size", type=int, default=8, metavar="N", help="windows per forward pass")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(ev)
     ev.set_defaults(run=_eval)
 
     att = commands.add_parser("attention", help="draw the attention maps of a short prompt (PNG)")
     att.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
     att.add_argument("--prompt", required=True, metavar="TEXT")
     att.add_argument("--out", required=True, metavar="FILE.png")
-    att.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(att)
     att.set_defaults(run=_attention)
 
     dtypes = ["float32", "float16", "bfloat16"]
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--grads", action="store_true", help="add the next-token loss and every parameter's gradient")
     dump.add_argument("--reference", choices=["transformers"], help="run transformers' GPT2LMHeadModel instead")
     dump.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype (default float32)")
-    dump.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(dump)
     dump.set_defaults(run=_dump)
 
     diff = commands.add_parser("diff", help="compare two dumps tensor by tensor; exit 1 if they differ")
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--grads", action="store_true", help="compare the loss and every parameter's gradient too")
     compare.add_argument("--dtype", choices=dtypes, default="float32",
                          help="compute dtype; sets default tolerances: float32 1e-4/1e-4, float16 1e-2/1e-2, bfloat16 1e-1/5e-2")
-    compare.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    _device_flag(compare)
     _tolerance_flags(compare, default=None, default_text="by --dtype")
     compare.set_defaults(run=_compare)
 
