@@ -1,4 +1,4 @@
-"""Generation with an explicit KV cache: `prefill` the prompts, then one `decode_step`
+"""Generation with an explicit KV cache: `prefill` the prompts, then one `decode_step` (model.py)
 per token; `generate` yields the new tokens step by step (streaming), `stream_text` turns
 one prompt's tokens into text pieces with stop strings.
 
@@ -26,7 +26,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import UserError
-from .model import KVCache, forward_cached, forward_cached_unchecked, new_cache
+from .model import KVCache, decode_step, forward_cached, new_cache
 from .params import Params
 from .sampling import Sampling, sample
 from .tokenizer import ENDOFTEXT_ID, decode, encode
@@ -39,14 +39,6 @@ def prefill(params: Params, tokens: torch.Tensor, config: GPTConfig, *, valid=No
     w = params["wte"]["weight"]
     cache = new_cache(config, tokens.shape[0], dtype=w.dtype, device=w.device)
     logits, cache = forward_cached(params, tokens, cache, config, valid=valid, last_only=True)
-    return logits[:, -1], cache
-
-
-def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig, *, padded: bool):
-    """tokens: int64 [B], one new token per row (ids already checked) -> (logits [B, V],
-    cache one position longer). padded: whether the cache holds left padding. The cache
-    buffers are written in place (see forward_cached); no allocation grows with length."""
-    logits, cache = forward_cached_unchecked(params, tokens[:, None], cache, config, padded=padded)
     return logits[:, -1], cache
 
 

@@ -33,9 +33,10 @@ def feed_forward(x, c_fc, c_proj, *, resid_pdrop: float = 0.0):  # [B, T, C] -> 
     return dropout(linear(gelu(linear(x, **c_fc)), **c_proj), resid_pdrop)
 
 
-def split_heads(x, n_head: int):  # [B, T, C] -> [B, n_head, T, C // n_head]
+def qkv_heads(x, c_attn, n_head: int):
+    """x: [B, T, C] -> q, k, v, each [B, n_head, T, C // n_head] (views of one projection)."""
     B, T, C = x.shape
-    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+    return linear(x, **c_attn).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def self_attention(
@@ -60,14 +61,13 @@ def self_attention(
       keys and values are written into them in place at positions start .. start+T-1,
       and the queries attend to positions 0 .. start+T-1 of the buffers.
     """
-    q, k, v = linear(x, **c_attn).split(x.shape[-1], dim=-1)
-    q, k, v = (split_heads(t, n_head) for t in (q, k, v))
+    q, k, v = qkv_heads(x, c_attn, n_head)
     T = q.shape[2]
     if kv_buffers is not None:
         k_buf, v_buf = kv_buffers
-        k_buf.narrow(2, start, T).copy_(k)
-        v_buf.narrow(2, start, T).copy_(v)
-        k, v = k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)
+        k_buf[:, :, start : start + T] = k
+        v_buf[:, :, start : start + T] = v
+        k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=attn_pdrop, is_causal=mask is None and T > 1
     )
@@ -81,8 +81,7 @@ def attention_probs(x, c_attn, *, n_head: int):
     x: the block's ln_1 output [B, T, C] -> probabilities [B, n_head, T, T], rows sum to 1.
     Computed explicitly since the fused kernel never materialises them.
     """
-    q, k, _ = linear(x, **c_attn).split(x.shape[-1], dim=-1)
-    q, k = split_heads(q, n_head), split_heads(k, n_head)
+    q, k, _ = qkv_heads(x, c_attn, n_head)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     T = x.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -123,3 +122,20 @@ def transformer_block(
     x = x + tap(f"{name}.attn", a)
     m = feed_forward(tap(f"{name}.ln_2", layer_norm(x, **ln_2, eps=eps)), **mlp, resid_pdrop=resid_pdrop)
     return tap(name, x + tap(f"{name}.mlp", m))
+
+
+def decode_block(x, ln_1, attn, ln_2, mlp, *, k_buf, v_buf, pos: int, mask=None, n_head: int, eps: float):
+    """`transformer_block` for one new token per row, against a KV cache (no taps, no
+    dropout): the lean form generation runs once per token.
+
+    x: [B, C] -> [B, C]. k_buf, v_buf: [B, n_head, S_max, head_dim]; this token's key and
+    value are written in place at `pos`, and it attends to positions 0 .. pos.
+    mask: bool [B, 1, 1, pos + 1] (True = may attend), or None for all of them.
+    """
+    B, C = x.shape
+    q, k, v = linear(layer_norm(x, **ln_1, eps=eps), **attn["c_attn"]).view(B, 3, n_head, C // n_head).unbind(1)
+    k_buf[:, :, pos] = k
+    v_buf[:, :, pos] = v
+    y = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1], attn_mask=mask)
+    x = linear(y.view(B, C), **attn["c_proj"]).add_(x)
+    return linear(gelu(linear(layer_norm(x, **ln_2, eps=eps), **mlp["c_fc"])), **mlp["c_proj"]).add_(x)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import GPTConfig
 from .errors import UserError
-from .layers import layer_norm, transformer_block
+from .layers import decode_block, layer_norm, transformer_block
 from .params import Params, config_from_shapes
 
 
@@ -131,33 +131,9 @@ def forward_cached(
     config = config or config_of(params)
     start, T = cache.length, tokens.shape[-1]
     _check_tokens(tokens, config, end=start + T, limit=cache.max_len)
-    return forward_cached_unchecked(params, tokens, cache, config, valid=valid, tap=tap, last_only=last_only)
-
-
-def forward_cached_unchecked(
-    params: Params,
-    tokens: torch.Tensor,
-    cache: KVCache,
-    config: GPTConfig,
-    *,
-    valid: torch.Tensor | None = None,
-    padded: bool | None = None,
-    tap=no_tap,
-    last_only: bool = False,
-) -> tuple[torch.Tensor, KVCache]:
-    """`forward_cached` without its input checks (token range, a host sync; length),
-    for decode loops whose caller checked its tokens once. Out-of-range ids or an overfull
-    cache here fail inside torch, not with a UserError.
-
-    padded: whether any row of the cache (its first length + T positions) holds padding,
-      when the caller knows; None scans `cache.valid` for it (one more host sync).
-    """
-    start, T = cache.length, tokens.shape[-1]
     cache.valid[:, start : start + T] = True if valid is None else valid
     seen = cache.valid[:, : start + T]
-    if padded is None:
-        padded = not bool(seen.all())
-    if padded:
+    if not seen.all():
         positions = (seen.cumsum(-1) - 1).clamp(min=0)[:, start:]
         query = torch.arange(start, start + T, device=tokens.device)[:, None]
         key = torch.arange(start + T, device=tokens.device)[None, :]
@@ -174,6 +150,34 @@ def forward_cached_unchecked(
         params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start, last_only=last_only
     )
     return logits, replace(cache, length=start + T)
+
+
+def decode_step(
+    params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig, *, padded: bool
+) -> tuple[torch.Tensor, KVCache]:
+    """One new token per row after those in `cache`: `forward_cached` for T = 1, in the
+    lean form a generation loop runs once per token (no taps, no checks).
+
+    tokens: int64 [B], ids the caller has checked (an out-of-range id fails inside torch).
+    padded: whether the cache holds left padding (then positions and the attention mask
+      come from `cache.valid`). Returns (logits [B, vocab_size], the cache one position
+      longer); its buffers are written in place, as in forward_cached.
+    """
+    pos = cache.length
+    if pos >= cache.max_len:
+        raise UserError(f"sequence of {pos + 1} tokens is longer than the context of {cache.max_len} positions")
+    cache.valid[:, pos] = True
+    mask, positions = None, pos
+    if padded:
+        seen = cache.valid[:, : pos + 1]
+        mask = seen[:, None, None, :]
+        positions = seen.sum(-1) - 1  # each row counts its real tokens only
+    x = params["wte"]["weight"][tokens] + params["wpe"]["weight"][positions]
+    for i, block in enumerate(params["h"]):
+        x = decode_block(x, **block, k_buf=cache.k[i], v_buf=cache.v[i], pos=pos, mask=mask,
+                         n_head=config.n_head, eps=config.layer_norm_epsilon)
+    x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
+    return F.linear(x, params["wte"]["weight"]), replace(cache, length=pos + 1)
 
 
 def _transformer(

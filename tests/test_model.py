@@ -9,6 +9,7 @@ from functional_gpt import (
     PRESETS,
     UserError,
     config_of,
+    decode_step,
     flatten,
     forward,
     forward_cached,
@@ -136,6 +137,33 @@ def test_cached_chunks_equal_one_forward(tiny_params, tiny_config):
     assert cache.length == 30
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
 
+
+
+def test_decode_steps_equal_one_forward(tiny_params, tiny_config):
+    tokens = _tokens(tiny_config, 2, tiny_config.n_positions)
+    full = forward(tiny_params, tokens, tiny_config)
+    logits, cache = forward_cached(tiny_params, tokens[:, :12], new_cache(tiny_config, 2), tiny_config)
+    steps = [logits[:, -1]]
+    for t in range(12, tokens.shape[1]):
+        step, cache = decode_step(tiny_params, tokens[:, t], cache, tiny_config, padded=False)
+        steps.append(step)
+    assert cache.length == tokens.shape[1]
+    assert (torch.stack(steps, 1) - full[:, 11:]).abs().max().item() < 1e-5
+    with pytest.raises(UserError, match="33 tokens is longer than the context of 32 positions"):
+        decode_step(tiny_params, tokens[:, 0], cache, tiny_config, padded=False)
+
+
+def test_padded_decode_steps_compute_what_each_row_computes_alone(tiny_params, tiny_config):
+    short, long = _tokens(tiny_config, 1, 12, seed=1), _tokens(tiny_config, 1, 16, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short[:, :5]], 1), long[:, :9]])
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[0, :4] = False
+    _, cache = forward_cached(tiny_params, batch, new_cache(tiny_config, 2), tiny_config, valid=valid)
+    for t in range(7):
+        step, cache = decode_step(tiny_params, torch.stack([short[0, 5 + t], long[0, 9 + t]]), cache, tiny_config,
+                                  padded=True)
+        for row, seq in enumerate((short[:, : 6 + t], long[:, : 10 + t])):
+            assert (step[row] - forward(tiny_params, seq, tiny_config)[0, -1]).abs().max().item() < 1e-5
 
 def test_left_padded_rows_compute_what_they_would_alone(tiny_params, tiny_config):
     short, long = _tokens(tiny_config, 1, 5, seed=1), _tokens(tiny_config, 1, 9, seed=2)

@@ -3,9 +3,11 @@
 Same weights (a random init of the config, copied into GPT2LMHeadModel), batch 1, greedy,
 both under torch.inference_mode with the same threads, side by side in one run. Decode
 tokens/s = (new tokens - 1) / (time of the last token - time of the first), so the prefill
-is left out of both; each side is timed `--repeats` times in alternation, best kept.
+is left out of both; each side is timed `--repeats` times in alternation, best kept. Each
+prompt length is its own comparison: transformers' cache grows by concatenation each step,
+ours is preallocated, so the ratio grows with the context.
 
-    python tools/bench_decode.py [--preset gpt2] [--new_tokens 512] [--prompt_tokens 64]
+    python tools/bench_decode.py [--preset gpt2] [--new_tokens 512] [--prompt_tokens 64 512]
 """
 
 import argparse
@@ -54,35 +56,46 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2")
     ap.add_argument("--new_tokens", type=int, default=512)
-    ap.add_argument("--prompt_tokens", type=int, default=64)
+    ap.add_argument("--prompt_tokens", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = preset(args.preset)
+    if max(args.prompt_tokens) + args.new_tokens > config.n_positions:
+        ap.error(f"--prompt_tokens + --new_tokens must fit in n_positions={config.n_positions}")
     params = init_params(config, seed=0)
     hf_config = transformers.GPT2Config(**config.to_dict(), activation_function="gelu_new",
                                         eos_token_id=None, bos_token_id=None, pad_token_id=0)
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     model.transformer.load_state_dict(flatten(params), strict=False)
     model.generation_config.eos_token_id = None
-    prompt = torch.randint(config.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
-
-    print(f"{args.preset}: batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, "
-          f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    ours, theirs = [], []
+    print(f"{args.preset}: batch 1, {args.new_tokens} new tokens, greedy, {args.threads} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    summary = []
     with torch.inference_mode():
-        run_ours(params, config, prompt, 8), run_hf(model, prompt, 8)  # warm up
-        for r in range(args.repeats):
-            rate, ours_tokens = run_ours(params, config, prompt, args.new_tokens)
-            ours.append(rate)
-            rate, hf_tokens = run_hf(model, prompt, args.new_tokens)
-            theirs.append(rate)
-            print(f"  run {r + 1}: functional_gpt {ours[-1]:7.2f} tok/s   transformers {theirs[-1]:7.2f} tok/s")
+        for prompt_tokens in args.prompt_tokens:
+            prompt = torch.randint(config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+            summary.append(compare(params, config, model, prompt, args))
+    for line in summary:
+        print(line)
+
+
+def compare(params, config, model, prompt, args):
+    """Time both sides on one prompt; print each run, return the summary line."""
+    print(f"prompt {len(prompt)} tokens:")
+    run_ours(params, config, prompt, 8), run_hf(model, prompt, 8)  # warm up
+    ours, theirs = [], []
+    for r in range(args.repeats):
+        rate, ours_tokens = run_ours(params, config, prompt, args.new_tokens)
+        ours.append(rate)
+        rate, hf_tokens = run_hf(model, prompt, args.new_tokens)
+        theirs.append(rate)
+        print(f"  run {r + 1}: functional_gpt {ours[-1]:7.2f} tok/s   transformers {theirs[-1]:7.2f} tok/s")
     same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-    print(f"greedy tokens equal to transformers': {same}/{len(hf_tokens)}")
-    print(f"decode tokens/s (best of {args.repeats}): functional_gpt {max(ours):.2f}, "
-          f"transformers {max(theirs):.2f}, ratio {max(ours) / max(theirs):.2f}x")
+    return (f"prompt {len(prompt):4d}: decode tokens/s (best of {args.repeats}): functional_gpt {max(ours):.2f}, "
+            f"transformers {max(theirs):.2f}, ratio {max(ours) / max(theirs):.2f}x; "
+            f"greedy tokens equal: {same}/{len(hf_tokens)}")
 
 
 if __name__ == "__main__":
