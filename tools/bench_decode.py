@@ -52,6 +52,24 @@ def run_hf(model, prompt, n):
     return decode_rate(clock.times[1:]), new
 
 
+def weights_floor(params, repeats=20):
+    """Tokens/s if a decode step cost nothing but its matrix products: the step's 4 per
+    block plus the LM head, on the same weights, back to back (best of `repeats`). Batch-1
+    decoding streams every weight once per token, so this is the memory-bandwidth ceiling."""
+    mats = [block[a][m]["weight"] for block in params["h"] for a, m in
+            (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]
+    inputs = [torch.randn(1, w.shape[0]) for w in mats]
+    head, x = params["wte"]["weight"], torch.randn(1, params["wte"]["weight"].shape[1])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for w, a in zip(mats, inputs):
+            a @ w
+        x @ head.T
+        best = min(best, time.perf_counter() - t)
+    return 1 / best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2")
@@ -77,8 +95,10 @@ def main():
         for prompt_tokens in args.prompt_tokens:
             prompt = torch.randint(config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
             summary.append(compare(params, config, model, prompt, args))
+        floor = weights_floor(params)
     for line in summary:
         print(line)
+    print(f"weights-only ceiling (the step's matrix products alone): {floor:.2f} tok/s")
 
 
 def compare(params, config, model, prompt, args):
