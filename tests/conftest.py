@@ -2,12 +2,20 @@
 
 No network: transformers builds its models from a config and random init, then writes
 them with save_pretrained, exactly as a published checkpoint is laid out.
+
+Reference weights are *trained-like*, not GPT-2's init: layer-norm gains 1 + N(0, 0.3),
+biases N(0, 0.2), embeddings N(0, 0.1), matrices N(0, (1.5 / sqrt(fan_in))^2). With them
+the MLP's pre-activations reach |x| ~ 3, so on the tiny model the exact-erf GELU moves
+the logits by 2e-4 of their scale and a layer-norm epsilon of 1e-6 instead of 1e-5 by
+1e-3, while fp32 rounding stays below 1e-6: `assert_rel_close` at 1e-5 tells them apart.
 """
+
+import math
 
 import pytest
 import torch
 
-from functional_gpt import GPTConfig, init_params
+from functional_gpt import GPTConfig, init_params, unflatten
 
 TINY = GPTConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -22,20 +30,52 @@ def tiny_params():
     return init_params(TINY, seed=0)
 
 
+def make_trained_like(named_tensors, generator: torch.Generator) -> None:
+    """Overwrite (name, tensor) pairs in place with trained-like values (module doc)."""
+    with torch.no_grad():
+        for name, p in named_tensors:
+            noise = torch.randn(p.shape, generator=generator)
+            if name.endswith("weight") and (".ln_" in name or "ln_f" in name):
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif name.endswith(("wte.weight", "wpe.weight")):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * 1.5 / math.sqrt(p.shape[0]))
+
+
 def hf_model(config: GPTConfig, seed: int = 0):
-    """A randomly initialised transformers GPT2LMHeadModel (eval mode) of `config`."""
+    """A transformers GPT2LMHeadModel (eval mode) of `config` with trained-like weights
+    drawn from `seed`, lm_head tied to wte as in GPT-2."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(
         **config.to_dict(), bos_token_id=0, eos_token_id=0, activation_function="gelu_new"
     )
     model = transformers.GPT2LMHeadModel(hf_config).eval()
-    # Random (not zero) biases and layer-norm gains, so a swapped or dropped one shows.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.02)
+    make_trained_like(
+        [(n, p) for n, p in model.named_parameters() if n != "lm_head.weight"],
+        torch.Generator().manual_seed(seed),
+    )
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     return model
+
+
+def params_of(model):
+    """A transformers model's weights as functional_gpt params (copies, so that changing
+    one side never changes the other)."""
+    return unflatten({k.removeprefix("transformer."): v.detach().clone() for k, v in model.state_dict().items()
+                      if k != "lm_head.weight"})
+
+
+def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
+    """max |got - expected| <= rtol * max |expected|: a tolerance relative to the scale of
+    what is compared (and a shape check)."""
+    assert got.shape == expected.shape, f"{what}: shape {list(got.shape)} vs {list(expected.shape)}"
+    scale = expected.detach().abs().max().item()
+    error = (got.detach().double() - expected.detach().double()).abs().max().item()
+    assert error <= rtol * scale, f"{what}: max |diff| {error:.3e} > {rtol:g} x scale {scale:.3e}"
 
 
 @pytest.fixture

@@ -42,11 +42,13 @@ def assert_loads_exactly(path, model):
     assert all(torch.equal(flat[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_gpt2_written_by_save_pretrained_loads_exactly(tmp_path, gpt2_model):
     gpt2_model.save_pretrained(tmp_path)
     assert_loads_exactly(tmp_path, gpt2_model)
 
 
+@pytest.mark.slow
 def test_gpt2_in_the_published_layout_loads_exactly(tmp_path, gpt2_model):
     """No `transformer.` prefix, h.N.attn.bias / masked_bias buffers, lm_head.weight, and
     no config anywhere: the config is read off the shapes."""

@@ -31,6 +31,7 @@ def tap_names(config):
     return ["wte", "wpe", "embed", *blocks, "ln_f", "logits"]
 
 
+@pytest.mark.slow
 def test_full_gpt2_on_1024_tokens_agrees_with_transformers_forward_and_backward():
     """The acceptance bar: gpt2's full config, a 1024-token input, fp32."""
     config = preset("gpt2")

@@ -33,6 +33,7 @@ def test_tiny_logits_match_transformers(hf_tiny):
     assert (forward(params, tokens, config) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_gpt2_124m_logits_match_transformers_on_1024_tokens(tmp_path):
     model = hf_model(PRESETS["gpt2"], seed=1)
     model.save_pretrained(tmp_path)
