@@ -24,15 +24,19 @@ from safetensors.torch import save_file
 from .config import GPTConfig, read_hf_config
 from .errors import UserError
 from .files import atomic_path
-from .params import Params, check_shapes, config_from_shapes, flatten, param_spec, unflatten
+from .params import Params, check_finite, check_params, check_shapes, config_from_shapes, flatten, param_spec, unflatten
 
 CONFIG_METADATA_KEY = "functional_gpt.config"
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> None:
-    """Write params (GPT-2 keys) + config (metadata) to one safetensors file, atomically."""
+    """Write params (GPT-2 keys) + config (metadata) to one safetensors file, atomically.
+    Params that do not match the config, or hold NaN or infinity, are refused (UserError
+    naming the key) and nothing is written."""
+    check_params(params, config)
     tensors = {k: t.detach().contiguous() for k, t in flatten(params).items()}
+    check_finite(tensors, f"{path}: refusing to save")
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -68,7 +72,9 @@ def load_params(
 ) -> tuple[Params, GPTConfig]:
     """Load a checkpoint (see the module doc) -> (nested params, config).
 
-    Keys and shapes are checked against the config before any tensor is read; each
+    Keys, shapes and dtypes (floating point only) are checked against the config before
+    any tensor is read, and each tensor is checked to be finite (NaN or infinity: a
+    UserError naming the key); each
     tensor's bytes are then read from disk straight into a freshly allocated tensor
     (no memory map, no intermediate copy), so loading needs about one copy of the
     weights in memory. Tensors are converted to `dtype` (None keeps the file's) one at
@@ -87,6 +93,12 @@ def load_params(
             name = key.removeprefix("transformer.")
             if _MASK_BUFFER.match(name):
                 continue
+            if name in located or (name == "lm_head.weight" and tied_head is not None):
+                earlier = located[name][1] if name in located else tied_head[1]
+                raise UserError(f"{file}: holds both {earlier} and {key}; which one is meant is unclear")
+            if not entry.dtype.is_floating_point:
+                raise UserError(f"{file}: tensor {key} has dtype {_DTYPE_NAMES[entry.dtype]}; parameters must be "
+                                f"floating point (F32, F16, BF16, F64)")
             if name == "lm_head.weight":
                 tied_head = (file, key, entry)
             else:
@@ -99,7 +111,9 @@ def load_params(
         flat = {}
         for name in param_spec(config):  # GPT-2's order, whatever the file's
             file, key, entry = located[name]
-            flat[name] = _read(handles[file], key, entry, source).to(device=device, dtype=dtype)
+            t = _read(handles[file], key, entry, source)
+            check_finite({key: t}, source)
+            flat[name] = t.to(device=device, dtype=dtype)
         if tied_head is not None:
             file, key, entry = tied_head
             head = _read(handles[file], key, entry, source).to(device=device, dtype=flat["wte.weight"].dtype)
@@ -120,13 +134,15 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
 
 
 def _read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
-    """A safetensors header -> ({key: entry}, metadata). The format: 8 bytes giving the
-    header length n (little-endian u64), n bytes of JSON {key: {dtype, shape,
-    data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the data."""
+    """A safetensors header -> ({key: entry}, metadata), every field checked. The format:
+    8 bytes giving the header length n (little-endian u64), n bytes of JSON {key: {dtype:
+    str, shape: [int], data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the
+    data, each tensor's bytes at its offsets from the data's start, without overlaps."""
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -139,21 +155,35 @@ def _read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
     except (OSError, struct.error, ValueError) as e:
         raise UserError(f"{file}: not a readable safetensors file ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{file}: __metadata__ must be an object of strings, got {metadata!r:.80}")
     data_start, entries = 8 + n, {}
     for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{file}: bad header entry for tensor {key}: {info!r}") from None
-        if dtype not in _DTYPES:
-            raise UserError(f"{file}: tensor {key} has dtype {dtype}, not one of {', '.join(_DTYPES)}")
-        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
-        if end - begin != nbytes or begin < 0:
-            raise UserError(f"{file}: tensor {key}: data_offsets {[begin, end]} do not hold {dtype} {list(shape)}")
-        if data_start + end > size:
-            raise UserError(f"{file}: truncated: tensor {key} ends at byte {data_start + end}, the file has {size}")
-        entries[key] = _Entry(_DTYPES[dtype], shape, data_start + begin, nbytes)
+        entries[key] = _entry(file, key, info, data_start, size)
+    spans = sorted((e.offset, e.offset + e.nbytes, k) for k, e in entries.items() if e.nbytes)
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise UserError(f"{file}: tensors {a} and {b} overlap in the file (data_offsets)")
     return entries, metadata
+
+
+def _entry(file: Path, key: str, info, data_start: int, size: int) -> _Entry:
+    """One header entry, checked: its types, its dtype, and that its offsets hold it."""
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                  for x in xs)
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape"))
+            and ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+        raise UserError(f"{file}: bad header entry for tensor {key} (want dtype: str, shape: [int], "
+                        f"data_offsets: [begin, end]): {info!r:.120}")
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise UserError(f"{file}: tensor {key} has dtype {dtype}, not one of {', '.join(_DTYPES)}")
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise UserError(f"{file}: tensor {key}: data_offsets {[begin, end]} do not hold {dtype} {list(shape)}")
+    if data_start + end > size:
+        raise UserError(f"{file}: truncated: tensor {key} ends at byte {data_start + end}, the file has {size}")
+    return _Entry(_DTYPES[dtype], shape, data_start + begin, nbytes)
 
 
 def _read(f, key: str, entry: _Entry, source: str) -> torch.Tensor:
@@ -176,6 +206,8 @@ def _config_for(file: Path, metadata: dict, shapes: dict) -> GPTConfig:
             return GPTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         except ValueError as e:
             raise UserError(f"{file}: bad config in metadata ({e})") from None
+        except UserError as e:
+            raise UserError(f"{file}: metadata {CONFIG_METADATA_KEY}: {e}") from None
     if (file.parent / "config.json").is_file():
         return read_hf_config(file.parent / "config.json")
     return config_from_shapes(shapes)

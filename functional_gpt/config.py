@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,23 @@ class GPTConfig:
     resid_pdrop: float = 0.1
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) < 1:
-                raise UserError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        """Every field's type and range, checked once here: whatever builds a config (a
+        preset, a file's metadata, a config.json, Python code) gets the same one-line
+        UserError naming the field."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"config: {name} must be an integer, got {value!r}")
+            if value < 1:
+                raise UserError(f"config: {name} must be >= 1, got {value}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"config: {name} must be a finite number, got {value!r}")
         if self.n_embd % self.n_head:
             raise UserError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0 < self.layer_norm_epsilon < 1:
+            raise UserError(f"config: layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"config: {name} must be in [0, 1), got {getattr(self, name)}")
@@ -42,20 +55,22 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d) -> "GPTConfig":
         """Build from a dict with GPT-2's names; keys this class does not know are ignored
-        (a Hugging Face config.json carries many), a wrong type is a UserError."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key not in fields:
-                continue
-            kind = int if fields[key] in (int, "int") else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"config: {key} must be a number, got {value!r}")
-            kwargs[key] = kind(value)
+        (a Hugging Face config.json carries many). An integer field given as an integral
+        float (128.0) is taken as the integer; anything else wrong is a UserError."""
+        if not isinstance(d, dict):
+            raise UserError(f"config: expected a JSON object of GPT-2 hyperparameters, got {type(d).__name__}")
+        kwargs = {k: v for k, v in d.items() if k in _INT_FIELDS + _FLOAT_FIELDS}
+        for key in _INT_FIELDS:
+            value = kwargs.get(key)
+            if isinstance(value, float) and value.is_integer():
+                kwargs[key] = int(value)
         return cls(**kwargs)
 
+
+_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_FLOAT_FIELDS = ("layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 _SMALL_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
@@ -88,11 +103,14 @@ def read_hf_config(path: str | os.PathLike) -> GPTConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a JSON config ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return GPTConfig.from_dict(d)
+    try:
+        return GPTConfig.from_dict(d)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def hf_config_dict(config: GPTConfig) -> dict:

@@ -1,9 +1,36 @@
-"""Atomic file writing: a temp file beside the target, renamed over it only when complete."""
+"""Writing files so that nothing on disk is lost: a temp file beside the target, renamed
+over it only when complete; every OS error on the way is one line naming the path."""
 
 import contextlib
 import json
 import os
 from pathlib import Path
+
+from .errors import UserError
+
+
+def os_error(path: str | os.PathLike, e: OSError, doing: str = "cannot write") -> UserError:
+    """A one-line UserError for an OSError met while working on `path`, e.g.
+    "runs/x/model.safetensors: cannot write (No space left on device)"."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return UserError(f"{path}: {doing} ({reason})")
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` (and its parents) if needed, and check that a file can be
+    created in it; -> the Path. A path under a file, an existing file, a read-only or full
+    place: one-line UserError naming `path`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise os_error(path, e, "cannot write into this directory") from None
+    return path
 
 
 @contextlib.contextmanager
@@ -11,21 +38,31 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on a clean exit rename it over `path`.
 
     On any error the temp file is removed and whatever was at `path` stays untouched, so
-    a crash or kill mid-write never leaves a half-written file under the real name.
+    a crash or kill mid-write never leaves a half-written file under the real name. An
+    OSError (disk full, permission denied, a parent that is a file) becomes a one-line
+    UserError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a file")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{path}: cannot write ({above} is a file, not a directory)")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import GPTConfig
 from .errors import UserError
 from .layers import decode_block, layer_norm, transformer_block
-from .params import Params, config_from_shapes
+from .params import Params, check_params, config_from_shapes
 
 
 def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -37,13 +37,27 @@ def recorder(store: dict):
 
 def config_of(params: Params) -> GPTConfig:
     """The config read off the shapes of `params` (head size 64, as in every released GPT-2)."""
-    return config_from_shapes(
-        {
+    try:
+        shapes = {
             "wte.weight": tuple(params["wte"]["weight"].shape),
             "wpe.weight": tuple(params["wpe"]["weight"].shape),
             **{f"h.{i}.ln_1.weight": () for i in range(len(params["h"]))},
         }
-    )
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise UserError("params: cannot read the config off the shapes (wte.weight, wpe.weight and h are "
+                        "needed); pass the config") from None
+    return config_from_shapes(shapes)
+
+
+def checked_config(params: Params, config: GPTConfig | None) -> GPTConfig:
+    """The config to run `params` with (read off the shapes when None), after checking
+    that the params are what it describes (`params.check_params`)."""
+    if config is None:
+        config = config_of(params)
+    elif not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig, got {type(config).__name__}")
+    check_params(params, config)
+    return config
 
 
 def forward(
@@ -60,8 +74,8 @@ def forward(
       shapes when None. dropout: apply the config's dropout rates (training); off by
       default. `params` is never modified.
     """
-    config = config or config_of(params)
-    T = _check_tokens(tokens, config, end=tokens.shape[-1])
+    config = checked_config(params, config)
+    T = _check_tokens(tokens, config, params, end=_length(tokens))
     positions = torch.arange(T, device=tokens.device)
     return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout)
 
@@ -128,9 +142,15 @@ def forward_cached(
     input cache's buffers are written in place and shared by the returned cache: keep
     using the returned one. No dropout (inference).
     """
-    config = config or config_of(params)
-    start, T = cache.length, tokens.shape[-1]
-    _check_tokens(tokens, config, end=start + T, limit=cache.max_len)
+    config = checked_config(params, config)
+    if not isinstance(cache, KVCache):
+        raise UserError(f"cache: expected a KVCache (new_cache), got {type(cache).__name__}")
+    start, T = cache.length, _length(tokens)
+    _check_tokens(tokens, config, params, end=start + T, limit=cache.max_len)
+    _check_cache(cache, config, tokens.shape[0])
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
+                              or valid.shape != tokens.shape):
+        raise UserError(f"valid: expected a bool tensor of the tokens' shape {list(tokens.shape)}")
     cache.valid[:, start : start + T] = True if valid is None else valid
     seen = cache.valid[:, : start + T]
     if not seen.all():
@@ -210,16 +230,32 @@ def _transformer(
     return tap("logits", F.linear(x, params["wte"]["weight"]))
 
 
-def _check_tokens(tokens: torch.Tensor, config: GPTConfig, *, end: int, limit: int | None = None):
+def _length(tokens) -> int:
+    if not isinstance(tokens, torch.Tensor):
+        raise UserError(f"tokens must be an int64 torch.Tensor [B, T], got {type(tokens).__name__}")
+    return tokens.shape[-1] if tokens.dim() else 0
+
+
+def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, end: int, limit: int | None = None):
     limit = limit or config.n_positions
     if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise UserError(f"tokens must be an int64 tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
-    if tokens.shape[1] == 0:
-        raise UserError("tokens: empty sequence (T = 0)")
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise UserError(f"tokens: empty batch or sequence (shape {list(tokens.shape)})")
     if end > limit:
         raise UserError(f"sequence of {end} tokens is longer than the context of {limit} positions")
+    device = params["wte"]["weight"].device
+    if tokens.device != device:
+        raise UserError(f"tokens are on {tokens.device}, the params on {device}; move one of them")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
     return tokens.shape[1]
+
+
+def _check_cache(cache: KVCache, config: GPTConfig, batch_size: int) -> None:
+    expected = (config.n_layer, batch_size, config.n_head, cache.max_len, config.head_dim)
+    if tuple(cache.k.shape) != expected or cache.v.shape != cache.k.shape:
+        raise UserError(f"cache: k/v of shape {list(cache.k.shape)}, but these params and {batch_size} rows "
+                        f"need {list(expected)} (new_cache(config, batch_size))")

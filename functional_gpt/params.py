@@ -133,6 +133,36 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: 
             )
 
 
+def check_params(params: Params, config: GPTConfig, source: str = "params") -> None:
+    """Raise a one-line UserError unless `params` is the nested GPT-2 dict that `config`
+    describes: every key present (no others), each a floating-point torch.Tensor of the
+    spec's shape, all on one device. For public entry points (`forward`, `generate`);
+    costs about a microsecond per key, nothing per element."""
+    if not isinstance(params, dict):
+        raise UserError(f"{source}: expected the nested dict of GPT-2 tensors, got {type(params).__name__}")
+    flat = flatten(params)
+    bad = next(((k, v) for k, v in flat.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise UserError(f"{source}: {bad[0]} is a {type(bad[1]).__name__}, not a torch.Tensor")
+    check_shapes({k: tuple(v.shape) for k, v in flat.items()}, config, f"{source} (for {config.n_layer} layers "
+                 f"x {config.n_embd}, vocab {config.vocab_size}, {config.n_positions} positions)")
+    devices = {v.device for v in flat.values()}
+    if len(devices) > 1:
+        raise UserError(f"{source}: tensors on several devices ({', '.join(sorted(map(str, devices)))})")
+    key, t = next(((k, v) for k, v in flat.items() if not v.is_floating_point()), (None, None))
+    if key is not None:
+        raise UserError(f"{source}: {key} has dtype {t.dtype}; parameters must be floating point")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a one-line UserError naming the first key whose tensor holds NaN or infinity
+    (and how many such values)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{source}: {key} holds {n_bad} non-finite values (NaN or infinity)")
+
+
 def _listing(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")

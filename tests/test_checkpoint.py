@@ -83,7 +83,7 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, tiny_params, tiny_conf
         raise OSError("disk full")
 
     monkeypatch.setattr("functional_gpt.checkpoint.save_file", crash_half_way)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"m.safetensors: cannot write \(disk full\)"):
         save_params(path, tiny_params, tiny_config)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
@@ -150,3 +150,105 @@ def test_sharded_checkpoint_loads(tmp_path, hf_tiny):
     params, _ = load_params(tmp_path)
     assert torch.equal(params["h"][1]["mlp"]["c_proj"]["weight"], tensors["transformer.h.1.mlp.c_proj.weight"])
     assert [f.name for f in weight_files(tmp_path)] == ["a.safetensors", "b.safetensors"]
+
+
+def _raw_safetensors(path, header: dict, data: bytes = b"") -> None:
+    """Write a safetensors file by hand: 8-byte header length, the JSON header, the data."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}, "bad header entry for tensor x"),
+        ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "bad header entry for tensor x"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "bad header entry for tensor x"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "bad header entry for tensor x"),
+        ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "bad header entry for tensor x"),
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "bad header entry for tensor x"),
+        ("F32", "bad header entry for tensor x"),
+        ({"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}, "tensor x has dtype F99, not one of"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}, r"data_offsets \[0, 12\] do not hold F32 \[4\]"),
+        ({"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}, "truncated: tensor x ends at byte"),
+    ],
+)
+def test_header_fields_of_the_wrong_type_or_value_are_named(tmp_path, entry, message):
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, {"x": entry}, bytes(16))
+    with pytest.raises(UserError, match=message):
+        load_params(path)
+
+
+@pytest.mark.parametrize("metadata", [7, ["a"], {"format": 1}])
+def test_metadata_that_is_not_an_object_of_strings(tmp_path, metadata):
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, {"__metadata__": metadata, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                     bytes(4))
+    with pytest.raises(UserError, match="__metadata__ must be an object of strings"):
+        load_params(path)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    _raw_safetensors(path, header, bytes(24))
+    with pytest.raises(UserError, match="tensors a and b overlap"):
+        load_params(path)
+
+
+def test_integer_tensors_are_refused_not_cast(saved, tiny_config):
+    state = load_file(saved)
+    _resave(saved, state | {"h.0.ln_1.bias": torch.ones(32, dtype=torch.int8)}, tiny_config)
+    with pytest.raises(UserError, match="tensor h.0.ln_1.bias has dtype I8; parameters must be floating point"):
+        load_params(saved)
+
+
+def test_a_key_present_with_and_without_the_transformer_prefix_is_refused(saved, tiny_config):
+    state = load_file(saved)
+    _resave(saved, state | {"transformer.wte.weight": state["wte.weight"] + 1}, tiny_config)
+    with pytest.raises(UserError, match=r"holds both (transformer\.)?wte.weight and (transformer\.)?wte.weight"):
+        load_params(saved)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_params_are_refused_on_load_and_on_save(saved, tmp_path, tiny_params, tiny_config, bad):
+    state = load_file(saved)
+    state["h.1.mlp.c_fc.weight"][3, 5] = bad
+    _resave(saved, state, tiny_config)
+    with pytest.raises(UserError, match="h.1.mlp.c_fc.weight holds 1 non-finite values"):
+        load_params(saved)
+    tiny_params["h"][0]["attn"]["c_proj"]["bias"][:2] = bad
+    out = tmp_path / "new.safetensors"
+    with pytest.raises(UserError, match="refusing to save: h.0.attn.c_proj.bias holds 2 non-finite values"):
+        save_params(out, tiny_params, tiny_config)
+    assert not out.exists()
+
+
+def test_save_refuses_params_that_do_not_match_the_config(tmp_path, tiny_params, tiny_config):
+    import dataclasses
+    with pytest.raises(UserError, match="shape mismatch for wte.weight"):
+        save_params(tmp_path / "m.safetensors", tiny_params, dataclasses.replace(tiny_config, vocab_size=100))
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("config_json, message", [
+    ('{"n_embd": 32, "n_positions": 128.9}', "n_positions must be an integer, got 128.9"),
+    ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon must be a finite number"),
+    ('[1]', "expected a JSON object"),
+    ('{"n_embd": ', "bad config in metadata"),
+])
+def test_bad_config_in_the_metadata_names_the_file(saved, tiny_config, config_json, message):
+    save_file(load_file(saved), saved, metadata={CONFIG_METADATA_KEY: config_json})
+    with pytest.raises(UserError, match=message) as e:
+        load_params(saved)
+    assert str(saved) in str(e.value)
+
+
+def test_write_errors_name_the_path(tmp_path, tiny_params, tiny_config):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"file/m.safetensors: cannot write \(\S+/file is a file, not a directory\)"):
+        save_params(tmp_path / "file" / "m.safetensors", tiny_params, tiny_config)
+    with pytest.raises(UserError, match="is a directory, not a file"):
+        save_params(tmp_path, tiny_params, tiny_config)

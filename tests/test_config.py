@@ -41,6 +41,17 @@ def test_hf_config_dict_is_json_and_carries_every_field():
         (dict(n_embd=65, n_head=4), "not divisible by n_head"),
         (dict(n_layer=0), "n_layer must be >= 1"),
         (dict(attn_pdrop=1.5), r"attn_pdrop must be in \[0, 1\)"),
+        (dict(attn_pdrop=float("nan")), "attn_pdrop must be a finite number, got nan"),
+        (dict(resid_pdrop=-0.1), r"resid_pdrop must be in \[0, 1\)"),
+        (dict(n_positions=128.9), "n_positions must be an integer, got 128.9"),
+        (dict(n_embd=64.0), "n_embd must be an integer, got 64.0"),
+        (dict(n_head=True), "n_head must be an integer, got True"),
+        (dict(vocab_size="50257"), "vocab_size must be an integer, got '50257'"),
+        (dict(layer_norm_epsilon=0.0), r"layer_norm_epsilon must be in \(0, 1\), got 0.0"),
+        (dict(layer_norm_epsilon=-1e-5), "layer_norm_epsilon must be in"),
+        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be a finite number, got nan"),
+        (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite number, got inf"),
+        (dict(embd_pdrop=[0.1]), r"embd_pdrop must be a finite number, got \[0.1\]"),
     ],
 )
 def test_bad_config_values_are_named(fields, message):
@@ -48,9 +59,31 @@ def test_bad_config_values_are_named(fields, message):
         GPTConfig(**fields)
 
 
-def test_bad_config_json_is_a_user_error(tmp_path):
-    (tmp_path / "config.json").write_text('{"n_embd": "wide"}')
-    with pytest.raises(UserError, match="n_embd must be a number"):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"n_embd": "wide"}', "config.json: config: n_embd must be an integer, got 'wide'"),
+        ('{"n_positions": 128.9}', "n_positions must be an integer, got 128.9"),
+        ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon must be a finite number, got nan"),
+        ('{"layer_norm_epsilon": Infinity}', "layer_norm_epsilon must be a finite number, got inf"),
+        ('{"layer_norm_epsilon": -1e-5}', "layer_norm_epsilon must be in"),
+        ('[1, 2]', "expected a JSON object of GPT-2 hyperparameters, got list"),
+        ('{"n_layer": null}', "n_layer must be an integer, got None"),
+        ('{"n_emb', "not a JSON config"),
+    ],
+)
+def test_bad_config_json_is_a_user_error_naming_the_file_and_field(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UserError, match=message) as e:
         read_hf_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_integral_floats_are_integers_and_unknown_keys_are_ignored():
+    config = GPTConfig.from_dict({"n_positions": 64.0, "n_ctx": 64, "activation_function": "gelu_new"})
+    assert config.n_positions == 64 and isinstance(config.n_positions, int)
+
+
+def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_hf_config(tmp_path / "missing.json")

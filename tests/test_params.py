@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -49,3 +50,64 @@ def test_check_shapes_names_missing_unexpected_and_mismatched(tiny_config):
         check_shapes({**shapes, "h.9.mlp.c_fc.weight": (1,)}, tiny_config, "f")
     with pytest.raises(UserError, match=r"shape mismatch for wpe.weight: expected \[32, 32\], got \[16, 32\]"):
         check_shapes({**shapes, "wpe.weight": (16, 32)}, tiny_config, "f")
+
+
+# ------------------------------------------------- the Python API's checks of its input
+
+
+def _without(params, *path):
+    import copy
+    params = copy.copy(params)
+    node = params
+    for part in path[:-1]:
+        node[part] = copy.copy(node[part])
+        node = node[part]
+    del node[path[-1]]
+    return params
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, c: (p, dataclasses.replace(c, n_layer=3)), r"missing keys: h\.2\.ln_1\.weight"),
+    (lambda p, c: (p, dataclasses.replace(c, vocab_size=100)), r"shape mismatch for wte.weight: expected \[100, 32\]"),
+    (lambda p, c: (_without(p, "ln_f"), c), r"missing keys: ln_f.weight, ln_f.bias"),
+    (lambda p, c: ({**p, "lm_head": {"weight": p["wte"]["weight"]}}, c), "unexpected keys: lm_head.weight"),
+    (lambda p, c: ({**p, "wte": {"weight": p["wte"]["weight"].tolist()}}, c), "wte.weight.0.0 is a float"),
+    (lambda p, c: ({**p, "wpe": {"weight": "zeros"}}, c), "wpe.weight is a str, not a torch.Tensor"),
+    (lambda p, c: ({**p, "wpe": {"weight": p["wpe"]["weight"].long()}}, c), "wpe.weight has dtype torch.int64"),
+    (lambda p, c: ([p], c), "expected the nested dict of GPT-2 tensors, got list"),
+    (lambda p, c: (p, c.to_dict()), "config: expected a GPTConfig, got dict"),
+])
+def test_forward_names_what_is_wrong_with_params_or_config(tiny_params, tiny_config, change, message):
+    from functional_gpt import forward
+    params, config = change(tiny_params, tiny_config)
+    with pytest.raises(UserError, match=message):
+        forward(params, torch.zeros(1, 4, dtype=torch.long), config)
+
+
+def test_forward_without_a_config_on_a_malformed_dict(tiny_params):
+    from functional_gpt import forward
+    with pytest.raises(UserError, match="cannot read the config off the shapes"):
+        forward({"h": []}, torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ([[1, 2, 3]], "tokens must be an int64 torch.Tensor"),
+    (torch.zeros(0, 4, dtype=torch.long), r"empty batch or sequence \(shape \[0, 4\]\)"),
+    (torch.tensor(3), "tokens must be an int64 tensor"),
+])
+def test_forward_names_bad_tokens(tiny_params, tiny_config, tokens, message):
+    from functional_gpt import forward
+    with pytest.raises(UserError, match=message):
+        forward(tiny_params, tokens, tiny_config)
+
+
+def test_forward_cached_checks_its_cache(tiny_params, tiny_config):
+    import dataclasses
+    from functional_gpt import forward_cached, new_cache
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(UserError, match="cache: expected a KVCache"):
+        forward_cached(tiny_params, tokens, {"k": None}, tiny_config)
+    with pytest.raises(UserError, match=r"cache: k/v of shape \[2, 1, 4, 32, 8\], but these params and 2 rows"):
+        forward_cached(tiny_params, tokens, new_cache(tiny_config, 1), tiny_config)
+    with pytest.raises(UserError, match="valid: expected a bool tensor"):
+        forward_cached(tiny_params, tokens, new_cache(tiny_config, 2), tiny_config, valid=torch.ones(2, 3))
