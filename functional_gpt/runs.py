@@ -1,13 +1,18 @@
-"""A training run's checkpoint, in its run directory, written so that a kill at any
-instant leaves a complete one behind and read back for an exact resume.
+"""A training run's files, in its run directory: this module alone writes and reads them.
 
 A checkpoint is `model.safetensors` (params + config, loadable by `load_params`),
 `optimizer.safetensors` (Adam's moments keyed `exp_avg.<GPT-2 key>` and
 `exp_avg_sq.<GPT-2 key>`, the step in its metadata) and `state.json` (step, data
-position, RNG state, the full run configuration; the commit marker, written last).
+position, RNG state, the full run configuration; the commit marker, written last). The
+run directory holds the latest checkpoint at its root and the best-validation one in
+`best/`, beside `metrics.jsonl` (one JSON object per step and per evaluation).
+
+Each reader checks what it reads: a garbled, truncated or hand-edited file is a
+one-line UserError naming the file and the field, never a raw JSON or key error.
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,9 +25,9 @@ from .config import GPTConfig
 from .errors import UserError
 from .files import atomic_path, write_json
 from .optim import AdamWState
-from .params import flatten, unflatten
+from .params import check_finite, flatten, unflatten
 
-MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
+MODEL, OPTIMIZER, STATE, METRICS, BEST = "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl", "best"
 
 
 def save_checkpoint(run_dir: str | os.PathLike, flat: dict, config: GPTConfig, opt: AdamWState, state: dict) -> None:
@@ -45,6 +50,16 @@ def save_checkpoint(run_dir: str | os.PathLike, flat: dict, config: GPTConfig, o
     _commit(run_dir)
 
 
+def save_run_checkpoint(run_dir: str | os.PathLike, flat: dict, config: GPTConfig, opt: AdamWState, state: dict,
+                        *, is_best: bool) -> None:
+    """The run's checkpoint at the root and, when `is_best`, in `best/` too. best/ is
+    written first: a kill between the two leaves best/ ahead of the root (a resume replays
+    the same steps bit-exactly and writes the same best/ again), never behind it."""
+    if is_best:
+        save_checkpoint(Path(run_dir) / BEST, flat, config, opt, state)
+    save_checkpoint(run_dir, flat, config, opt, state)
+
+
 def _commit(run_dir: Path) -> None:
     pending = run_dir / ".next"
     for name in (OPTIMIZER, MODEL, STATE):
@@ -57,34 +72,157 @@ def recover(run_dir: str | os.PathLike) -> None:
     """Finish a save that was killed after its state.json was written, or discard one
     killed before (see `save_checkpoint`)."""
     pending = Path(run_dir) / ".next"
-    if (pending / STATE).is_file():
-        _commit(Path(run_dir))
-    elif pending.exists():
-        shutil.rmtree(pending)
+    try:
+        if (pending / STATE).is_file():
+            _commit(Path(run_dir))
+        elif pending.exists():
+            shutil.rmtree(pending)
+    except OSError as e:
+        raise UserError(f"{pending}: cannot finish or discard an interrupted save ({e.strerror or e})") from None
+
+
+# ------------------------------------------------------------------ state.json
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _hex(x) -> bool:
+    return isinstance(x, str) and len(x) % 2 == 0 and all(c in "0123456789abcdef" for c in x)
+
+
+# field -> (what it must be, check)
+_STATE_FIELDS = {
+    "step": ("an integer >= 0", _count),
+    "data_dir": ("a string", lambda x: isinstance(x, str) and x != ""),
+    "data_position": ("an object {epoch, index} of integers >= 0",
+                      lambda x: isinstance(x, dict) and set(x) == {"epoch", "index"} and all(map(_count, x.values()))),
+    "train_tokens": ("an integer >= 0", _count),
+    "lr": ("a finite number", _number),
+    "val_loss": ("a finite number or null", lambda x: x is None or _number(x)),
+    "best_val_loss": ("a finite number or null", lambda x: x is None or _number(x)),
+    "rng": ("an object of hex strings with a 'torch' entry",
+            lambda x: isinstance(x, dict) and "torch" in x and all(map(_hex, x.values()))),
+    "config": ("an object", lambda x: isinstance(x, dict)),
+    "model_config": ("an object", lambda x: isinstance(x, dict)),
+}
+
+
+def read_state(run_dir: str | os.PathLike) -> dict:
+    """`run_dir`/state.json, every field checked (see _STATE_FIELDS) -> the dict. A save
+    killed half-way is first rolled forward or discarded (`recover`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    recover(run_dir)
+    path = run_dir / STATE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: holds no checkpoint to resume ({STATE} is missing)")
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    for field, (kind, ok) in _STATE_FIELDS.items():
+        if field not in state:
+            raise UserError(f"{path}: field {field!r} is missing")
+        if not ok(state[field]):
+            raise UserError(f"{path}: field {field!r} must be {kind}, got {state[field]!r:.80}")
+    return state
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# --------------------------------------------------------------- metrics.jsonl
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """`run_dir`/metrics.jsonl -> its entries (none if the file is absent). Each line must
+    be a JSON object with an integer "step"; the first that is not is a UserError naming
+    its line."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line, parse_constant=_no_constants)
+        except ValueError as e:
+            raise UserError(f"{path}: line {number} is not valid JSON ({e})") from None
+        if not isinstance(entry, dict) or not _count(entry.get("step")):
+            raise UserError(f"{path}: line {number} is not an object with an integer step: {line:.80}")
+        entries.append(entry)
+    return entries
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: list[dict]) -> None:
+    with atomic_path(Path(run_dir) / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics), encoding="utf-8")
+
+
+# ------------------------------------------------------- optimizer.safetensors
+
+
+def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu") -> AdamWState:
+    """Adam's moments for the params `flat` from `path`: exactly the keys
+    exp_avg.<key> / exp_avg_sq.<key>, each of its param's shape, finite, and an integer
+    adam_step in the metadata."""
+    path = Path(path)
+    expected = {f"{kind}.{k}": tuple(t.shape) for kind in ("exp_avg", "exp_avg_sq") for k, t in flat.items()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            if keys != set(expected):
+                missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+                raise UserError(f"{path}: keys do not match the model's parameters (missing {missing[:3]}, "
+                                f"unexpected {extra[:3]})")
+            tensors = {k: f.get_tensor(k) for k in expected}
+            step = (f.metadata() or {}).get("adam_step", "")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable optimizer state ({e})") from None
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+            raise UserError(f"{path}: {key} is {tensors[key].dtype} {list(tensors[key].shape)}, "
+                            f"expected floating point {list(shape)}")
+    check_finite(tensors, str(path))
+    if not step.isdigit():
+        raise UserError(f"{path}: metadata adam_step must be an integer >= 0, got {step!r}")
+    return AdamWState({k: tensors[f"exp_avg.{k}"] for k in flat}, {k: tensors[f"exp_avg_sq.{k}"] for k in flat},
+                      int(step))
 
 
 def load_checkpoint(run_dir: str | os.PathLike, device="cpu"):
     """-> (flat params, model config, AdamWState, state dict) of the checkpoint in `run_dir`."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    recover(run_dir)
-    if not (run_dir / STATE).is_file():
-        raise UserError(f"{run_dir}: holds no checkpoint to resume ({STATE} is missing)")
-    state = json.loads((run_dir / STATE).read_text(encoding="utf-8"))
+    state = read_state(run_dir)
     params, config = load_params(run_dir / MODEL, device=device)
     flat = flatten(params)
-    try:
-        with safe_open(str(run_dir / OPTIMIZER), framework="pt", device=str(device)) as f:
-            keys = set(f.keys())
-            expected = {f"{kind}.{k}" for kind in ("exp_avg", "exp_avg_sq") for k in flat}
-            if keys != expected:
-                raise UserError(f"{run_dir / OPTIMIZER}: keys do not match the model's parameters")
-            opt = AdamWState(
-                {k: f.get_tensor(f"exp_avg.{k}") for k in flat},
-                {k: f.get_tensor(f"exp_avg_sq.{k}") for k in flat},
-                int(f.metadata()["adam_step"]),
-            )
-    except (SafetensorError, OSError, KeyError) as e:
-        raise UserError(f"{run_dir / OPTIMIZER}: not a readable optimizer state ({e})") from None
+    opt = read_optimizer(run_dir / OPTIMIZER, flat, device)
+    if config.to_dict() != GPTConfig.from_dict(state["model_config"]).to_dict():
+        raise UserError(f"{run_dir / MODEL}: its config differs from the run's ({STATE} model_config); "
+                        f"the file was replaced")
+    if opt.step != state["step"]:
+        raise UserError(f"{run_dir}: {OPTIMIZER} is at step {opt.step}, {STATE} at step {state['step']}")
     return flat, config, opt, state

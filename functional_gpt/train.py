@@ -24,15 +24,16 @@ from tqdm import tqdm
 
 from .checkpoint import load_params
 from .config import GPTConfig, preset
-from .data import DEFAULT_DATA_DIR, Position, check_fits, eval_starts, gather_windows, load_tokens, next_batch
+from .data import (DEFAULT_DATA_DIR, Position, check_fits, eval_starts, gather_windows, load_tokens, next_batch,
+                   window_starts)
 from .device import pick_device
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, make_dir
 from .generate import generate
 from .model import forward
 from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at
 from .params import Params, flatten, init_params, unflatten
-from .runs import STATE, load_checkpoint, recover, save_checkpoint
+from .runs import STATE, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
 from .sampling import Sampling
 from .tokenizer import ENDOFTEXT_ID, decode
 
@@ -73,11 +74,14 @@ class TrainConfig:
 
 _POSITIVE = ("max_steps", "batch_size", "grad_accum", "lr", "eval_interval")
 _NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "eval_windows", "sample_tokens", "min_lr")
+_UNIT_INTERVAL = ("beta1", "beta2", "dropout")  # in [0, 1)
 
 
 def make_config(values: dict) -> TrainConfig:
-    """A TrainConfig from {field: value} (defaults for the rest), checked: a wrong name,
-    type or range is a UserError naming the field."""
+    """A TrainConfig from {field: value} (defaults for the rest), checked once here: a
+    wrong name, type or range is a UserError naming the field. Numbers must be finite."""
+    if not isinstance(values, dict):
+        raise UserError(f"training settings: expected a table of settings, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         if key not in fields:
@@ -86,13 +90,15 @@ def make_config(values: dict) -> TrainConfig:
         wants_int = "int" in str(kind) and "float" not in str(kind)
         if value is None:
             if "None" not in str(kind):
-                raise UserError(f"{key}: a value is required")
+                raise UserError(f"--{key}: a value is required")
         elif "str" in str(kind):
-            if not isinstance(value, str):
-                raise UserError(f"{key}: expected a string, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (wants_int and value != int(value)):
-            raise UserError(f"{key}: expected {'an integer' if wants_int else 'a number'}, got {value!r}")
-    cfg = TrainConfig(**values)
+            if not isinstance(value, str) or not value:
+                raise UserError(f"--{key}: expected a non-empty string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (wants_int and value != int(value)):
+            raise UserError(f"--{key}: expected {'an integer' if wants_int else 'a finite number'}, got {value!r}")
+    cfg = TrainConfig(**{k: int(v) if "int" in str(fields[k].type) and "float" not in str(fields[k].type)
+                         and v is not None else v for k, v in values.items()})
     for name in _POSITIVE:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(cfg, name)}")
@@ -102,8 +108,15 @@ def make_config(values: dict) -> TrainConfig:
     for name in ("context_length", "stride", "decay_steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in _UNIT_INTERVAL:
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.min_lr is not None and cfg.min_lr > cfg.lr:
+        raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be in 0..2**63-1, got {cfg.seed}")
+    if cfg.init is None:
+        preset(cfg.preset)  # an unknown name fails now, not after the data is read
     return cfg
 
 
@@ -167,11 +180,14 @@ def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False
 
 @torch.inference_mode()
 def val_loss(params: Params, config: GPTConfig, tokens: np.ndarray, starts, context_length: int,
-             device) -> float:
-    """Mean next-token cross-entropy (nats/token) over the windows at `starts`."""
+             device, should_stop=lambda: False) -> float | None:
+    """Mean next-token cross-entropy (nats/token) over the windows at `starts`; None if
+    `should_stop()` turns true between two batches (an interrupted evaluation)."""
     total, count = 0.0, 0
     batch_size = max(1, 2048 // context_length)  # bounds the [B, T, V] logits
     for i in range(0, len(starts), batch_size):
+        if should_stop():
+            return None
         x, y = gather_windows(tokens, starts[i : i + batch_size], context_length)
         logits = forward(params, x.to(device), config)
         total += float(torch.nn.functional.cross_entropy(
@@ -198,11 +214,7 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     """The stored configuration of the run in `run_dir`. `overrides` (flags given on the
     command line) may only extend max_steps; any other that differs is a UserError."""
     state_file = Path(run_dir) / STATE
-    if Path(run_dir).is_dir():
-        recover(run_dir)
-    if not state_file.is_file():
-        raise UserError(f"{run_dir}: holds no checkpoint to resume ({STATE} is missing)")
-    stored = json.loads(state_file.read_text(encoding="utf-8"))["config"]
+    stored = read_state(run_dir)["config"]
     values = dict(stored, out=str(Path(run_dir)))
     for key, given in overrides.items():
         if key == "max_steps":
@@ -216,7 +228,10 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
                 f"--{key} {given} differs from the checkpoint's {key}={stored.get(key)} "
                 f"({state_file}); drop the flag, or train into a new --out"
             )
-    return make_config(values)
+    try:
+        return make_config(values)
+    except UserError as e:
+        raise UserError(f"{state_file}: config: {e}") from None
 
 
 def _keep_freed_memory() -> None:
@@ -259,11 +274,17 @@ def resolve(cfg: TrainConfig, config: GPTConfig) -> TrainConfig:
     )
 
 
+# A weight this large means a blow-up: AdamW moves a weight by about lr per step, and no
+# trained GPT-2 holds one within orders of magnitude of it.
+DIVERGED_WEIGHT = 1e6
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train (or resume, when `resume`) the run `cfg` describes; returns its summary
     (step, val_loss, best_val_loss, seconds, peak memory). Ctrl-C or SIGTERM finishes the
-    step, saves and returns; a non-finite loss or gradient stops with a UserError,
-    leaving the last good checkpoint as it was."""
+    step, saves and returns. A non-finite loss, gradient or validation loss, or params
+    that are not finite or exceed DIVERGED_WEIGHT, stop the run with a UserError before
+    anything of that step is saved: the last good checkpoint stays as it was."""
     _keep_freed_memory()
     device = pick_device(cfg.device)
     run = Path(cfg.out)
@@ -271,14 +292,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         flat, config, opt, state = load_checkpoint(run, device=device)
         cfg = dataclasses.replace(cfg, data=state["data_dir"])
         step, position = state["step"], Position(**state["data_position"])
-        torch.set_rng_state(torch.tensor(list(bytes.fromhex(state["rng"]["torch"])), dtype=torch.uint8))
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(torch.tensor(list(bytes.fromhex(state["rng"]["cuda"])), dtype=torch.uint8))
-        metrics = [m for m in _read_metrics(run) if m["step"] <= step]
-        best = state.get("best_val_loss")
+        _set_rng_state(state["rng"], device, run / STATE)
+        metrics = [m for m in read_metrics(run) if m["step"] <= step]
+        best = state["best_val_loss"]
     else:
         if (run / STATE).exists():
             raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
+        make_dir(run)
         flat, config = _model(cfg, device)
         cfg = resolve(cfg, config)
         opt, step, position, metrics, best = adamw_init(flat), 0, Position(), [], None
@@ -288,9 +308,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     train_tokens, val_tokens = load_tokens(cfg.data, "train"), load_tokens(cfg.data, "val")
     check_fits(train_tokens, cfg.context_length, f"{cfg.data}/train.bin")
     check_fits(val_tokens, cfg.context_length, f"{cfg.data}/val.bin")
-    if resume and len(train_tokens) != state["train_tokens"]:
-        raise UserError(f"{cfg.data}/train.bin holds {len(train_tokens)} tokens, the run was trained on "
-                        f"{state['train_tokens']}: the data changed since the checkpoint")
+    if resume:
+        if len(train_tokens) != state["train_tokens"]:
+            raise UserError(f"{cfg.data}/train.bin holds {len(train_tokens)} tokens, the run was trained on "
+                            f"{state['train_tokens']}: the data changed since the checkpoint")
+        n_windows = len(window_starts(len(train_tokens), cfg.context_length, cfg.stride))
+        if position.index >= n_windows:
+            raise UserError(f"{run / STATE}: data_position index {position.index} is past the "
+                            f"{n_windows} windows of an epoch")
     quick_starts = eval_starts(len(val_tokens), cfg.context_length, cfg.eval_windows or None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context_length
     stop = _StopOnSignal()
@@ -310,10 +335,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             "config": cfg.to_dict(),
             "model_config": config.to_dict(),
         }
-        _write_metrics(run, metrics)
-        save_checkpoint(run, flat, config, opt, state)
-        if is_best:
-            save_checkpoint(run / "best", flat, config, opt, state)
+        write_metrics(run, metrics)
+        save_run_checkpoint(run, flat, config, opt, state, is_best=is_best)
+
+    def stopped(at: int, what: str):
+        bar.close()
+        kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
+        return UserError(f"step {at}: {what}; stopped, {kept}; try a lower --lr or check the data")
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -336,13 +364,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             if cfg.grad_accum > 1:
                 torch._foreach_div_(list(grads.values()), cfg.grad_accum)
             norm = clip_grad_norm(grads, cfg.grad_clip or None)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                bar.close()
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
-                raise UserError(f"step {step + 1}: {what} is {loss if what == 'loss' else norm}; stopped, "
-                                f"{kept}; try a lower --lr or check the data")
+            if not math.isfinite(loss):
+                raise stopped(step + 1, f"loss is {loss}")
+            if not math.isfinite(norm):
+                raise stopped(step + 1, f"gradient norm is {norm}")
             opt = adamw_step(flat, grads, opt, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+            largest = max_abs(flat)
+            if not largest[1] <= DIVERGED_WEIGHT:
+                raise stopped(step + 1, f"the update made {largest[0]} "
+                              f"{'diverge' if math.isfinite(largest[1]) else 'non-finite'} (max |w| {largest[1]:.3g})")
             step += 1
             seconds = time.time() - t0
             metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
@@ -352,6 +382,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 params = unflatten(flat)
                 val = val_loss(params, config, val_tokens, quick_starts, cfg.context_length, device)
+                if not math.isfinite(val):
+                    raise stopped(step, f"validation loss is {val}")
                 is_best = best is None or val < best
                 best = min(val, best) if best is not None else val
                 entry = {"step": step, "val_loss": val}
@@ -364,27 +396,39 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
                 plot_losses(metrics, run / "loss.png")
             elif stop.requested:
                 checkpoint(None, False, lr)
-            if stop.requested:
+            if stop.requested and step < cfg.max_steps:
                 bar.close()
                 log(f"stopped by {stop.requested} at step {step}; checkpoint saved. "
                     f"Resume with: fgpt train --resume {run}")
                 return {"step": step, "interrupted": True}
-    bar.close()
-    elapsed = time.time() - start
-    # The figure a run is judged by: every val token predicted once, at the model's full
-    # context (the training context when val.bin is shorter than that).
-    final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
-    final_starts = eval_starts(len(val_tokens), final_T)
-    final = val_loss(unflatten(flat), config, val_tokens, final_starts, final_T, device)
+        bar.close()
+        elapsed = time.time() - start
+        # The figure a run is judged by: every val token predicted once, at the model's full
+        # context (the training context when val.bin is shorter than that).
+        final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
+        final_starts = eval_starts(len(val_tokens), final_T)
+        final = None if stop.requested else val_loss(unflatten(flat), config, val_tokens, final_starts, final_T,
+                                                     device, should_stop=lambda: stop.requested is not None)
+    if final is None:
+        log(f"stopped by {stop.requested} after the last step ({step}): the run is complete and saved; the final "
+            f"evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
+        return {"step": step, "interrupted": True}
     peak_mb = _peak_rss_mb()
     log(f"val loss {final:.4f} nats/token (all {len(final_starts)} non-overlapping windows of "
         f"{final_T} tokens in val.bin); training {elapsed:.0f}s, peak memory {peak_mb:.0f} MiB")
     summary = {"step": step, "val_loss": final, "best_val_loss": best, "train_seconds": elapsed,
                "peak_rss_mib": peak_mb, "interrupted": False}
     metrics.append({"step": step, "final_val_loss": final})
-    _write_metrics(run, metrics)
+    write_metrics(run, metrics)
     plot_losses(metrics, run / "loss.png")
     return summary
+
+
+def max_abs(flat: dict) -> tuple[str, float]:
+    """-> (key, value) of the params' largest |w| (NaN wins: then the value is NaN)."""
+    norms = torch.stack(torch._foreach_norm(list(flat.values()), float("inf"))).tolist()
+    i = next((i for i, n in enumerate(norms) if not math.isfinite(n)), max(range(len(norms)), key=norms.__getitem__))
+    return list(flat)[i], norms[i]
 
 
 class _StopOnSignal:
@@ -412,21 +456,18 @@ def _rng_state(device) -> dict:
     return rng
 
 
+def _set_rng_state(rng: dict, device, source) -> None:
+    try:
+        torch.set_rng_state(torch.tensor(list(bytes.fromhex(rng["torch"])), dtype=torch.uint8))
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(list(bytes.fromhex(rng["cuda"])), dtype=torch.uint8))
+    except RuntimeError:
+        raise UserError(f"{source}: field 'rng' does not hold a torch generator state") from None
+
+
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
-def _read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_metrics(run: Path, metrics: list[dict]) -> None:
-    with atomic_path(run / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
 
 
 def plot_losses(metrics: list[dict], path: str | os.PathLike) -> None:

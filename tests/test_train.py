@@ -195,14 +195,109 @@ def test_sigterm_finishes_the_step_saves_and_resumes(setup, tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(setup, tmp_path, tiny_config):
-    params = init_params(tiny_config)
-    params["h"][0]["mlp"]["c_fc"]["bias"][3] = float("nan")
-    bad = tmp_path / "nan.safetensors"
-    save_params(bad, params, tiny_config)
-    with pytest.raises(UserError, match="step 1: loss is nan; stopped, nothing was saved"):
-        quiet_train(run_config(setup, tmp_path / "run", init=str(bad)))
+def _spoil_at_step(monkeypatch, name, at, spoil):
+    """Wrap train_module.<name> so that its result is passed through `spoil` on call `at`."""
+    real, calls = getattr(train_module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return spoil(out, args) if len(calls) == at else out
+
+    monkeypatch.setattr(train_module, name, wrapped)
+
+
+def _blow_up(opt, args):
+    args[0]["h.1.mlp.c_proj.weight"][0, 0] = 1e30  # flat params, updated in place
+    return opt
+
+
+def _nan_weight(opt, args):
+    args[0]["wpe.weight"][2, 2] = float("nan")
+    return opt
+
+
+@pytest.mark.parametrize("name, at, spoil, message", [
+    ("loss_and_grads", 3, lambda out, a: (out[0] * float("nan"), out[1]), "step 3: loss is nan"),
+    ("loss_and_grads", 3, lambda out, a: (out[0], {k: g + float("inf") for k, g in out[1].items()}),
+     "step 3: gradient norm is inf"),
+    ("adamw_step", 3, _blow_up, r"step 3: the update made h.1.mlp.c_proj.weight diverge \(max \|w\| 1e\+30\)"),
+    ("adamw_step", 4, _nan_weight, "step 4: the update made wpe.weight non-finite"),
+    ("val_loss", 2, lambda out, a: float("nan"), "step 4: validation loss is nan"),
+])
+def test_a_blow_up_stops_before_anything_of_it_is_saved(setup, tmp_path, monkeypatch, name, at, spoil, message):
+    """Loss, gradient, updated params and validation loss are all checked; the checkpoint
+    of step 2 (the last good one) survives byte for byte and nothing non-finite is saved."""
+    run = tmp_path / "run"
+    _spoil_at_step(monkeypatch, name, at, spoil)
+    cfg = run_config(setup, run, max_steps=6)
+    with pytest.raises(UserError, match=message + ".*stopped, the last good checkpoint in .* is kept"):
+        quiet_train(cfg)
+    flat, _, opt, state = load_checkpoint(run)
+    assert state["step"] == opt.step == 2
+    assert json.loads((run / "best" / "state.json").read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in flat.values())
+    assert all("val_loss" not in m or m["step"] <= 2 for m in runs_module.read_metrics(run))
+
+
+def test_non_finite_loss_at_the_first_step_saves_nothing(setup, tmp_path, monkeypatch):
+    _spoil_at_step(monkeypatch, "loss_and_grads", 1, lambda out, a: (out[0] * float("inf"), out[1]))
+    with pytest.raises(UserError, match="step 1: loss is inf; stopped, nothing was saved"):
+        quiet_train(run_config(setup, tmp_path / "run"))
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_sigterm_at_the_last_step_says_the_run_is_complete(setup, tmp_path, monkeypatch):
+    run, logs = tmp_path / "run", []
+    _spoil_at_step(monkeypatch, "loss_and_grads", 4,
+                   lambda out, a: (os.kill(os.getpid(), signal.SIGTERM), out)[1])
+    summary = train(run_config(setup, run, max_steps=4), progress=False, log=logs.append)
+    assert summary == {"step": 4, "interrupted": True}
+    assert "the run is complete and saved" in logs[-1] and "--resume" not in logs[-1]
+    assert json.loads((run / "state.json").read_text())["step"] == 4
+
+
+def test_sigterm_during_the_final_evaluation_skips_it_with_a_message(setup, tmp_path, monkeypatch):
+    run, logs = tmp_path / "run", []
+    # Calls of val_loss: step 2, step 4 (periodic), then the final one, signalled on entry.
+    real = train_module.val_loss
+    calls = []
+
+    def val_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "val_loss", val_loss)
+    summary = train(run_config(setup, run, max_steps=4), progress=False, log=logs.append)
+    assert summary == {"step": 4, "interrupted": True} and len(calls) == 3
+    assert "final evaluation over all of val.bin was skipped" in logs[-1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_kill_between_best_and_the_root_never_leaves_best_behind(setup, tmp_path, monkeypatch):
+    """best/ is written first; killed before the root, resume replays to the same best/."""
+    run = tmp_path / "run"
+    quiet_train(run_config(setup, run, max_steps=2))
+    real, calls = runs_module.save_checkpoint, []
+
+    def die_after_best(run_dir, *args):
+        calls.append(run_dir)
+        if len(calls) == 2:  # best/ of step 4 written, now the root
+            raise KeyboardInterrupt("killed between best/ and the root")
+        return real(run_dir, *args)
+
+    monkeypatch.setattr(runs_module, "save_checkpoint", die_after_best)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
+    monkeypatch.undo()
+    best_step = json.loads((run / "best" / "state.json").read_text())["step"]
+    assert json.loads((run / "state.json").read_text())["step"] == 2 and best_step in (2, 4)
+    quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
+    best = json.loads((run / "best" / "state.json").read_text())
+    vals = [m["val_loss"] for m in runs_module.read_metrics(run) if "val_loss" in m]
+    assert best["best_val_loss"] == min(vals) and best["val_loss"] == min(vals)
 
 
 # --------------------------------------------------------------------- bad input
@@ -229,10 +324,129 @@ def test_resume_bad_input(setup, tmp_path):
     ({"batch_size": -2}, "--batch_size must be > 0"),
     ({"bogus": 1}, "unknown training setting 'bogus'"),
     ({"batch_size": 2.5}, "batch_size: expected an integer"),
+    ({"batch_size": 0}, "--batch_size must be > 0, got 0"),
+    ({"lr": float("nan")}, "--lr: expected a finite number, got nan"),
+    ({"lr": float("inf")}, "--lr: expected a finite number, got inf"),
+    ({"grad_clip": float("nan")}, "--grad_clip: expected a finite number, got nan"),
+    ({"grad_clip": -1.0}, "--grad_clip must be >= 0"),
+    ({"beta1": 2.0}, r"--beta1 must be in \[0, 1\), got 2.0"),
+    ({"beta1": -1.0}, r"--beta1 must be in \[0, 1\), got -1.0"),
+    ({"beta2": 1.0}, r"--beta2 must be in \[0, 1\), got 1.0"),
+    ({"dropout": 1.0}, r"--dropout must be in \[0, 1\)"),
+    ({"weight_decay": float("-inf")}, "--weight_decay: expected a finite number"),
+    ({"min_lr": 0.5}, "--min_lr 0.5 is above --lr 0.01"),
+    ({"seed": -1}, r"--seed must be in 0..2\*\*63-1, got -1"),
+    ({"seed": 2**70}, r"--seed must be in 0..2\*\*63-1"),
+    ({"eval_interval": 0}, "--eval_interval must be > 0"),
+    ({"warmup_steps": -3}, "--warmup_steps must be >= 0"),
+    ({"context_length": 0}, "--context_length must be >= 1"),
+    ({"data": ""}, "--data: expected a non-empty string"),
+    ({"init": 3}, "--init: expected a non-empty string, got 3"),
+    ({"init": None, "preset": "gpt5"}, "unknown preset 'gpt5'"),
+    ({"max_steps": True}, "--max_steps: expected an integer, got True"),
+    ({"lr": "fast"}, "--lr: expected a finite number, got 'fast'"),
 ])
 def test_bad_settings(setup, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         run_config(setup, tmp_path / "run", **override)
+
+
+def test_a_config_file_that_is_not_a_table(tmp_path):
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="run.json: expected a table of settings"):
+        read_config_file(tmp_path / "run.json")
+
+
+def test_out_that_cannot_be_a_directory_fails_before_training(setup, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file: exists and is not a directory"):
+        quiet_train(run_config(setup, tmp_path / "file"))
+    with pytest.raises(UserError, match=r"file/run: cannot write into this directory"):
+        quiet_train(run_config(setup, tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(setup, tmp_path, monkeypatch):
+    import errno
+    run = tmp_path / "run"
+    quiet_train(run_config(setup, run, max_steps=2))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs_module, "save_file", full)
+    with pytest.raises(UserError, match=r"optimizer.safetensors: cannot write \(No space left on device\)"):
+        quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
+    monkeypatch.undo()
+    assert load_checkpoint(run)[3]["step"] == 2
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        assert (run / name).read_bytes() == before[name]
+
+
+def _garble(path, text):
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("state.json", lambda p: _garble(p, p.read_text()[:40]), "state.json: not valid JSON"),
+    ("state.json", lambda p: _garble(p, "[]"), "state.json: expected a JSON object, got list"),
+    ("state.json", lambda p: _garble(p, p.read_text().replace('"step": 2', '"step": "2"')),
+     "state.json: field 'step' must be an integer >= 0, got '2'"),
+    ("state.json", lambda p: _garble(p, p.read_text().replace('"index": ', '"index": -')),
+     "field 'data_position' must be an object"),
+    ("state.json", lambda p: _garble(p, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "rng"})),
+     "state.json: field 'rng' is missing"),
+    ("state.json", lambda p: _garble(p, json.dumps(json.loads(p.read_text()) | {"rng": {"torch": "abcd"}})),
+     "state.json: field 'rng' does not hold a torch generator state"),
+    ("state.json", lambda p: _garble(p, json.dumps(json.loads(p.read_text()) | {"best_val_loss": "low"})),
+     "field 'best_val_loss' must be a finite number or null"),
+    ("state.json", lambda p: _garble(p, p.read_text().replace('"best_val_loss": ', '"best_val_loss": NaN, "x": ')),
+     "state.json: not valid JSON \\(NaN is not a JSON number"),
+    ("state.json", lambda p: _garble(p, json.dumps(json.loads(p.read_text()) | {"data_position": {"epoch": 0, "index": 10**6}})),
+     "data_position index 1000000 is past the 187 windows of an epoch"),
+    ("state.json", lambda p: _garble(p, json.dumps(json.loads(p.read_text()) | {"config": {"lr": "x"}})),
+     "state.json: config: --lr: expected a finite number"),
+    ("metrics.jsonl", lambda p: _garble(p, p.read_text()[:-30]), "metrics.jsonl: line \\d+ is not valid JSON"),
+    ("metrics.jsonl", lambda p: _garble(p, p.read_text() + "[1]\n"), "metrics.jsonl: line 6 is not an object with an integer step"),
+    ("optimizer.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]), "optimizer.safetensors: not a readable optimizer state"),
+    ("optimizer.safetensors", lambda p: p.write_bytes(b"garbage"), "optimizer.safetensors: not a readable optimizer state"),
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100]), "model.safetensors: truncated"),
+])
+def test_damaged_run_files_are_one_line_errors_naming_the_file(setup, tmp_path, file, damage, message):
+    run = tmp_path / "run"
+    quiet_train(run_config(setup, run, max_steps=2, eval_interval=1))
+    damage(run / file)
+    with pytest.raises(UserError, match=message):
+        quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
+
+
+def test_optimizer_state_of_another_shape_or_step(setup, tmp_path):
+    from safetensors.torch import save_file
+    run = tmp_path / "run"
+    quiet_train(run_config(setup, run, max_steps=2))
+    moments = load_file(run / "optimizer.safetensors")
+    save_file(moments, run / "optimizer.safetensors", metadata={"adam_step": "7"})
+    with pytest.raises(UserError, match="optimizer.safetensors is at step 7, state.json at step 2"):
+        load_checkpoint(run)
+    moments["exp_avg.wte.weight"] = moments["exp_avg.wte.weight"][:10]
+    save_file(moments, run / "optimizer.safetensors", metadata={"adam_step": "2"})
+    with pytest.raises(UserError, match=r"exp_avg.wte.weight is torch.float32 \[10, 32\], expected floating point"):
+        load_checkpoint(run)
+    del moments["exp_avg.wte.weight"]
+    save_file(moments, run / "optimizer.safetensors", metadata={"adam_step": "x"})
+    with pytest.raises(UserError, match="keys do not match the model's parameters"):
+        load_checkpoint(run)
+
+
+def test_foreign_weights_in_a_run_directory_are_refused_on_resume(setup, tmp_path):
+    import dataclasses
+    run = tmp_path / "run"
+    quiet_train(run_config(setup, run, max_steps=2))
+    params, config = load_params(run)
+    save_params(run / "model.safetensors", params, dataclasses.replace(config, layer_norm_epsilon=1e-3))
+    with pytest.raises(UserError, match="its config differs from the run's"):
+        quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
 
 
 def test_context_must_fit_the_model_and_data(setup, tmp_path):
@@ -254,4 +468,4 @@ def test_config_file_and_cli(setup, tmp_path, capsys):
                  "--max_steps", "2", "--context_length", "16", "--eval_interval", "2", "--lr", "-1"])
     assert code == 2 and "fgpt train: error: --lr must be > 0, got -1.0" in capsys.readouterr().err
     code = main(["train", "--resume", str(tmp_path / "nowhere")])
-    assert code == 2 and "holds no checkpoint" in capsys.readouterr().err
+    assert code == 2 and "nowhere: no such run directory" in capsys.readouterr().err
