@@ -68,6 +68,30 @@ class TrainConfig:
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation; 0: none
     device: str | None = None  # cpu, cuda, mps (default: best available)
 
+    def __post_init__(self):
+        """Every field's type and range, checked once here, however the config is built
+        (flags, a config file, a resumed state.json, Python): a UserError naming the field."""
+        for field in dataclasses.fields(self):
+            _check_type(field.name, str(field.type), getattr(self, field.name))
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("context_length", "stride", "decay_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in _UNIT_INTERVAL:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise UserError(f"--min_lr {self.min_lr} is above --lr {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be in 0..2**63-1, got {self.seed}")
+        if self.init is None:
+            preset(self.preset)  # an unknown name fails now, not after the data is read
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -77,47 +101,33 @@ _NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "eval_windows", "s
 _UNIT_INTERVAL = ("beta1", "beta2", "dropout")  # in [0, 1)
 
 
+def _check_type(key: str, kind: str, value) -> None:
+    """kind: the field's annotation as text ("int", "float | None", "str | None", ...)."""
+    if value is None:
+        if "None" not in kind:
+            raise UserError(f"--{key}: a value is required")
+    elif "str" in kind:
+        if not isinstance(value, str) or not value:
+            raise UserError(f"--{key}: expected a non-empty string, got {value!r}")
+    elif "float" in kind:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"--{key}: expected a finite number, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"--{key}: expected an integer, got {value!r}")
+
+
 def make_config(values: dict) -> TrainConfig:
-    """A TrainConfig from {field: value} (defaults for the rest), checked once here: a
-    wrong name, type or range is a UserError naming the field. Numbers must be finite."""
+    """A TrainConfig from {field: value} (defaults for the rest): a wrong name is a
+    UserError, an integer field given as an integral float (4.0, as JSON may) is taken as
+    the integer, and TrainConfig checks every type and range."""
     if not isinstance(values, dict):
         raise UserError(f"training settings: expected a table of settings, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for key, value in values.items():
-        if key not in fields:
-            raise UserError(f"unknown training setting {key!r}; known: {', '.join(fields)}")
-        kind = fields[key].type
-        wants_int = "int" in str(kind) and "float" not in str(kind)
-        if value is None:
-            if "None" not in str(kind):
-                raise UserError(f"--{key}: a value is required")
-        elif "str" in str(kind):
-            if not isinstance(value, str) or not value:
-                raise UserError(f"--{key}: expected a non-empty string, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (wants_int and value != int(value)):
-            raise UserError(f"--{key}: expected {'an integer' if wants_int else 'a finite number'}, got {value!r}")
-    cfg = TrainConfig(**{k: int(v) if "int" in str(fields[k].type) and "float" not in str(fields[k].type)
-                         and v is not None else v for k, v in values.items()})
-    for name in _POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in _NON_NEGATIVE:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("context_length", "stride", "decay_steps"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in _UNIT_INTERVAL:
-        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.min_lr is not None and cfg.min_lr > cfg.lr:
-        raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
-    if not 0 <= cfg.seed < 2**63:
-        raise UserError(f"--seed must be in 0..2**63-1, got {cfg.seed}")
-    if cfg.init is None:
-        preset(cfg.preset)  # an unknown name fails now, not after the data is read
-    return cfg
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    unknown = next((k for k in values if k not in kinds), None)
+    if unknown is not None:
+        raise UserError(f"unknown training setting {unknown!r}; known: {', '.join(kinds)}")
+    integral = lambda k, v: isinstance(v, float) and v.is_integer() and "int" in kinds[k] and "float" not in kinds[k]
+    return TrainConfig(**{k: int(v) if integral(k, v) else v for k, v in values.items()})
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
