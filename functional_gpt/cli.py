@@ -3,6 +3,7 @@ a UserError becomes one line on stderr and exit status 2."""
 
 import argparse
 import dataclasses
+import re
 import sys
 
 from .config import PRESETS
@@ -14,6 +15,33 @@ def _info(args) -> int:
 
     print(info_report(preset_name=args.preset, weights=args.weights, device=args.device))
     return 0
+
+
+def _text(flag: str, value: str) -> str:
+    """A text flag's value, which must be valid UTF-8 (Python hands undecodable command-line
+    bytes over as lone surrogates, which no tokenizer should see)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(value[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UserError(f"{flag}: not valid UTF-8 text ({what} at character {e.start})") from None
+    return value
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def stop_text(value: str) -> str:
+    """A --stop value with its backslash escapes read: \\n a newline, \\t a tab, \\\\ a
+    backslash (so --stop "\\n\\n" stops at a blank line); any other escape is a UserError."""
+
+    def unescape(m: re.Match) -> str:
+        if m.group(1) not in _ESCAPES:
+            raise UserError(f"--stop {value!r}: unknown escape \\{m.group(1)} (use \\n, \\t or \\\\)")
+        return _ESCAPES[m.group(1)]
+
+    return re.sub(r"\\(.?)", unescape, _text("--stop", value), flags=re.DOTALL)
 
 
 def _load(args):
@@ -29,7 +57,7 @@ def _generate(args) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                         repetition_penalty=args.repetition_penalty, greedy=args.greedy)
-    prompt = args.prompt
+    prompt = _text("--prompt", args.prompt)
     if prompt == "-":
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8")
@@ -37,7 +65,8 @@ def _generate(args) -> int:
             raise UserError(f"--prompt -: standard input is not UTF-8 ({e.reason} at byte {e.start})") from None
     params, config = _load(args)
     print_samples(params, prompt, config, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                  num_samples=args.num_samples, seed=args.seed, stop=tuple(args.stop), out=sys.stdout, err=sys.stderr)
+                  num_samples=args.num_samples, seed=args.seed, stop=tuple(stop_text(s) for s in args.stop),
+                  out=sys.stdout, err=sys.stderr)
     return 0
 
 
@@ -64,7 +93,7 @@ def _attention(args) -> int:
     from .attention_map import draw_attention
 
     params, config = _load(args)
-    n = draw_attention(params, args.prompt, config, args.out)
+    n = draw_attention(params, _text("--prompt", args.prompt), config, args.out)
     print(f"wrote {args.out} ({config.n_layer} layers x {config.n_head} heads, {n} tokens)")
     return 0
 
@@ -73,7 +102,7 @@ def _dump(args) -> int:
     from .compare import dump
 
     side = "transformers" if args.reference else "functional_gpt"
-    print(dump(args.weights, args.prompt, args.out, side=side, grads=args.grads, dtype=args.dtype, device=args.device))
+    print(dump(args.weights, _text("--prompt", args.prompt), args.out, side=side, grads=args.grads, dtype=args.dtype, device=args.device))
     return 0
 
 
@@ -88,7 +117,7 @@ def _diff(args) -> int:
 def _compare(args) -> int:
     from .compare import compare
 
-    report, ok = compare(args.weights, args.prompt, grads=args.grads, dtype=args.dtype, device=args.device,
+    report, ok = compare(args.weights, _text("--prompt", args.prompt), grads=args.grads, dtype=args.dtype, device=args.device,
                          atol=args.atol, rtol=args.rtol)
     print(report)
     return 0 if ok else 1
@@ -197,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="", metavar="TEXT",
                      help="the text to continue; - reads standard input; empty: start from <|endoftext|>")
     gen.add_argument("--max_new_tokens", type=int, default=200, metavar="N")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy; else at least 1e-6 (default 1.0)")
     gen.add_argument("--greedy", action="store_true", help="always the most likely token")
     gen.add_argument("--top_k", type=int, default=None, metavar="K", help="keep the K most likely tokens")
     gen.add_argument("--top_p", type=float, default=1.0, metavar="P", help="nucleus: keep tokens up to mass P")
@@ -205,10 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drop tokens below P times the top probability")
     gen.add_argument("--repetition_penalty", type=float, default=1.0, metavar="R",
                      help="> 1 discourages tokens already in the text")
-    gen.add_argument("--seed", type=int, default=None, help="for reproducible samples (default: random)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="0..2**64-1, for reproducible samples; sample i uses seed + i (default: random)")
     gen.add_argument("--num_samples", type=int, default=1, metavar="N")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="stop before this text (repeatable); <|endoftext|> always stops")
+                     help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
+                          "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
     _device_flag(gen)
     gen.set_defaults(run=_generate)
 

@@ -51,7 +51,8 @@ def capture(params: Params, tokens: torch.Tensor, config: GPTConfig, *, grads: b
             forward(params, tokens, config, tap=recorder(store))
         return store
     if tokens.shape[1] < 2:
-        raise UserError("gradients need a prompt of at least 2 tokens (the loss predicts token t+1 from 1..t)")
+        raise UserError("--prompt: gradients need a prompt of at least 2 tokens (the loss predicts token t+1 "
+                        "from 1..t)")
     leaves = {k: v.detach().requires_grad_() for k, v in flatten(params).items()}
     loss = next_token_loss(forward(unflatten(leaves), tokens, config, tap=recorder(store)), tokens)
     loss.backward()
@@ -95,7 +96,10 @@ def write_dump(path: str | os.PathLike, tensors: dict, *, side: str, prompt: str
     }
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O errors are not OSErrors
+            raise UserError(f"{path}: cannot write ({first_line(str(e))})") from None
 
 
 def read_dump(path: str | os.PathLike) -> Dump:
@@ -183,8 +187,17 @@ def format_diff(rows: list[Row], *, atol: float, rtol: float, headers: list[str]
     return "\n".join(lines), first is None
 
 
+def check_tolerances(atol: float, rtol: float) -> None:
+    """--atol and --rtol must be finite numbers >= 0 (a negative or NaN one makes every
+    tensor DIFFERENT, an infinite one makes every tensor agree)."""
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {value!r}")
+
+
 def diff_files(a_path, b_path, *, atol: float, rtol: float) -> tuple[str, bool]:
     """`fgpt diff`: compare two dumps -> (report, all agree)."""
+    check_tolerances(atol, rtol)
     a, b = read_dump(a_path), read_dump(b_path)
     headers = [f"{label}  {path}  ({d.metadata.get('side', 'safetensors file')}"
                + (f", prompt {d.metadata['prompt']!r}" if "prompt" in d.metadata else "") + ")"
@@ -192,6 +205,10 @@ def diff_files(a_path, b_path, *, atol: float, rtol: float) -> tuple[str, bool]:
     if a.metadata.get("tokens") != b.metadata.get("tokens"):
         headers.append("note: A and B were not run on the same token ids")
     return format_diff(diff_tensors(a.tensors, b.tensors, atol=atol, rtol=rtol), atol=atol, rtol=rtol, headers=headers)
+
+
+def first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
 
 def top_tokens(logits: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
@@ -212,6 +229,7 @@ def compare(weights, prompt: str, *, grads: bool = False, dtype: str = "float32"
     TOLERANCES[dtype]."""
     atol = TOLERANCES[dtype][0] if atol is None else atol
     rtol = TOLERANCES[dtype][1] if rtol is None else rtol
+    check_tolerances(atol, rtol)
     dev = pick_device(device)
     params, config = load_params(weights, dtype=DTYPES[dtype], device=dev)
     tokens = prompt_tokens(prompt, config, dev)

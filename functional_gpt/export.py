@@ -1,7 +1,10 @@
 """Moving weights in and out: export to a directory transformers loads, and download of
 the published GPT-2 checkpoints."""
 
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,6 +12,8 @@ import torch
 from .checkpoint import load_params, save_params
 from .config import write_hf_config
 from .errors import UserError
+from .files import os_error
+from .runs import OPTIMIZER, STATE
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_FILES = ("config.json", "model.safetensors")
@@ -17,14 +22,59 @@ HUB_FILES = ("config.json", "model.safetensors")
 def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write `out`/config.json and `out`/model.safetensors from any checkpoint load_params
     reads, so that `transformers.GPT2LMHeadModel.from_pretrained(out)` loads it. Tensors
-    keep the checkpoint's dtype unless `dtype` is given. Each file is written atomically."""
-    params, config = load_params(weights, dtype=dtype)
+    keep the checkpoint's dtype unless `dtype` is given.
+
+    A directory holding a training run (state.json or optimizer.safetensors) is refused:
+    its weights would be replaced under its optimizer state. Both files are written into
+    a temp directory beside `out`, then renamed into it one by one; if a rename fails the
+    ones already made are undone, so a failure leaves an earlier export as it was."""
+    if not os.fspath(out):
+        raise UserError("--out: empty path; name the directory to write")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    save_params(out / "model.safetensors", params, config)
-    write_hf_config(config, out / "config.json")
+    run_file = next((n for n in (STATE, OPTIMIZER) if (out / n).exists()), None)
+    if run_file is not None:
+        raise UserError(f"--out {out}: holds a training run ({run_file}); exporting there would replace its "
+                        "weights; pick another directory")
+    params, config = load_params(weights, dtype=dtype)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    except OSError as e:
+        raise os_error(out, e) from None
+    try:
+        try:
+            save_params(staging / HUB_FILES[1], params, config)
+            write_hf_config(config, staging / HUB_FILES[0])
+        except UserError as e:  # it names the temp file; the user asked for out/...
+            raise UserError(str(e).replace(str(staging), str(out))) from None
+        _move_in(staging, out, (HUB_FILES[1], HUB_FILES[0]))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _move_in(staging: Path, out: Path, names: tuple[str, ...]) -> None:
+    """Rename staging/name over out/name for each name; on an OSError put back what was
+    replaced (kept as hard links in staging) and raise a UserError naming the file."""
+    done, target = [], out
+    try:
+        out.mkdir(exist_ok=True)
+        for name in names:
+            target = out / name
+            if target.exists():
+                os.link(out / name, staging / f"{name}.old")
+            os.replace(staging / name, out / name)
+            done.append(name)
+    except OSError as e:
+        for name in reversed(done):
+            with contextlib.suppress(OSError):
+                if (staging / f"{name}.old").exists():
+                    os.replace(staging / f"{name}.old", out / name)
+                else:
+                    (out / name).unlink()
+        raise os_error(target, e) from None
 
 
 def hub_url(name: str) -> str:

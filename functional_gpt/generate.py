@@ -19,6 +19,7 @@ tokens as the row alone. Sampled rows draw from one generator, so a sampled row 
 on its batch.
 """
 
+import numbers
 import time
 from typing import Iterator
 
@@ -30,6 +31,8 @@ from .model import KVCache, decode_step, forward_cached, new_cache
 from .params import Params
 from .sampling import Sampling, sample
 from .tokenizer import ENDOFTEXT_ID, decode, encode
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
 
 
 def prefill(params: Params, tokens: torch.Tensor, config: GPTConfig, *, valid=None) -> tuple[torch.Tensor, KVCache]:
@@ -61,16 +64,20 @@ def generate(
     see the module doc. Runs under torch.inference_mode.
     """
     P = config.n_positions
-    window = window or P // 2
-    if not 1 <= window <= P:
-        raise UserError(f"window must be in 1..n_positions={P}, got {window}")
-    if max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
+    window = P // 2 if window is None else window
+    if not _is_int(window) or not 1 <= window <= P:
+        raise UserError(f"window must be an integer in 1..n_positions={P}, got {window!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(sampling, Sampling):
+        raise UserError(f"sampling: expected a Sampling, got {type(sampling).__name__}")
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise UserError("prompts: expected a list of token-id lists, e.g. [encode(text)]")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("prompt: empty (give at least one token)")
-    bad = next((t for p in prompts for t in p if not 0 <= t < config.vocab_size), None)
+    bad = next((t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size), None)
     if bad is not None:
-        raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
+        raise UserError(f"prompt: token id {bad!r} is out of range for vocab_size={config.vocab_size}")
     device = params["wte"]["weight"].device
     seqs = [list(p) for p in prompts]
     starts = [max(0, len(s) - P) for s in seqs]
@@ -202,11 +209,15 @@ def print_samples(
     """`fgpt generate`: stream `num_samples` continuations of the prompt to `out`, one
     after another, each followed on `err` by a summary line (prompt tokens, new tokens,
     prefill and decode tokens/s). Sample i draws with seed + i, so it does not depend on
-    how many samples were asked for; seed None draws a fresh seed."""
-    if max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    how many samples were asked for; seed None draws a fresh seed, else seed + num_samples - 1
+    must fit torch's seed range 0..2**64-1."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_int(num_samples) or num_samples < 1:
+        raise UserError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED - (num_samples - 1)):
+        raise UserError(f"--seed must be an integer in 0..{MAX_SEED - (num_samples - 1)} (torch's seeds are "
+                        f"0..2**64-1 and sample i uses seed + i), got {seed!r}")
     ids, notice = encode_prompt(prompt_text, config)
     if notice:
         print(f"note: {notice}", file=err)
@@ -227,6 +238,10 @@ def print_samples(
         out.write("\n")
         out.flush()
         print(_summary(stats), file=err, flush=True)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _summary(stats: dict) -> str:

@@ -21,9 +21,10 @@ def info_report(*, preset_name: str | None = None, weights: str | None = None,
         params, config = load_params(weights, device=dev)
         source = weights
     else:
-        config = preset(preset_name or "gpt2")
+        name = "gpt2" if preset_name is None else preset_name
+        config = preset(name)
         params = init_params(config, seed=seed, device=dev)
-        source = f"preset {preset_name or 'gpt2'} (fresh init, seed {seed})"
+        source = f"preset {name} (fresh init, seed {seed})"
     T = min(seq_len, config.n_positions)
     tokens = torch.randint(config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(seed)).to(dev)
     with torch.inference_mode():

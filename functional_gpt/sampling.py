@@ -12,16 +12,21 @@ the argmax of the penalised logits when greedy (as transformers does, greedy ign
 temperature and the filters).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import UserError
 
+MIN_TEMPERATURE = 1e-6  # logits / 1e-6 stays finite for any |logit| < 3e32
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick each token. temperature 0 means greedy, like greedy=True."""
+    """How to pick each token. temperature 0 means greedy, like greedy=True; a positive
+    temperature must be at least MIN_TEMPERATURE (below it the float32 division of the
+    logits overflows to inf, and the draw is greedy in all but name: use 0)."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -31,10 +36,14 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top_k must be >= 1, got {self.top_k}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"--{name} must be a finite number, got {value!r}")
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            raise UserError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise UserError(f"--top_k must be an integer >= 1, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
