@@ -191,6 +191,9 @@ def _check_data_dir(out: Path) -> None:
 
 def _staging_dir(out: Path) -> Path:
     """A fresh hidden directory beside `out` (the same filesystem, so the swap is a rename)."""
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{out}: cannot write ({above} is a file, not a directory)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))

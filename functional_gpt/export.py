@@ -38,6 +38,9 @@ def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
         raise UserError(f"--out {out}: holds a training run ({run_file}); exporting there would replace its "
                         "weights; pick another directory")
     params, config = load_params(weights, dtype=dtype)
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{out}: cannot write ({above} is a file, not a directory)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
