@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import GPTConfig, read_hf_config
@@ -34,12 +35,17 @@ def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> N
     """Write params (GPT-2 keys) + config (metadata) to one safetensors file, atomically.
     Params that do not match the config, or hold NaN or infinity, are refused (UserError
     naming the key) and nothing is written."""
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig, got {type(config).__name__}")
     check_params(params, config)
     tensors = {k: t.detach().contiguous() for k, t in flatten(params).items()}
     check_finite(tensors, f"{path}: refusing to save")
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O errors are not OSErrors
+            raise UserError(f"{path}: cannot write ({e})") from None
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
@@ -81,6 +87,8 @@ def load_params(
     a time. The config comes from the file's metadata, else `config.json` beside it,
     else the shapes. Any problem is a one-line UserError naming the file and the key.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserError(f"dtype: parameters load as a floating-point torch.dtype, got {dtype!r}")
     files = weight_files(path)
     source = str(files[0] if len(files) == 1 else path)
     located = {}  # GPT-2 key -> (file, header entry)

@@ -108,9 +108,11 @@ def new_cache(
     device: str | torch.device = "cpu",
 ) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` (default n_positions) tokens."""
-    max_len = max_len or config.n_positions
-    if not 1 <= max_len <= config.n_positions:
-        raise UserError(f"cache length {max_len} must be in 1..n_positions={config.n_positions}")
+    max_len = config.n_positions if max_len is None else max_len
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.n_positions:
+        raise UserError(f"cache length {max_len!r} must be an integer in 1..n_positions={config.n_positions}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"cache batch_size must be an integer >= 1, got {batch_size!r}")
     shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
     return KVCache(
         k=torch.zeros(shape, dtype=dtype, device=device),
@@ -185,6 +187,9 @@ def decode_step(
       longer); its buffers are written in place, as in forward_cached.
     """
     pos = cache.length
+    if tokens.dim() != 1 or tokens.shape[0] != cache.k.shape[1]:
+        raise UserError(f"decode_step: tokens must be int64 [B] for the cache's B={cache.k.shape[1]} rows, "
+                        f"got {list(tokens.shape)}")
     if pos >= cache.max_len:
         raise UserError(f"sequence of {pos + 1} tokens is longer than the context of {cache.max_len} positions")
     cache.valid[:, pos] = True

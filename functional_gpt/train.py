@@ -137,6 +137,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if path.suffix == ".toml":
             import tomllib  # Python 3.11+
@@ -315,7 +317,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         torch.manual_seed(cfg.seed)
     if step >= cfg.max_steps:
         raise UserError(f"{run} is already at step {step}; pass a larger --max_steps to train on")
-    train_tokens, val_tokens = load_tokens(cfg.data, "train"), load_tokens(cfg.data, "val")
+    train_tokens = load_tokens(cfg.data, "train", vocab_size=config.vocab_size)
+    val_tokens = load_tokens(cfg.data, "val", vocab_size=config.vocab_size)
     check_fits(train_tokens, cfg.context_length, f"{cfg.data}/train.bin")
     check_fits(val_tokens, cfg.context_length, f"{cfg.data}/val.bin")
     if resume:
@@ -349,14 +352,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         save_run_checkpoint(run, flat, config, opt, state, is_best=is_best)
 
     def stopped(at: int, what: str):
-        bar.close()
         kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
         return UserError(f"step {at}: {what}; stopped, {kept}; try a lower --lr or check the data")
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     start = time.time()
-    with stop:
+    with stop, bar:  # the bar is closed before any error is printed
         while step < cfg.max_steps:
             t0 = time.time()
             lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps,
