@@ -3,15 +3,16 @@ labels, on the same weights), and the data sources `fgpt eval` reads."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from functional_gpt import UserError, load_params, save_params
-from functional_gpt.evaluate import evaluate, load_eval_data, windows
+import functional_gpt.evaluate as evaluate_module
+from functional_gpt.evaluate import EvalResult, evaluate, load_eval_data, windows
 from functional_gpt.tokenizer import encode, gpt2_encoding
-
 
 
 def transformers_nats(model, ids, max_length, stride):
@@ -136,3 +137,163 @@ def test_cli_eval_json_on_a_run_directory(tiny_params, tiny_config, tmp_path, ca
     assert main(["eval", "--weights", str(run_dir), "--data", str(tmp_path / "bad.txt")]) == 2
     err = capsys.readouterr().err
     assert "bad.txt: not UTF-8" in err and err.count("\n") == 1
+
+
+def test_result_figures_and_their_dict_in_closed_form():
+    """2 tokens, 4 bytes, 2 ln 3 nats: ln 3 nats/token, perplexity 3, 2 ln 3 / ln 2 / 4
+    bits per byte, each under its name in to_dict (what `fgpt eval --json` prints)."""
+    r = EvalResult(tokens=2, bytes=4, nats=2 * math.log(3), max_length=8, stride=4)
+    expected = dict(tokens=2, bytes=4, nats=2 * math.log(3), max_length=8, stride=4, nats_per_token=math.log(3),
+                    perplexity=3.0, bits_per_byte=2 * math.log(3) / math.log(2) / 4)
+    assert r.to_dict() == pytest.approx(expected, rel=1e-12)
+    assert sorted(r.to_dict()) == sorted(expected)
+
+
+def test_defaults_and_edges_of_the_window_settings(tiny_params, tiny_config):
+    """max_length defaults to n_positions and stride to max_length // 2 (1 at the smallest
+    window, 2); the extreme settings are accepted; two tokens are one scored token."""
+    ids = torch.arange(40) % 128
+    r = evaluate(tiny_params, [ids], tiny_config, show_progress=False)
+    assert (r.max_length, r.stride, r.tokens) == (32, 16, 39)
+    assert evaluate(tiny_params, [ids], tiny_config, max_length=2, show_progress=False).stride == 1
+    assert evaluate(tiny_params, [ids], tiny_config, max_length=9, show_progress=False).stride == 4
+    assert evaluate(tiny_params, [ids], tiny_config, stride=1, batch_size=1, show_progress=False).tokens == 39
+    assert evaluate(tiny_params, [torch.tensor([5, 7])], tiny_config, show_progress=False).tokens == 1
+
+
+def test_token_ids_zero_and_vocab_minus_one_are_in_range(tiny_params, tiny_config):
+    r = evaluate(tiny_params, [torch.tensor([0, 127, 0, 127])], tiny_config, show_progress=False)
+    assert r.tokens == 3
+    with pytest.raises(UserError, match=r"token ids 0\.\.128 are out of range for vocab_size=128"):
+        evaluate(tiny_params, [torch.tensor([0, 128])], tiny_config, show_progress=False)
+    with pytest.raises(UserError, match=r"token ids -1\.\.3 are out of range"):
+        evaluate(tiny_params, [torch.tensor([3, -1])], tiny_config, show_progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, None])
+def test_windows_of_equal_length_run_batch_size_at_a_time(tiny_params, tiny_config, monkeypatch, batch_size):
+    """The forward passes see batches of at most batch_size (default 8) windows, each batch
+    of one length, in order, and the total does not depend on the batching."""
+    seen = []
+    real_forward = evaluate_module.forward
+
+    def recording_forward(params, batch, config):
+        seen.append(tuple(batch.shape))
+        return real_forward(params, batch, config)
+
+    monkeypatch.setattr(evaluate_module, "forward", recording_forward)
+    ids = torch.arange(100) % 128
+    kw = {} if batch_size is None else dict(batch_size=batch_size)
+    r = evaluate(tiny_params, [ids], tiny_config, max_length=16, stride=8, show_progress=False, **kw)
+    batch_size = batch_size or 8
+    lengths = [e - b for b, e, _ in windows(100, 16, 8)]  # 11 windows of 16, then one of 12
+    assert lengths == [16] * 11 + [12]
+    full = [min(batch_size, 11 - i) for i in range(0, 11, batch_size)]
+    assert seen == [(n, 16) for n in full] + [(1, 12)]
+    monkeypatch.setattr(evaluate_module, "forward", real_forward)
+    one_by_one = evaluate(tiny_params, [ids], tiny_config, max_length=16, stride=8, batch_size=1,
+                          show_progress=False)
+    assert r.nats == pytest.approx(one_by_one.nats, rel=1e-5)
+
+
+def test_text_nats_reports_progress_in_scored_tokens(tiny_params, tiny_config):
+    """progress.update gets the number of tokens each batch scored; None is allowed."""
+
+    class Progress:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    ids = torch.arange(50) % 128
+    progress = Progress()
+    total = evaluate_module.text_nats(tiny_params, ids, tiny_config, max_length=16, stride=8, batch_size=2,
+                                      progress=progress)
+    # windows of 16 tokens score 15, 8, 8, 8, 8; the last, of 10, scores 2
+    assert progress.updates == [15 + 8, 8 + 8, 8, 2]
+    assert evaluate_module.text_nats(tiny_params, ids, tiny_config, max_length=16, stride=8) == pytest.approx(total)
+
+
+def test_progress_bar_unless_turned_off(tiny_params, tiny_config, capsys):
+    evaluate(tiny_params, [torch.arange(20)], tiny_config, show_progress=False)
+    assert capsys.readouterr().err == ""
+    evaluate(tiny_params, [torch.arange(20)], tiny_config)  # shown by default
+    assert "eval" in capsys.readouterr().err
+
+
+def test_each_source_is_described_by_the_path_read(tmp_path):
+    """The description `fgpt eval` prints names the file or directory actually read."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    np.arange(6, dtype="<u2").tofile(data_dir / "val.bin")
+    np.arange(4, dtype="<u2").tofile(tmp_path / "other.bin")
+    (tmp_path / "t.txt").write_text("some text", encoding="utf-8")
+    assert load_eval_data(data_dir, "unused")[1] == str(data_dir / "val.bin")
+    texts, source = load_eval_data(tmp_path / "other.bin", "unused")
+    assert source == str(tmp_path / "other.bin") and texts[0].tolist() == [0, 1, 2, 3]
+    assert load_eval_data(tmp_path / "t.txt", "unused")[1] == str(tmp_path / "t.txt")
+    texts_dir = tmp_path / "texts"
+    texts_dir.mkdir()
+    (texts_dir / "a.txt").write_text("a", encoding="utf-8")
+    assert load_eval_data(texts_dir, "unused")[1] == str(texts_dir)
+
+
+def test_bad_sources_are_one_line_errors_naming_the_path(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text(json.dumps({"data_dir": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match=r"gone/val\.bin: no such file"):
+        load_eval_data(None, run)
+    (run / "state.json").write_text(json.dumps({"steps": 3}))
+    with pytest.raises(UserError, match=r"state\.json: no data_dir \(KeyError"):
+        load_eval_data(None, run)
+    for bad in (5, "", ["data"]):
+        (run / "state.json").write_text(json.dumps({"data_dir": bad}))
+        with pytest.raises(UserError, match=r"state\.json: data_dir must be a path, got " + re.escape(repr(bad))):
+            load_eval_data(None, run)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.bin: 0 bytes, not a non-empty file of uint16 token ids"):
+        load_eval_data(tmp_path / "empty.bin", "unused")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".only").write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=r"hidden: no files to evaluate"):
+        load_eval_data(hidden, "unused")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_length=1), r"--max_length must be an integer in 2\.\.n_positions=32, got 1$"),
+        (dict(max_length=33), r"--max_length must be an integer in 2\.\.n_positions=32, got 33$"),
+        (dict(max_length=8.0), r"--max_length must be an integer .* got 8\.0$"),
+        (dict(max_length=True), r"--max_length must be an integer .* got True$"),
+        (dict(max_length=8, stride=8), r"--stride must be an integer in 1\.\.max_length-1=7, got 8$"),
+        (dict(stride=0), r"--stride must be an integer in 1\.\.max_length-1=31, got 0$"),
+        (dict(stride=4.0), r"--stride must be an integer .* got 4\.0$"),
+        (dict(batch_size=0), r"--batch_size must be an integer >= 1, got 0$"),
+        (dict(batch_size=2.0), r"--batch_size must be an integer >= 1, got 2\.0$"),
+    ],
+)
+def test_bad_window_settings_name_the_flag(tiny_params, tiny_config, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        evaluate(tiny_params, [torch.arange(40)], tiny_config, show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        ([torch.zeros(2, 3, dtype=torch.long)], "texts: expected a list of 1-D integer token tensors"),
+        ([torch.arange(5.0)], "texts: expected a list of 1-D integer token tensors"),
+        ([[1, 2, 3]], "texts: expected a list of 1-D integer token tensors"),
+        ([torch.tensor([5])], "nothing to evaluate: need at least 2 tokens"),
+    ],
+)
+def test_bad_texts_are_user_errors(tiny_params, tiny_config, texts, message):
+    with pytest.raises(UserError, match=message):
+        evaluate(tiny_params, texts, tiny_config, show_progress=False)
+
+
+def test_a_text_of_one_repeated_token_is_in_range(tiny_params, tiny_config):
+    assert evaluate(tiny_params, [torch.tensor([5, 5, 5])], tiny_config, show_progress=False).tokens == 2

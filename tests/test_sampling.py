@@ -1,11 +1,15 @@
 """Each sampling rule against transformers' own logits processor on the same logits,
 and the composed order against transformers' GenerationMixin list."""
 
+import math
+import re
+
 import pytest
 import torch
 
 from functional_gpt import UserError
 from functional_gpt.sampling import (
+    MIN_TEMPERATURE,
     Sampling,
     apply_repetition_penalty,
     apply_temperature,
@@ -130,3 +134,89 @@ def test_sampled_frequencies_follow_the_distribution():
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(UserError, match=flag):
         Sampling(**kwargs)
+
+
+# Boundaries and neutral values, on logits whose softmax is exact in float32, so that
+# "<" against "<=" and "skipped" against "applied at the neutral value" show.
+
+
+def test_top_p_drops_a_token_once_the_more_probable_ones_reach_p_exactly():
+    """Four equal logits: probabilities exactly 1/4, masses before each token 0, 1/4, 1/2,
+    3/4. At p = 1/2 the third token's predecessors have reached p, so two stay; a hair
+    above 1/2, three stay (transformers' TopPLogitsWarper keeps the same counts)."""
+    logits = torch.zeros(1, 4)
+    assert (~torch.isinf(top_p_filter(logits, 0.5))).sum() == 2
+    assert (~torch.isinf(top_p_filter(logits, 0.5 + 1e-6))).sum() == 3
+    theirs = lp.TopPLogitsWarper(0.5)(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+    assert (~torch.isinf(theirs)).sum() == 2
+
+
+def test_min_p_keeps_a_token_at_exactly_min_p_times_the_top():
+    """Probabilities exactly 1/2, 1/4, 1/4: at min_p = 1/2 the 1/4 tokens sit on the
+    threshold and stay ("less probable than" is strict); just above it they go."""
+    logits = torch.tensor([[0.0, -math.log(2), -math.log(2)]])
+    assert torch.equal(logits.softmax(-1), torch.tensor([[0.5, 0.25, 0.25]]))
+    assert not torch.isinf(min_p_filter(logits, 0.5)).any()
+    assert torch.isinf(min_p_filter(logits, 0.5 + 1e-6)).tolist() == [[False, True, True]]
+
+
+def test_neutral_settings_leave_the_logits_bit_identical():
+    """Default Sampling skips every rule: even a token so improbable that float32 puts the
+    mass before it at exactly 1.0 (a top-p of 1 applied anyway would drop it) stays. A
+    repetition penalty with no `seen` tokens given changes nothing either."""
+    logits = torch.tensor([[0.0, -30.0, 5.0, -60.0], [1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(process_logits(logits, Sampling()), logits)
+    assert torch.equal(process_logits(logits, Sampling(repetition_penalty=1.3)), logits)
+
+
+@pytest.mark.parametrize(
+    "sampling, processor",
+    [
+        (Sampling(repetition_penalty=2.0), lp.RepetitionPenaltyLogitsProcessor(2.0)),
+        (Sampling(temperature=2.0), lp.TemperatureLogitsWarper(2.0)),
+        (Sampling(top_k=1), lp.TopKLogitsWarper(1)),
+        (Sampling(top_p=0.5), lp.TopPLogitsWarper(0.5)),
+        (Sampling(min_p=0.1), lp.MinPLogitsWarper(0.1)),
+    ],
+)
+def test_each_rule_alone_takes_effect_through_process_logits(logits, history, sampling, processor):
+    """Each setting away from its neutral value (at the round values 2.0, 1, 0.5, 0.1)
+    is applied by process_logits, as transformers' processor alone would."""
+    ours = process_logits(logits, sampling, seen_of(history))
+    theirs = processor(history, logits.clone())
+    assert not torch.equal(ours, logits)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything(logits):
+    assert torch.equal(top_k_filter(logits, V + 5), logits)
+    assert torch.equal(sample(logits, Sampling(top_k=V + 5, greedy=True)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=0.0), dict(temperature=MIN_TEMPERATURE), dict(temperature=1e-3), dict(top_k=1), dict(top_p=1e-3), dict(top_p=1.0),
+     dict(min_p=0.0), dict(min_p=0.999), dict(repetition_penalty=1e-3)],
+)
+def test_settings_at_the_edge_of_their_range_are_accepted(kwargs):
+    Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1", True, None])
+def test_a_setting_that_is_not_a_finite_number_is_named(name, value):
+    """bool is refused although it is an int: Sampling(temperature=True) is a mistake."""
+    with pytest.raises(UserError, match=f"--{name} must be a finite number, got {re.escape(repr(value))}"):
+        Sampling(**{name: value})
+
+
+@pytest.mark.parametrize("value", [True, 2.5, "3"])
+def test_top_k_must_be_an_integer(value):
+    with pytest.raises(UserError, match=f"--top_k must be an integer >= 1, got {re.escape(repr(value))}"):
+        Sampling(top_k=value)
+
+
+def test_temperature_just_below_the_minimum_is_refused():
+    with pytest.raises(UserError, match="--temperature must be 0 .greedy. or at least"):
+        Sampling(temperature=MIN_TEMPERATURE / 2)
