@@ -8,9 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from functional_gpt import UserError, load_params, save_params
 import functional_gpt.evaluate as evaluate_module
+from functional_gpt import UserError, forward, load_params, save_params
 from functional_gpt.evaluate import EvalResult, evaluate, load_eval_data, windows
 from functional_gpt.tokenizer import encode, gpt2_encoding
 
@@ -158,7 +159,17 @@ def test_defaults_and_edges_of_the_window_settings(tiny_params, tiny_config):
     assert evaluate(tiny_params, [ids], tiny_config, max_length=2, show_progress=False).stride == 1
     assert evaluate(tiny_params, [ids], tiny_config, max_length=9, show_progress=False).stride == 4
     assert evaluate(tiny_params, [ids], tiny_config, stride=1, batch_size=1, show_progress=False).tokens == 39
-    assert evaluate(tiny_params, [torch.tensor([5, 7])], tiny_config, show_progress=False).tokens == 1
+    two = evaluate(tiny_params, [torch.tensor([5, 7])], tiny_config, show_progress=False)
+    expected = F.cross_entropy(forward(tiny_params, torch.tensor([[5]]), tiny_config)[0], torch.tensor([7]))
+    assert two.tokens == 1 and two.nats == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_one_token_text_scores_nothing_beside_others(tiny_params, tiny_config):
+    """Texts are scored separately: a 1-token text adds no token and no nats."""
+    ids = torch.arange(10)
+    alone = evaluate(tiny_params, [ids], tiny_config, show_progress=False)
+    both = evaluate(tiny_params, [torch.tensor([3]), ids], tiny_config, show_progress=False)
+    assert (both.tokens, both.nats) == (alone.tokens, pytest.approx(alone.nats, rel=1e-6))
 
 
 def test_token_ids_zero_and_vocab_minus_one_are_in_range(tiny_params, tiny_config):
@@ -213,13 +224,18 @@ def test_text_nats_reports_progress_in_scored_tokens(tiny_params, tiny_config):
     # windows of 16 tokens score 15, 8, 8, 8, 8; the last, of 10, scores 2
     assert progress.updates == [15 + 8, 8 + 8, 8, 2]
     assert evaluate_module.text_nats(tiny_params, ids, tiny_config, max_length=16, stride=8) == pytest.approx(total)
+    progress = Progress()  # by default 8 windows at a time: 100 tokens make 11 windows of 16, then one of 12
+    evaluate_module.text_nats(tiny_params, torch.arange(100) % 128, tiny_config, max_length=16, stride=8,
+                              progress=progress)
+    assert progress.updates == [15 + 7 * 8, 3 * 8, 4]
 
 
 def test_progress_bar_unless_turned_off(tiny_params, tiny_config, capsys):
     evaluate(tiny_params, [torch.arange(20)], tiny_config, show_progress=False)
     assert capsys.readouterr().err == ""
-    evaluate(tiny_params, [torch.arange(20)], tiny_config)  # shown by default
-    assert "eval" in capsys.readouterr().err
+    evaluate(tiny_params, [torch.arange(20)], tiny_config)  # shown by default, counting scored tokens
+    err = capsys.readouterr().err
+    assert "eval" in err and "19/19" in err and "tok/s" in err
 
 
 def test_each_source_is_described_by_the_path_read(tmp_path):
