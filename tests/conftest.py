@@ -18,6 +18,16 @@ import torch
 from functional_gpt import GPTConfig, init_params, unflatten
 
 TINY = GPTConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+MACHINE_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models spend their time in per-op overhead, which a second thread only adds
+    to (the quick selection runs in less than half the time on one); the `slow` 124M
+    tests keep every thread the machine has."""
+    torch.set_num_threads(MACHINE_THREADS if request.node.get_closest_marker("slow") else 1)
+    yield
 
 
 @pytest.fixture
