@@ -238,3 +238,12 @@ def test_decode_block_equals_the_block_at_each_new_position(reference):
     last = decode_block(x[:, -1], **p, k_buf=k_buf, v_buf=v_buf, pos=T - 1, mask=visible, n_head=H, eps=eps)
     alone = transformer_block(x[:, 4:], **p, n_head=H, eps=eps, name="h.0", tap=lambda n, y: y)
     assert_rel_close(last, alone[:, -1], 1e-5, "masked decode_block")
+
+
+def test_attention_probs_build_their_mask_on_the_inputs_device():
+    """On the meta device (a stand-in for a GPU: shapes only, and no mixing with CPU
+    tensors) the causal mask must come from x's device, or masked_fill refuses it."""
+    x = torch.empty(2, 5, C, device="meta")
+    c_attn = {"weight": torch.empty(C, 3 * C, device="meta"), "bias": torch.empty(3 * C, device="meta")}
+    probs = attention_probs(x, c_attn, n_head=H)
+    assert probs.device.type == "meta" and probs.shape == (2, H, 5, 5)
