@@ -3,9 +3,16 @@ survive (`mutmut run`, README's maintainers' section): each names the behaviour 
 Layer-level ones are in test_layers.py.
 """
 
-import pytest
+import io
 
+import pytest
+import torch
+
+from conftest import TINY, hf_model, params_of
 from functional_gpt import UserError, config_of
+from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, print_samples, stream_text
+from functional_gpt.sampling import Sampling
+from functional_gpt.tokenizer import encode
 
 
 @pytest.mark.parametrize("params", [{}, {"wte": {"weight": None}}, {"wte": {}, "wpe": {}, "h": []}])
@@ -13,3 +20,152 @@ def test_config_of_params_without_the_needed_shapes_says_what_is_needed(params):
     with pytest.raises(UserError, match=r"^params: cannot read the config off the shapes \(wte\.weight, "
                                         r"wpe\.weight and h are needed\); pass the config$"):
         config_of(params)
+
+
+# --- generate.print_samples (`fgpt generate`), stream_text, encode_prompt, the summary --
+
+
+class Recording(io.StringIO):
+    """A text stream that logs its writes and flushes, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def write(self, s):
+        self.events.append(("write", s))
+        return super().write(s)
+
+    def flush(self):
+        self.events.append(("flush",))
+        super().flush()
+
+
+@pytest.fixture(scope="module")
+def trained_params():
+    """Trained-like tiny weights (conftest): sampled continuations differ from seed to seed."""
+    return params_of(hf_model(TINY, seed=2))
+
+
+def _print(params, prompt="a", **kwargs):  # "a": one token, id 64, inside the tiny vocab
+    out, err = Recording(), Recording()
+    kwargs = dict(max_new_tokens=6, sampling=Sampling(), out=out, err=err) | kwargs
+    print_samples(params, prompt, TINY, **kwargs)
+    return out, err
+
+
+def _sample_text(params, seed, prompt="a", **kwargs):
+    """One continuation drawn with torch.Generator().manual_seed(seed): what sample i of
+    print_samples must print when it draws with seed + i."""
+    generator = torch.Generator().manual_seed(seed)
+    return "".join(stream_text(params, encode(prompt), TINY, max_new_tokens=6, sampling=Sampling(),
+                               generator=generator, **kwargs))
+
+
+def test_print_samples_prints_sample_i_drawn_with_seed_plus_i(trained_params):
+    out, err = _print(trained_params, num_samples=3, seed=10)
+    texts = [_sample_text(trained_params, 10 + i) for i in range(3)]
+    assert len(set(texts)) == 3  # the seeds matter
+    assert out.getvalue() == "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
+    assert err.getvalue().count("[prompt 1 tokens, 6 new tokens; prefill ") == 3
+
+
+def test_print_samples_one_sample_by_default_without_a_header(trained_params):
+    out, _ = _print(trained_params, seed=4)
+    assert out.getvalue() == _sample_text(trained_params, 4) + "\n"
+
+
+def test_print_samples_flushes_the_header_and_each_summary(trained_params):
+    """Streaming: the header reaches the terminal before the sample is computed, and
+    each summary line as soon as its sample ends."""
+    out, err = _print(trained_params, num_samples=2, seed=1)
+    header_end = out.events.index(("write", "\n"))  # print's newline after "--- sample 1 ---"
+    assert out.events[header_end - 1] == ("write", "--- sample 1 ---")
+    assert out.events[header_end + 1] == ("flush",)
+    summaries = [i for i, e in enumerate(err.events) if e[0] == "write" and e[1].startswith("[prompt")]
+    assert len(summaries) == 2 and all(err.events[i + 2] == ("flush",) for i in summaries)
+
+
+def test_print_samples_passes_the_stop_strings_on(trained_params):
+    full = _sample_text(trained_params, 7)
+    stop = full[2:4]
+    out, _ = _print(trained_params, seed=7, stop=(stop,))
+    assert out.getvalue() == full[: full.index(stop)] + "\n"
+
+
+def test_print_samples_notes_a_cropped_prompt_on_err(trained_params):
+    out, err = _print(trained_params, prompt="a!" * 20, max_new_tokens=1, seed=0)  # 40 tokens, ids < 128
+    assert err.getvalue().startswith("note: prompt of 40 tokens is longer than the context; "
+                                     "cropped from the left to its last 32\n")
+    assert "note" not in out.getvalue()
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_print_samples_accepts_the_smallest_settings(trained_params, n):
+    out, err = _print(trained_params, max_new_tokens=n, num_samples=1, seed=0)
+    assert out.getvalue().count("\n") == 1 and f"{n} new tokens" in err.getvalue()
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_print_samples_accepts_seeds_from_0_to_the_last_that_fits(trained_params, num_samples):
+    for seed in (0, MAX_SEED - (num_samples - 1)):
+        out, _ = _print(trained_params, max_new_tokens=1, num_samples=num_samples, seed=seed)
+        assert out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), r"--max_new_tokens must be an integer >= 0, got -1"),
+        (dict(max_new_tokens=1.5), r"--max_new_tokens must be an integer >= 0, got 1\.5"),
+        (dict(num_samples=0), r"--num_samples must be an integer >= 1, got 0"),
+        (dict(num_samples=1.0), r"--num_samples must be an integer >= 1, got 1\.0"),
+        (dict(seed=-1), rf"--seed must be an integer in 0\.\.{MAX_SEED - 1} \(torch's seeds are 0\.\.2\*\*64-1 "
+                        r"and sample i uses seed \+ i\), got -1"),
+        (dict(seed=1.5), r"--seed must be an integer in .* got 1\.5"),
+        (dict(seed=MAX_SEED), rf"--seed must be an integer in 0\.\.{MAX_SEED - 1} .* got {MAX_SEED}"),
+        (dict(seed=MAX_SEED - 1, num_samples=3), rf"--seed must be an integer in 0\.\.{MAX_SEED - 2} .* got {MAX_SEED - 1}"),
+        (dict(seed=MAX_SEED + 1, num_samples=1), rf"--seed must be an integer in 0\.\.{MAX_SEED} .* got {MAX_SEED + 1}"),
+    ],
+)
+def test_print_samples_bad_settings_fail_before_any_output(trained_params, kwargs, message):
+    out, err = Recording(), Recording()
+    kwargs = dict(max_new_tokens=2, sampling=Sampling(), num_samples=2) | kwargs  # 2: a header would print first
+    with pytest.raises(UserError, match=f"^{message}$"):
+        print_samples(trained_params, "a", TINY, out=out, err=err, **kwargs)
+    assert out.getvalue() == err.getvalue() == ""
+
+
+def test_stream_text_refuses_an_empty_stop_string(trained_params):
+    with pytest.raises(UserError, match="^--stop: empty stop string$"):
+        next(stream_text(trained_params, [1], TINY, max_new_tokens=2, stop=("x", "")))
+
+
+def test_stream_text_stats_with_no_new_token(trained_params):
+    stats = {}
+    assert list(stream_text(trained_params, [1, 2], TINY, max_new_tokens=0, stats=stats)) == []
+    assert stats == dict(prompt_tokens=2, new_tokens=0, prefill_s=0.0, decode_s=0.0)
+
+
+def test_a_prompt_of_exactly_n_positions_tokens_needs_no_notice():
+    ids, notice = encode_prompt(" word" * TINY.n_positions, TINY)
+    assert len(ids) == TINY.n_positions and notice is None
+
+
+@pytest.mark.parametrize(
+    "stats, line",
+    [
+        (dict(prompt_tokens=4, new_tokens=5, prefill_s=0.5, decode_s=2.0),
+         "[prompt 4 tokens, 5 new tokens; prefill 8.0 tok/s, decode 2.0 tok/s]"),
+        (dict(prompt_tokens=3, new_tokens=2, prefill_s=2.0, decode_s=0.25),
+         "[prompt 3 tokens, 2 new tokens; prefill 1.5 tok/s, decode 4.0 tok/s]"),
+        (dict(prompt_tokens=3, new_tokens=1, prefill_s=0.0, decode_s=0.5),
+         "[prompt 3 tokens, 1 new tokens; prefill nan tok/s, decode nan tok/s]"),
+        (dict(prompt_tokens=3, new_tokens=4, prefill_s=1.0, decode_s=0.0),
+         "[prompt 3 tokens, 4 new tokens; prefill 3.0 tok/s, decode nan tok/s]"),
+    ],
+)
+def test_summary_line_in_closed_form(stats, line):
+    """prefill rate = prompt tokens / prefill_s; decode rate = (new tokens - 1) / decode_s
+    (the first new token comes out of the prefill); nan where a rate has no time or no steps."""
+    assert _summary(stats) == line
