@@ -4,15 +4,17 @@ Layer-level ones are in test_layers.py.
 """
 
 import io
+import time
 
 import pytest
 import torch
 
+import functional_gpt.generate as generate_module
 from conftest import TINY, hf_model, params_of
 from functional_gpt import UserError, config_of
 from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, print_samples, stream_text
 from functional_gpt.sampling import Sampling
-from functional_gpt.tokenizer import encode
+from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
 
 
 @pytest.mark.parametrize("params", [{}, {"wte": {"weight": None}}, {"wte": {}, "wpe": {}, "h": []}])
@@ -169,3 +171,79 @@ def test_summary_line_in_closed_form(stats, line):
     """prefill rate = prompt tokens / prefill_s; decode rate = (new tokens - 1) / decode_s
     (the first new token comes out of the prefill); nan where a rate has no time or no steps."""
     assert _summary(stats) == line
+
+
+# stream_text's text logic against a scripted token source (generate replaced), so each
+# case is exact: which piece comes out after which token.
+
+
+def _scripted(monkeypatch, tokens):
+    """Replace stream_text's generate with one that yields `tokens` one by one and counts
+    how many were pulled; returns the counter (a one-element list)."""
+    pulled = [0]
+
+    def fake_generate(params, prompts, config, *, max_new_tokens, sampling, generator, stop_tokens):
+        for t in tokens[:max_new_tokens]:
+            pulled[0] += 1
+            yield torch.tensor([t])
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    return pulled
+
+
+def _pieces(monkeypatch, tokens, stop=(), stats=None):
+    """[(tokens pulled when the piece came out, piece), ...]."""
+    pulled = _scripted(monkeypatch, tokens)
+    return [(pulled[0], p) for p in stream_text(None, [1], TINY, max_new_tokens=len(tokens), stop=stop,
+                                                stats=stats)]
+
+
+A, B, C, X, Y, AA = 64, 65, 66, 87, 88, 7252  # "a", "b", "c", "x", "y", "aa"
+E_1, E_2 = 127, 102  # the two byte tokens of "é" (0xc3, 0xa9)
+
+
+def test_stream_text_yields_each_piece_as_soon_as_its_token_decodes(monkeypatch):
+    assert _pieces(monkeypatch, [A, B, C]) == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_stream_text_holds_an_unfinished_utf8_character_back_without_empty_pieces(monkeypatch):
+    assert _pieces(monkeypatch, [A, E_1, E_2, B]) == [(1, "a"), (3, "é"), (4, "b")]
+
+
+def test_stream_text_stops_at_the_first_stop_string_even_inside_one_token(monkeypatch):
+    assert "".join(p for _, p in _pieces(monkeypatch, [X, AA, B], stop=("a",))) == "x"
+
+
+def test_stream_text_stops_at_a_stop_string_at_the_very_start(monkeypatch):
+    assert _pieces(monkeypatch, [A, B], stop=("a",)) == [(1, "")]
+
+
+def test_stream_text_at_endoftext_yields_the_held_back_text_and_pulls_no_more(monkeypatch):
+    """"xy" is held back (it might begin the stop "xyz"); <|endoftext|> ends the stream,
+    and what was held back comes out then."""
+    stats = {}
+    assert _pieces(monkeypatch, [A, X, Y, ENDOFTEXT_ID, B], stop=("xyz",), stats=stats) == [(1, "a"), (4, "xy")]
+    assert stats["new_tokens"] == 4
+
+
+def test_stream_text_samples_with_the_sampling_it_is_given(trained_params):
+    """The text is the decoded tokens that generate draws with the same sampling and seed."""
+    sampling = Sampling(top_k=5, temperature=1.5)
+    text = "".join(stream_text(trained_params, [A], TINY, max_new_tokens=8, sampling=sampling,
+                               generator=torch.Generator().manual_seed(5)))
+    steps = generate_module.generate(trained_params, [[A]], TINY, max_new_tokens=8, sampling=sampling,
+                                     generator=torch.Generator().manual_seed(5))
+    assert text == decode([int(t[0]) for t in steps])
+    greedy = "".join(stream_text(trained_params, [A], TINY, max_new_tokens=8, sampling=Sampling(greedy=True)))
+    assert text != greedy
+
+
+def test_stream_text_times_the_prefill_and_the_decode_apart(trained_params):
+    """prefill_s: prompt to first new token; decode_s: first to last; both positive for
+    several tokens, and they add up to the time the whole stream took."""
+    stats = {}
+    start = time.perf_counter()
+    list(stream_text(trained_params, [A, B], TINY, max_new_tokens=6, sampling=Sampling(greedy=True), stats=stats))
+    total = time.perf_counter() - start
+    assert stats["new_tokens"] == 6 and stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    assert stats["prefill_s"] + stats["decode_s"] <= total
