@@ -31,7 +31,6 @@ def adamw_init(params: Flat) -> AdamWState:
     return AdamWState(zeros, {k: torch.zeros_like(p) for k, p in params.items()}, 0)
 
 
-@torch.no_grad()
 def adamw_step(
     params: Flat,
     grads: Flat,
@@ -56,17 +55,18 @@ def adamw_step(
     m = [state.exp_avg[k] for k in keys]
     v = [state.exp_avg_sq[k] for k in keys]
     decayed = [params[k] for k in keys if decays(k, params[k])]
-    if weight_decay and decayed:
-        torch._foreach_mul_(decayed, 1 - lr * weight_decay)
-    torch._foreach_lerp_(m, g, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, 1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = math.sqrt(1 - beta2**step)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bias2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+    with torch.no_grad():
+        if weight_decay and decayed:
+            torch._foreach_mul_(decayed, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        bias1 = 1 - beta1**step
+        bias2_sqrt = math.sqrt(1 - beta2**step)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
     return AdamWState(state.exp_avg, state.exp_avg_sq, step)
 
 
@@ -81,12 +81,12 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
 def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
     """Scale `grads` in place so their global L2 norm is at most `max_norm` (None: no
     clipping). -> the norm before clipping (inf or nan when a gradient is not finite)."""
     g = list(grads.values())
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
-    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(g, max_norm / (float(norm) + 1e-6))
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+        if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+            torch._foreach_mul_(g, max_norm / (float(norm) + 1e-6))
     return float(norm)
