@@ -199,6 +199,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "eval_windows": "validation windows per periodic evaluation (0: all)",
         "sample_tokens": "length of the sample printed at each evaluation (0: none)",
         "device": "cpu, cuda, mps (default: best available)",
+        "dtype": "compute dtype: float32, bfloat16 (float32 master weights and moments), float16 (CUDA, loss "
+                 "scaling); on --resume: may be changed",
     }
     for field in dataclasses.fields(TrainConfig):
         kind = str(field.type)

@@ -1,4 +1,4 @@
-"""Choosing where tensors live: a GPU when present, never required."""
+"""Choosing where tensors live (a GPU when present, never required) and the training dtype."""
 
 import torch
 
@@ -35,3 +35,35 @@ def pick_device(name: str | None = None) -> torch.device:
     if device.type in ("cpu", "mps") and device.index not in (None, 0):
         raise UserError(f"--device {name}: there is one {device.type} device ({device.type} or {device.type}:0)")
     return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm's BF16), read
+    from /proc/cpuinfo (False where there is none). Without it torch emulates bf16 matmuls,
+    50-500x slower than float32 (pytorch#146508)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [line for line in f if line.startswith(("flags", "Features"))]
+    except OSError:
+        return False
+    flags = {flag for line in lines[:1] for flag in line.split(":", 1)[-1].split()}
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+
+
+def pick_dtype(name: str, device: torch.device, log=print) -> torch.dtype:
+    """The compute dtype for training on `device` from --dtype's value: float32, bfloat16
+    (on a CPU without bf16 arithmetic: float32, said in one line through `log`), float16
+    (CUDA only, with a loss scaler). Anything else is a one-line UserError."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "float16" and device.type != "cuda":
+        raise UserError(f"--dtype float16: float16 training needs a CUDA GPU (this run is on {device.type}); "
+                        f"use --dtype bfloat16")
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_bf16():
+        log("--dtype bfloat16: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX), where bf16 is "
+            "far slower than float32; training in float32")
+        return torch.float32
+    return DTYPES[name]

@@ -74,6 +74,20 @@ def forward(
       shapes when None. dropout: apply the config's dropout rates (training); off by
       default. `params` is never modified.
     """
+    return _head(params, forward_hidden(params, tokens, config, dropout=dropout, tap=tap), tap)
+
+
+def forward_hidden(
+    params: Params,
+    tokens: torch.Tensor,
+    config: GPTConfig | None = None,
+    *,
+    dropout: bool = False,
+    tap=no_tap,
+) -> torch.Tensor:
+    """`forward` without the LM head: tokens int64 [B, T] -> the ln_f output [B, T, C], in
+    the params' dtype; `forward` is `ln_f output @ wte.T`. Training feeds it to
+    `loss.lm_head_loss`, which takes the head and the loss together in chunks."""
     config = checked_config(params, config)
     T = _check_tokens(tokens, config, params, end=_length(tokens))
     positions = torch.arange(T, device=tokens.device)
@@ -168,10 +182,10 @@ def forward_cached(
         if start > 0 and T > 1:  # causal mask aligned to the end, not the upper left
             query = torch.arange(start, start + T, device=tokens.device)[:, None]
             mask = torch.arange(start + T, device=tokens.device)[None, :] <= query
-    logits = _transformer(
+    hidden = _transformer(
         params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start, last_only=last_only
     )
-    return logits, replace(cache, length=start + T)
+    return _head(params, hidden, tap), replace(cache, length=start + T)
 
 
 def decode_step(
@@ -231,8 +245,11 @@ def _transformer(
         )
     if last_only:
         x = x[:, -1:]
-    x = tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
-    return tap("logits", F.linear(x, params["wte"]["weight"]))
+    return tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
+
+
+def _head(params, hidden, tap):  # the tied LM head: [B, T, C] -> [B, T, V]
+    return tap("logits", F.linear(hidden, params["wte"]["weight"]))
 
 
 def _length(tokens) -> int:

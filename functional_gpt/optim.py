@@ -31,6 +31,11 @@ def adamw_init(params: Flat) -> AdamWState:
     return AdamWState(zeros, {k: torch.zeros_like(p) for k, p in params.items()}, 0)
 
 
+# The update goes through the params in groups of about this many elements (large tensors
+# split into flat pieces), so its temporaries stay near 64 MB instead of a copy of the model.
+GROUP_ELEMENTS = 2**24
+
+
 def adamw_step(
     params: Flat,
     grads: Flat,
@@ -45,29 +50,48 @@ def adamw_step(
 
     `params` and the moment tensors of `state` are updated in place (they are large and
     the caller owns them); the returned state carries the new step count. Decay follows
-    `decays`.
+    `decays`. `grads` may have a lower precision than the params (bfloat16 gradients of
+    float32 master weights): each is taken in the params' dtype as it is used.
     """
     beta1, beta2 = betas
     step = state.step + 1
-    keys = list(params)
-    p = [params[k] for k in keys]
-    g = [grads[k] for k in keys]
-    m = [state.exp_avg[k] for k in keys]
-    v = [state.exp_avg_sq[k] for k in keys]
-    decayed = [params[k] for k in keys if decays(k, params[k])]
+    bias1 = 1 - beta1**step
+    bias2_sqrt = math.sqrt(1 - beta2**step)
     with torch.no_grad():
-        if weight_decay and decayed:
-            torch._foreach_mul_(decayed, 1 - lr * weight_decay)
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, 1 - beta2)
-        bias1 = 1 - beta1**step
-        bias2_sqrt = math.sqrt(1 - beta2**step)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+        for group in _groups(params, grads, state):
+            p, g, m, v, decayed = (list(column) for column in zip(*group))
+            decayed = [piece for piece, decay in zip(p, decayed) if decay]
+            if weight_decay and decayed:
+                torch._foreach_mul_(decayed, 1 - lr * weight_decay)
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, 1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, bias2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
     return AdamWState(state.exp_avg, state.exp_avg_sq, step)
+
+
+def _groups(params: Flat, grads: Flat, state: AdamWState):
+    """(param, grad, exp_avg, exp_avg_sq, decays) pieces in groups of about GROUP_ELEMENTS;
+    a contiguous tensor larger than that is split into flat views."""
+    group, size = [], 0
+    for key, p in params.items():
+        g = grads[key].to(p.dtype)
+        columns = (p, g, state.exp_avg[key], state.exp_avg_sq[key])
+        if all(t.is_contiguous() for t in columns) and p.numel() > GROUP_ELEMENTS:
+            pieces = zip(*(t.view(-1).split(GROUP_ELEMENTS) for t in columns))
+        else:
+            pieces = [columns]
+        for piece in pieces:
+            group.append((*piece, decays(key, p)))
+            size += piece[0].numel()
+            if size >= GROUP_ELEMENTS:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> float:
@@ -86,7 +110,7 @@ def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
     clipping). -> the norm before clipping (inf or nan when a gradient is not finite)."""
     g = list(grads.values())
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32)))
         if max_norm is not None and math.isfinite(norm) and norm > max_norm:
             torch._foreach_mul_(g, max_norm / (float(norm) + 1e-6))
     return float(norm)

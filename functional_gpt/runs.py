@@ -17,47 +17,58 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import load_params, save_params
 from .config import GPTConfig
 from .errors import UserError
+from .data import Position
 from .files import atomic_path, write_json
 from .optim import AdamWState
-from .params import check_finite, flatten, unflatten
+from .params import check_finite, flatten
+from .step import LossScale, TrainState
 
 MODEL, OPTIMIZER, STATE, METRICS, BEST = "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl", "best"
 
 
-def save_checkpoint(run_dir: str | os.PathLike, flat: dict, config: GPTConfig, opt: AdamWState, state: dict) -> None:
-    """Write a checkpoint so that a kill at any instant leaves a complete one behind.
+def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTConfig, record: dict) -> None:
+    """Write `state` as a checkpoint so that a kill at any instant leaves a complete one behind.
 
-    Phase 1 writes model, optimizer and state.json (last) into `run_dir/.next/`; phase 2
-    renames them into `run_dir`, state.json last. A kill in phase 1 leaves the previous
-    checkpoint untouched (the partial `.next` is discarded later); a kill in phase 2 is
-    rolled forward by `recover`, since every new file was already complete.
+    record: the run's own fields for state.json besides the TrainState's (data_dir,
+    train_tokens, lr, val_loss, best_val_loss, config). Phase 1 writes model, optimizer and
+    state.json (last) into `run_dir/.next/`; phase 2 renames them into `run_dir`,
+    state.json last. A kill in phase 1 leaves the previous checkpoint untouched (the
+    partial `.next` is discarded later); a kill in phase 2 is rolled forward by `recover`,
+    since every new file was already complete.
     """
     run_dir = Path(run_dir)
     recover(run_dir)
     pending = run_dir / ".next"
-    save_params(pending / MODEL, unflatten(flat), config)
-    moments = {f"exp_avg.{k}": t.contiguous() for k, t in opt.exp_avg.items()}
-    moments |= {f"exp_avg_sq.{k}": t.contiguous() for k, t in opt.exp_avg_sq.items()}
+    save_params(pending / MODEL, state.params, config)
+    moments = {f"exp_avg.{k}": t.contiguous() for k, t in state.opt.exp_avg.items()}
+    moments |= {f"exp_avg_sq.{k}": t.contiguous() for k, t in state.opt.exp_avg_sq.items()}
     with atomic_path(pending / OPTIMIZER) as tmp:
-        save_file(moments, str(tmp), metadata={"adam_step": str(opt.step)})
-    write_json(pending / STATE, state)
+        save_file(moments, str(tmp), metadata={"adam_step": str(state.opt.step)})
+    fields = {"step": state.step, "data_position": state.position._asdict(),
+              "rng": {name: bytes(t.tolist()).hex() for name, t in state.rng.items()},
+              "model_config": config.to_dict(), **record}
+    if state.loss_scale is not None:
+        fields["loss_scale"] = state.loss_scale._asdict()
+    write_json(pending / STATE, fields)
     _commit(run_dir)
 
 
-def save_run_checkpoint(run_dir: str | os.PathLike, flat: dict, config: GPTConfig, opt: AdamWState, state: dict,
+def save_run_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTConfig, record: dict,
                         *, is_best: bool) -> None:
     """The run's checkpoint at the root and, when `is_best`, in `best/` too. best/ is
     written first: a kill between the two leaves best/ ahead of the root (a resume replays
     the same steps bit-exactly and writes the same best/ again), never behind it."""
     if is_best:
-        save_checkpoint(Path(run_dir) / BEST, flat, config, opt, state)
-    save_checkpoint(run_dir, flat, config, opt, state)
+        save_checkpoint(Path(run_dir) / BEST, state, config, record)
+    save_checkpoint(run_dir, state, config, record)
 
 
 def _commit(run_dir: Path) -> None:
@@ -111,6 +122,10 @@ _STATE_FIELDS = {
     "config": ("an object", lambda x: isinstance(x, dict)),
     "model_config": ("an object", lambda x: isinstance(x, dict)),
 }
+# Present in float16 runs only.
+_LOSS_SCALE = ("an object {scale: a number > 0, good_steps: an integer >= 0}",
+               lambda x: isinstance(x, dict) and set(x) == {"scale", "good_steps"} and _number(x["scale"])
+               and x["scale"] > 0 and _count(x["good_steps"]))
 
 
 def read_state(run_dir: str | os.PathLike) -> dict:
@@ -131,6 +146,8 @@ def read_state(run_dir: str | os.PathLike) -> dict:
             raise UserError(f"{path}: field {field!r} is missing")
         if not ok(state[field]):
             raise UserError(f"{path}: field {field!r} must be {kind}, got {state[field]!r:.80}")
+    if "loss_scale" in state and not _LOSS_SCALE[1](state["loss_scale"]):
+        raise UserError(f"{path}: field 'loss_scale' must be {_LOSS_SCALE[0]}, got {state['loss_scale']!r:.80}")
     return state
 
 
@@ -213,16 +230,29 @@ def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu") -> AdamWSt
                       int(step))
 
 
-def load_checkpoint(run_dir: str | os.PathLike, device="cpu"):
-    """-> (flat params, model config, AdamWState, state dict) of the checkpoint in `run_dir`."""
+def load_checkpoint(run_dir: str | os.PathLike, device="cpu") -> tuple[TrainState, GPTConfig, dict]:
+    """-> (the TrainState, the model config, state.json's fields) of the checkpoint in
+    `run_dir`, every file checked against the others."""
     run_dir = Path(run_dir)
-    state = read_state(run_dir)
+    fields = read_state(run_dir)
     params, config = load_params(run_dir / MODEL, device=device)
-    flat = flatten(params)
-    opt = read_optimizer(run_dir / OPTIMIZER, flat, device)
-    if config.to_dict() != GPTConfig.from_dict(state["model_config"]).to_dict():
+    opt = read_optimizer(run_dir / OPTIMIZER, flatten(params), device)
+    if config.to_dict() != GPTConfig.from_dict(fields["model_config"]).to_dict():
         raise UserError(f"{run_dir / MODEL}: its config differs from the run's ({STATE} model_config); "
                         f"the file was replaced")
-    if opt.step != state["step"]:
-        raise UserError(f"{run_dir}: {OPTIMIZER} is at step {opt.step}, {STATE} at step {state['step']}")
-    return flat, config, opt, state
+    if opt.step != fields["step"]:
+        raise UserError(f"{run_dir}: {OPTIMIZER} is at step {opt.step}, {STATE} at step {fields['step']}")
+    rng = {name: _generator_state(run_dir / STATE, name, text) for name, text in fields["rng"].items()}
+    loss_scale = LossScale(**fields["loss_scale"]) if "loss_scale" in fields else None
+    state = TrainState(params, opt, fields["step"], Position(**fields["data_position"]), rng, loss_scale)
+    return state, config, fields
+
+
+def _generator_state(path: Path, name: str, text: str) -> torch.Tensor:
+    state = torch.tensor(list(bytes.fromhex(text)), dtype=torch.uint8)
+    if name == "torch":  # a CUDA state can only be checked on a GPU, as it is set
+        try:
+            torch.Generator().set_state(state)
+        except RuntimeError:
+            raise UserError(f"{path}: field 'rng' does not hold a torch generator state") from None
+    return state

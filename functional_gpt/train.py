@@ -1,5 +1,5 @@
-"""Training: `loss = cross_entropy(forward(params, x), y)`, AdamW, checkpoints that resume
-bit-exactly, progress, metrics and a loss plot.
+"""Training: the loop around `step.train_step` (batches, progress, evaluation, checkpoints
+that resume bit-exactly, signals), its settings, metrics and a loss plot.
 
 A run directory holds the latest checkpoint at its root and the best-validation one in
 `best/` (see runs.py for their files and how they are written). Beside them:
@@ -24,17 +24,16 @@ from tqdm import tqdm
 
 from .checkpoint import load_params
 from .config import GPTConfig, preset
-from .data import (DEFAULT_DATA_DIR, Position, check_fits, eval_starts, gather_windows, load_tokens, next_batch,
-                   window_starts)
-from .device import pick_device
+from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
+from .device import DTYPES, pick_device, pick_dtype
 from .errors import UserError
 from .files import atomic_path, make_dir
 from .generate import generate
 from .model import forward
-from .optim import adamw_init, adamw_step, clip_grad_norm, lr_at
-from .params import Params, flatten, init_params, unflatten
+from .params import Params, flatten, init_params
 from .runs import STATE, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
 from .sampling import Sampling
+from .step import Batch, Diverged, LossScale, StepSettings, new_state, train_step
 from .tokenizer import ENDOFTEXT_ID, decode
 
 
@@ -67,6 +66,7 @@ class TrainConfig:
     eval_windows: int = 64  # validation windows in a periodic evaluation (fixed set)
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation; 0: none
     device: str | None = None  # cpu, cuda, mps (default: best available)
+    dtype: str = "float32"  # compute dtype: float32, bfloat16 (float32 master weights), float16 (CUDA)
 
     def __post_init__(self):
         """Every field's type and range, checked once here, however the config is built
@@ -89,6 +89,8 @@ class TrainConfig:
             raise UserError(f"--min_lr {self.min_lr} is above --lr {self.lr}")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be in 0..2**63-1, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.init is None:
             preset(self.preset)  # an unknown name fails now, not after the data is read
 
@@ -155,39 +157,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return values
 
 
-# ---------------------------------------------------------------------------- the loss
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy with a fused backward, softmax(logits) - onehot(targets): one
-    [N, V] buffer instead of log_softmax's and nll's, which matters at V = 50257 on a CPU."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, lse, targets)
-        return (lse - logits.gather(1, targets[:, None])[:, 0]).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, lse, targets = ctx.saved_tensors
-        g = torch.sub(logits, lse[:, None]).exp_()
-        g[torch.arange(len(targets), device=g.device), targets] -= 1
-        return g.mul_(grad / len(targets)), None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits: float [B, T, V], targets: int64 [B, T] -> mean loss in nats/token (float32)."""
-    return _CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False):
-    """One forward and backward pass. flat: {GPT-2 key: tensor}; x, y: int64 [B, T].
-    -> (loss in nats/token as a 0-d tensor, {key: gradient})."""
-    leaves = {k: t.detach().requires_grad_(True) for k, t in flat.items()}
-    loss = cross_entropy(forward(unflatten(leaves), x, config, dropout=dropout), y)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return loss.detach(), dict(zip(leaves, grads))
+# ---------------------------------------------------------------------------- evaluation
 
 
 @torch.inference_mode()
@@ -224,12 +194,13 @@ def sample_text(params: Params, config: GPTConfig, n_tokens: int, seed: int, dev
 
 def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     """The stored configuration of the run in `run_dir`. `overrides` (flags given on the
-    command line) may only extend max_steps; any other that differs is a UserError."""
+    command line) may extend max_steps and change dtype (the master weights are float32
+    whatever the compute dtype); any other that differs is a UserError."""
     state_file = Path(run_dir) / STATE
     stored = read_state(run_dir)["config"]
     values = dict(stored, out=str(Path(run_dir)))
     for key, given in overrides.items():
-        if key == "max_steps":
+        if key in ("max_steps", "dtype"):
             values[key] = given
             continue
         same = given == stored.get(key)
@@ -259,7 +230,7 @@ def _keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def _model(cfg: TrainConfig, device) -> tuple[dict, GPTConfig]:
+def _model(cfg: TrainConfig, device) -> tuple[Params, GPTConfig]:
     if cfg.init is not None:
         params, config = load_params(cfg.init, device=device)
     else:
@@ -267,7 +238,7 @@ def _model(cfg: TrainConfig, device) -> tuple[dict, GPTConfig]:
         params = init_params(config, seed=cfg.seed, device=device)
     if cfg.dropout is not None:
         config = dataclasses.replace(config, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
-    return flatten(params), config
+    return params, config
 
 
 def resolve(cfg: TrainConfig, config: GPTConfig) -> TrainConfig:
@@ -286,141 +257,125 @@ def resolve(cfg: TrainConfig, config: GPTConfig) -> TrainConfig:
     )
 
 
-# A weight this large means a blow-up: AdamW moves a weight by about lr per step, and no
-# trained GPT-2 holds one within orders of magnitude of it.
-DIVERGED_WEIGHT = 1e6
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train (or resume, when `resume`) the run `cfg` describes; returns its summary
-    (step, val_loss, best_val_loss, seconds, peak memory). Ctrl-C or SIGTERM finishes the
-    step, saves and returns. A non-finite loss, gradient or validation loss, or params
-    that are not finite or exceed DIVERGED_WEIGHT, stop the run with a UserError before
-    anything of that step is saved: the last good checkpoint stays as it was."""
+    (step, val_loss, best_val_loss, seconds, peak memory). The loop around
+    `step.train_step`: batches, progress, evaluation, checkpoints, signals. Ctrl-C or
+    SIGTERM finishes the step, saves and returns. A non-finite loss, gradient or
+    validation loss, or params that are not finite or exceed DIVERGED_WEIGHT, stop the run
+    with a UserError before anything of that step is saved: the last good checkpoint stays
+    as it was."""
     _keep_freed_memory()
     device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device, log=log)
     run = Path(cfg.out)
     if resume:
-        flat, config, opt, state = load_checkpoint(run, device=device)
-        cfg = dataclasses.replace(cfg, data=state["data_dir"])
-        step, position = state["step"], Position(**state["data_position"])
-        _set_rng_state(state["rng"], device, run / STATE)
-        metrics = [m for m in read_metrics(run) if m["step"] <= step]
-        best = state["best_val_loss"]
+        state, config, fields = load_checkpoint(run, device=device)
+        cfg = dataclasses.replace(cfg, data=fields["data_dir"])
+        stored_dtype = fields["config"].get("dtype", "float32")
+        if stored_dtype != cfg.dtype:
+            log(f"resuming a {stored_dtype} run in {cfg.dtype}: the master weights and Adam's moments are float32, "
+                f"so only the precision of the compute changes")
+        metrics = [m for m in read_metrics(run) if m["step"] <= state.step]
+        best = fields["best_val_loss"]
     else:
         if (run / STATE).exists():
             raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
         make_dir(run)
-        flat, config = _model(cfg, device)
+        params, config = _model(cfg, device)
         cfg = resolve(cfg, config)
-        opt, step, position, metrics, best = adamw_init(flat), 0, Position(), [], None
-        torch.manual_seed(cfg.seed)
-    if step >= cfg.max_steps:
-        raise UserError(f"{run} is already at step {step}; pass a larger --max_steps to train on")
+        state, metrics, best = new_state(params, cfg.seed, device), [], None
+    if dtype == torch.float16 and state.loss_scale is None:
+        state = dataclasses.replace(state, loss_scale=LossScale())
+    settings = StepSettings(config, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                            decay_steps=cfg.decay_steps, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None, dtype=dtype)
+    if state.step >= cfg.max_steps:
+        raise UserError(f"{run} is already at step {state.step}; pass a larger --max_steps to train on")
     train_tokens = load_tokens(cfg.data, "train", vocab_size=config.vocab_size)
     val_tokens = load_tokens(cfg.data, "val", vocab_size=config.vocab_size)
     check_fits(train_tokens, cfg.context_length, f"{cfg.data}/train.bin")
     check_fits(val_tokens, cfg.context_length, f"{cfg.data}/val.bin")
     if resume:
-        if len(train_tokens) != state["train_tokens"]:
+        if len(train_tokens) != fields["train_tokens"]:
             raise UserError(f"{cfg.data}/train.bin holds {len(train_tokens)} tokens, the run was trained on "
-                            f"{state['train_tokens']}: the data changed since the checkpoint")
+                            f"{fields['train_tokens']}: the data changed since the checkpoint")
         n_windows = len(window_starts(len(train_tokens), cfg.context_length, cfg.stride))
-        if position.index >= n_windows:
-            raise UserError(f"{run / STATE}: data_position index {position.index} is past the "
+        if state.position.index >= n_windows:
+            raise UserError(f"{run / STATE}: data_position index {state.position.index} is past the "
                             f"{n_windows} windows of an epoch")
     quick_starts = eval_starts(len(val_tokens), cfg.context_length, cfg.eval_windows or None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context_length
     stop = _StopOnSignal()
-    log(f"training {run} on {cfg.data}: {sum(t.numel() for t in flat.values()):,} parameters, "
-        f"{tokens_per_step} tokens/step, steps {step}..{cfg.max_steps}, device {device}")
+    n_params = sum(t.numel() for t in flatten(state.params).values())
+    log(f"training {run} on {cfg.data}: {n_params:,} parameters, {tokens_per_step} tokens/step, "
+        f"steps {state.step}..{cfg.max_steps}, device {device}, {str(dtype).removeprefix('torch.')}")
 
     def checkpoint(val: float | None, is_best: bool, lr: float):
-        state = {
-            "step": step,
-            "data_dir": cfg.data,
-            "data_position": position._asdict(),
-            "train_tokens": len(train_tokens),
-            "lr": lr,
-            "val_loss": val,
-            "best_val_loss": best,
-            "rng": _rng_state(device),
-            "config": cfg.to_dict(),
-            "model_config": config.to_dict(),
-        }
+        record = {"data_dir": cfg.data, "train_tokens": len(train_tokens), "lr": lr, "val_loss": val,
+                  "best_val_loss": best, "config": cfg.to_dict()}
         write_metrics(run, metrics)
-        save_run_checkpoint(run, flat, config, opt, state, is_best=is_best)
+        save_run_checkpoint(run, state, config, record, is_best=is_best)
 
     def stopped(at: int, what: str):
         kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
         return UserError(f"step {at}: {what}; stopped, {kept}; try a lower --lr or check the data")
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
+    def next_step_batch() -> Batch:
+        windows, position = [], state.position
+        for _ in range(cfg.grad_accum):
+            x, y, position = next_batch(train_tokens, position, batch_size=cfg.batch_size,
+                                        context_length=cfg.context_length, stride=cfg.stride, seed=cfg.seed)
+            windows.append((x, y))
+        x, y = (torch.stack(t).to(device) for t in zip(*windows))
+        return Batch(x, y, position)
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     start = time.time()
     with stop, bar:  # the bar is closed before any error is printed
-        while step < cfg.max_steps:
+        while state.step < cfg.max_steps:
             t0 = time.time()
-            lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps,
-                       min_lr=cfg.min_lr)
-            loss, grads = 0.0, None
-            for _ in range(cfg.grad_accum):
-                x, y, position = next_batch(train_tokens, position, batch_size=cfg.batch_size,
-                                            context_length=cfg.context_length, stride=cfg.stride, seed=cfg.seed)
-                micro_loss, micro_grads = loss_and_grads(flat, x.to(device), y.to(device), config, dropout=True)
-                loss += float(micro_loss) / cfg.grad_accum
-                if grads is None:
-                    grads = micro_grads
-                else:
-                    torch._foreach_add_(list(grads.values()), list(micro_grads.values()))
-            if cfg.grad_accum > 1:
-                torch._foreach_div_(list(grads.values()), cfg.grad_accum)
-            norm = clip_grad_norm(grads, cfg.grad_clip or None)
-            if not math.isfinite(loss):
-                raise stopped(step + 1, f"loss is {loss}")
-            if not math.isfinite(norm):
-                raise stopped(step + 1, f"gradient norm is {norm}")
-            opt = adamw_step(flat, grads, opt, lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-            largest = max_abs(flat)
-            if not largest[1] <= DIVERGED_WEIGHT:
-                raise stopped(step + 1, f"the update made {largest[0]} "
-                              f"{'diverge' if math.isfinite(largest[1]) else 'non-finite'} (max |w| {largest[1]:.3g})")
-            step += 1
+            try:
+                state, result = train_step(state, next_step_batch(), settings)
+            except Diverged as e:
+                raise stopped(state.step + 1, e.what) from None
             seconds = time.time() - t0
-            metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                            "tokens_per_s": tokens_per_step / seconds})
+            loss, lr = result["loss"], result["lr"]
+            metrics.append({"step": state.step, **result, "tokens_per_s": tokens_per_step / seconds})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
             bar.update()
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                params = unflatten(flat)
-                val = val_loss(params, config, val_tokens, quick_starts, cfg.context_length, device)
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+                val = val_loss(state.params, config, val_tokens, quick_starts, cfg.context_length, device)
                 if not math.isfinite(val):
-                    raise stopped(step, f"validation loss is {val}")
+                    raise stopped(state.step, f"validation loss is {val}")
                 is_best = best is None or val < best
                 best = min(val, best) if best is not None else val
-                entry = {"step": step, "val_loss": val}
+                entry = {"step": state.step, "val_loss": val}
                 if cfg.sample_tokens:
-                    entry["sample"] = sample_text(params, config, cfg.sample_tokens, cfg.seed + step, device)
+                    entry["sample"] = sample_text(state.params, config, cfg.sample_tokens, cfg.seed + state.step,
+                                                  device)
                 metrics.append(entry)
-                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} windows)"
-                          + (f"\n  sample: {entry['sample']!r}" if cfg.sample_tokens else ""))
+                bar.write(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} "
+                          f"windows)" + (f"\n  sample: {entry['sample']!r}" if cfg.sample_tokens else ""))
                 checkpoint(val, is_best, lr)
                 plot_losses(metrics, run / "loss.png")
             elif stop.requested:
                 checkpoint(None, False, lr)
-            if stop.requested and step < cfg.max_steps:
+            if stop.requested and state.step < cfg.max_steps:
                 bar.close()
-                log(f"stopped by {stop.requested} at step {step}; checkpoint saved. "
+                log(f"stopped by {stop.requested} at step {state.step}; checkpoint saved. "
                     f"Resume with: fgpt train --resume {run}")
-                return {"step": step, "interrupted": True}
+                return {"step": state.step, "interrupted": True}
         bar.close()
         elapsed = time.time() - start
         # The figure a run is judged by: every val token predicted once, at the model's full
         # context (the training context when val.bin is shorter than that).
         final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
         final_starts = eval_starts(len(val_tokens), final_T)
-        final = None if stop.requested else val_loss(unflatten(flat), config, val_tokens, final_starts, final_T,
+        final = None if stop.requested else val_loss(state.params, config, val_tokens, final_starts, final_T,
                                                      device, should_stop=lambda: stop.requested is not None)
+    step = state.step
     if final is None:
         log(f"stopped by {stop.requested} after the last step ({step}): the run is complete and saved; the final "
             f"evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
@@ -434,13 +389,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     write_metrics(run, metrics)
     plot_losses(metrics, run / "loss.png")
     return summary
-
-
-def max_abs(flat: dict) -> tuple[str, float]:
-    """-> (key, value) of the params' largest |w| (NaN wins: then the value is NaN)."""
-    norms = torch.stack(torch._foreach_norm(list(flat.values()), float("inf"))).tolist()
-    i = next((i for i, n in enumerate(norms) if not math.isfinite(n)), max(range(len(norms)), key=norms.__getitem__))
-    return list(flat)[i], norms[i]
 
 
 class _StopOnSignal:
@@ -459,22 +407,6 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def _rng_state(device) -> dict:
-    rng = {"torch": bytes(torch.get_rng_state().tolist()).hex()}
-    if device.type == "cuda":
-        rng["cuda"] = bytes(torch.cuda.get_rng_state().tolist()).hex()
-    return rng
-
-
-def _set_rng_state(rng: dict, device, source) -> None:
-    try:
-        torch.set_rng_state(torch.tensor(list(bytes.fromhex(rng["torch"])), dtype=torch.uint8))
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(torch.tensor(list(bytes.fromhex(rng["cuda"])), dtype=torch.uint8))
-    except RuntimeError:
-        raise UserError(f"{source}: field 'rng' does not hold a torch generator state") from None
 
 
 def _peak_rss_mb() -> float:

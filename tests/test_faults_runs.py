@@ -108,8 +108,8 @@ def test_a_kill_at_any_moment_resumes_bit_identically(setup, mode, call):
     killed = _fgpt(_train_args(data, init, run), driver=[mode, str(call)])
     assert killed.returncode == -9, killed.stderr[-500:]
     if (run / "state.json").exists() or (run / ".next" / "state.json").exists():
-        flat, _, opt, state = load_checkpoint(run)  # rolls a half-done commit forward, then loads
-        assert state["step"] == opt.step in (2, 4) and load_params(run)[1] == TINY_DROPOUT
+        loaded, _, state = load_checkpoint(run)  # rolls a half-done commit forward, then loads
+        assert state["step"] == loaded.opt.step in (2, 4) and load_params(run)[1] == TINY_DROPOUT
         resumed = _fgpt(["train", "--resume", str(run)])
         if state["step"] == 4:  # the last checkpoint was complete: nothing left to train
             assert resumed.returncode == 2 and "is already at step 4" in resumed.stderr

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import functional_gpt.runs as runs_module
+import functional_gpt.step as step_module
 import functional_gpt.train as train_module
 from functional_gpt import UserError, flatten, init_params, load_params, save_params
 from functional_gpt.cli import main
-from functional_gpt.train import (
-    cross_entropy, loss_and_grads, make_config, read_config_file, resume_config, train,
-)
 from functional_gpt.runs import load_checkpoint
+from functional_gpt.step import loss_and_grads
+from functional_gpt.train import make_config, read_config_file, resume_config, train
 
 from conftest import hf_model
 
@@ -47,6 +47,12 @@ def quiet_train(cfg, **kw):
     return train(cfg, progress=False, log=lambda *a: None, **kw)
 
 
+def loaded(run):
+    """-> (flat params, AdamWState, state.json's fields) of the checkpoint in `run`."""
+    state, _, fields = load_checkpoint(run)
+    return flatten(state.params), state.opt, fields
+
+
 # ------------------------------------------------------------ against transformers
 
 
@@ -67,18 +73,6 @@ def test_step_gradients_match_transformers(tiny_config):
     for key, g in grads.items():
         rel = float((g - hf_grads[key]).norm() / hf_grads[key].norm())
         assert rel < 1e-4, f"{key}: relative gradient error {rel:.2e}"
-
-
-def test_cross_entropy_matches_torch():
-    generator = torch.Generator().manual_seed(0)
-    logits = (torch.randn(2, 5, 11, generator=generator) * 3).requires_grad_(True)
-    targets = torch.randint(11, (2, 5), generator=generator)
-    ours = cross_entropy(logits, targets)
-    (g_ours,) = torch.autograd.grad(ours, logits)
-    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    (g_ref,) = torch.autograd.grad(ref, logits)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(g_ours, g_ref)
 
 
 # ----------------------------------------------------------- runs and checkpoints
@@ -150,7 +144,7 @@ def test_kill_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
-    flat, _, opt, state = load_checkpoint(run)
+    flat, opt, state = loaded(run)
     assert state["step"] == 2 and opt.step == 2 and not (run / ".next").exists()
     assert all(torch.equal(before[k], flat[k]) for k in before)
     params, _ = load_params(run)
@@ -173,14 +167,14 @@ def test_kill_between_renames_rolls_forward(setup, tmp_path, monkeypatch):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
     assert (run / ".next" / "state.json").is_file()  # new optimizer in place, model and state pending
-    flat, _, opt, state = load_checkpoint(run)
+    flat, opt, state = loaded(run)
     assert state["step"] == 4 and opt.step == 4  # rolled forward, consistent
     assert not (run / ".next").exists()
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes(setup, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real, count = train_module.loss_and_grads, []
+    real, count = step_module.loss_and_grads, []
 
     def signal_at_step_3(*args, **kwargs):
         count.append(1)
@@ -188,7 +182,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes(setup, tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "loss_and_grads", signal_at_step_3)
+    monkeypatch.setattr(step_module, "loss_and_grads", signal_at_step_3)
     summary = quiet_train(run_config(setup, run, max_steps=6, eval_interval=5))
     assert summary == {"step": 3, "interrupted": True}
     assert json.loads((run / "state.json").read_text())["step"] == 3
@@ -196,15 +190,17 @@ def test_sigterm_finishes_the_step_saves_and_resumes(setup, tmp_path, monkeypatc
 
 
 def _spoil_at_step(monkeypatch, name, at, spoil):
-    """Wrap train_module.<name> so that its result is passed through `spoil` on call `at`."""
-    real, calls = getattr(train_module, name), []
+    """Wrap <name> (of the step module, or else of the loop's) so that its result is passed
+    through `spoil` on call `at`."""
+    module = step_module if hasattr(step_module, name) else train_module
+    real, calls = getattr(module, name), []
 
     def wrapped(*args, **kwargs):
         calls.append(1)
         out = real(*args, **kwargs)
         return spoil(out, args) if len(calls) == at else out
 
-    monkeypatch.setattr(train_module, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
 
 
 def _blow_up(opt, args):
@@ -233,7 +229,7 @@ def test_a_blow_up_stops_before_anything_of_it_is_saved(setup, tmp_path, monkeyp
     cfg = run_config(setup, run, max_steps=6)
     with pytest.raises(UserError, match=message + ".*stopped, the last good checkpoint in .* is kept"):
         quiet_train(cfg)
-    flat, _, opt, state = load_checkpoint(run)
+    flat, opt, state = loaded(run)
     assert state["step"] == opt.step == 2
     assert json.loads((run / "best" / "state.json").read_text())["step"] == 2
     assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in flat.values())
@@ -379,7 +375,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(setup,
     with pytest.raises(UserError, match=r"optimizer.safetensors: cannot write \(No space left on device\)"):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
-    assert load_checkpoint(run)[3]["step"] == 2
+    assert load_checkpoint(run)[2]["step"] == 2
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         assert (run / name).read_bytes() == before[name]
 
@@ -469,3 +465,40 @@ def test_config_file_and_cli(setup, tmp_path, capsys):
     assert code == 2 and "fgpt train: error: --lr must be > 0, got -1.0" in capsys.readouterr().err
     code = main(["train", "--resume", str(tmp_path / "nowhere")])
     assert code == 2 and "nowhere: no such run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- --dtype
+
+
+def test_a_bfloat16_run_logs_tokens_per_second_and_resumes_in_float32(setup, tmp_path):
+    run, logs = tmp_path / "run", []
+    train(run_config(setup, run, max_steps=2, dtype="bfloat16"), progress=False, log=logs.append)
+    assert "bfloat16" in logs[0]
+    metrics = runs_module.read_metrics(run)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["tokens_per_s"] > 0 for m in steps)
+    params, _ = load_params(run)
+    assert all(t.dtype == torch.float32 for t in flatten(params).values())  # the float32 masters
+    logs.clear()
+    train(resume_config(run, {"max_steps": 4, "dtype": "float32"}), resume=True, progress=False, log=logs.append)
+    assert any("resuming a bfloat16 run in float32" in line for line in logs)
+    assert json.loads((run / "state.json").read_text())["config"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype, message", [
+    ("float64", "--dtype 'float64': expected one of float32, bfloat16, float16"),
+    ("float16", "--dtype float16: float16 training needs a CUDA GPU"),
+])
+def test_a_dtype_that_cannot_train_here_is_refused(setup, tmp_path, dtype, message):
+    with pytest.raises(UserError, match=message):
+        quiet_train(run_config(setup, tmp_path / "run", dtype=dtype, device="cpu"))
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_bfloat16_on_a_cpu_without_it_falls_back_to_float32_in_one_line(setup, tmp_path, monkeypatch):
+    import functional_gpt.device as device_module
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    logs = []
+    train(run_config(setup, tmp_path / "run", max_steps=2, dtype="bfloat16"), progress=False, log=logs.append)
+    assert "this CPU has no bfloat16 arithmetic" in logs[0] and "training in float32" in logs[0]
+    assert "float32" in logs[1]

@@ -1,0 +1,69 @@
+"""The training loss: GPT-2's tied LM head and cross-entropy, fused and taken in chunks.
+
+`logits = hidden @ wte.T` is [N, V] with V = 50257: at N = 1024 rows that is 206 MB in
+float32, and the usual head + cross-entropy writes and reads it (and its gradient) several
+times per step. Here the rows go through in chunks, and each chunk's gradient, softmax(logits)
+- onehot(targets), is made and consumed in the forward pass while it is hot, so no more than
+one chunk of logits ever exists and the backward pass only scales the saved gradients.
+"""
+
+import torch
+
+# Rows per chunk: a [rows, V] float32 chunk of at most this many elements (32 MB).
+CHUNK_ELEMENTS = 2**23
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, wte, targets, rows: int):
+        N = hidden.shape[0]
+        want_hidden, want_wte = ctx.needs_input_grad[:2]
+        d_hidden = torch.empty_like(hidden) if want_hidden else None
+        d_wte = torch.zeros(wte.shape, dtype=torch.float32, device=wte.device) if want_wte else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, N, rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = (h @ wte.T).float()  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum(dtype=torch.float64)
+            if not (want_hidden or want_wte):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(len(t), device=g.device), t] -= 1
+            g = g.to(wte.dtype)
+            if want_hidden:
+                torch.mm(g, wte, out=d_hidden[start : start + rows])
+            if want_wte:
+                if g.dtype == torch.float32:
+                    d_wte.addmm_(g.T, h)
+                else:
+                    d_wte += g.T @ h
+        ctx.save_for_backward(d_hidden, d_wte)
+        ctx.n_rows, ctx.wte_dtype = N, wte.dtype
+        return (total / N).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_hidden, d_wte = ctx.saved_tensors
+        scale = grad / ctx.n_rows
+        return (
+            None if d_hidden is None else d_hidden * scale.to(d_hidden.dtype),
+            None if d_wte is None else (d_wte * scale).to(ctx.wte_dtype),
+            None,
+            None,
+        )
+
+
+def lm_head_loss(hidden: torch.Tensor, wte: torch.Tensor, targets: torch.Tensor,
+                 chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the tied LM head, in nats/token (a float32 0-d tensor).
+
+    hidden: float [..., C], the ln_f output; wte: [V, C] (the head is hidden @ wte.T), of
+    hidden's dtype; targets: int64 [...], the next tokens. bfloat16 inputs give bfloat16
+    matmuls with the logits, softmax and loss in float32. chunk_rows: rows per chunk
+    (default: a 32 MB float32 chunk of logits). Differentiable in hidden and wte; equals
+    F.cross_entropy(hidden @ wte.T, targets) and its gradients, without the [N, V] tensors.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // wte.shape[0])
+    return _LMHeadLoss.apply(hidden, wte, targets.reshape(-1), rows)

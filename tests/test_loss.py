@@ -1,0 +1,81 @@
+"""The fused, chunked LM head + cross-entropy against torch's own head and loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from functional_gpt.loss import lm_head_loss
+
+from conftest import assert_rel_close
+
+
+def inputs(N=13, C=24, V=97, seed=0):
+    """Rows of trained-like scale (logits of a few units, so the softmax is far from flat)."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=generator) * 2
+    wte = torch.randn(V, C, generator=generator) * 0.5
+    targets = torch.randint(V, (N,), generator=generator)
+    return hidden, wte, targets
+
+
+def reference(hidden, wte, targets):
+    """torch's head and loss in float32: (loss, d hidden, d wte)."""
+    h, w = hidden.float().detach().requires_grad_(), wte.float().detach().requires_grad_()
+    loss = F.cross_entropy(h @ w.T, targets)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4, 13, 100])
+def test_equals_torch_head_and_cross_entropy(chunk_rows):
+    """Any chunking, a last chunk shorter than the rest included, gives torch's loss and
+    both gradients."""
+    hidden, wte, targets = inputs()
+    expected, d_hidden, d_wte = reference(hidden, wte, targets)
+    h, w = hidden.clone().requires_grad_(), wte.clone().requires_grad_()
+    loss = lm_head_loss(h, w, targets, chunk_rows)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    loss.backward()
+    assert_rel_close(loss, expected, 1e-6)
+    assert_rel_close(h.grad, d_hidden, 1e-5)
+    assert_rel_close(w.grad, d_wte, 1e-5)
+
+
+def test_batched_rows_and_upstream_gradient():
+    """hidden [B, T, C] with targets [B, T] is the mean over all B * T rows; a loss used
+    as 3 * loss gets three times the gradients."""
+    hidden, wte, targets = inputs(N=12)
+    expected, d_hidden, d_wte = reference(hidden, wte, targets)
+    h, w = hidden.view(3, 4, -1).clone().requires_grad_(), wte.clone().requires_grad_()
+    loss = lm_head_loss(h, w, targets.view(3, 4), chunk_rows=5)
+    (3 * loss).backward()
+    assert_rel_close(loss, expected, 1e-6)
+    assert_rel_close(h.grad, 3 * d_hidden.view(3, 4, -1), 1e-5)
+    assert_rel_close(w.grad, 3 * d_wte, 1e-5)
+
+
+def test_one_input_needing_its_gradient_and_none():
+    hidden, wte, targets = inputs()
+    expected, d_hidden, d_wte = reference(hidden, wte, targets)
+    h = hidden.clone().requires_grad_()
+    (g,) = torch.autograd.grad(lm_head_loss(h, wte, targets, 4), h)
+    assert_rel_close(g, d_hidden, 1e-5)
+    w = wte.clone().requires_grad_()
+    (g,) = torch.autograd.grad(lm_head_loss(hidden, w, targets, 4), w)
+    assert_rel_close(g, d_wte, 1e-5)
+    with torch.inference_mode():
+        assert_rel_close(lm_head_loss(hidden, wte, targets, 4), expected, 1e-6)
+
+
+def test_bfloat16_matmuls_with_float32_softmax():
+    """bf16 inputs: the loss is float32, the gradients come back in bf16 and match
+    float32's on the same (bf16-rounded) values within bf16's precision (8 bits)."""
+    hidden, wte, targets = inputs(N=64, C=64, V=500)
+    hidden, wte = hidden.bfloat16(), wte.bfloat16()
+    expected, d_hidden, d_wte = reference(hidden, wte, targets)
+    h, w = hidden.clone().requires_grad_(), wte.clone().requires_grad_()
+    loss = lm_head_loss(h, w, targets, chunk_rows=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert_rel_close(loss, expected, 1e-2)
+    assert_rel_close(h.grad.float(), d_hidden, 2e-2)
+    assert_rel_close(w.grad.float(), d_wte, 2e-2)
