@@ -3,6 +3,7 @@ a UserError becomes one line on stderr and exit status 2."""
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 
@@ -318,7 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
     train.set_defaults(run=_train)
 
+    bench = commands.add_parser("bench", help="training and forward speed, memory and MFU against transformers")
+    bench.add_argument("--preset", default="gpt2", metavar="NAME", help=f"one of: {', '.join(PRESETS)} (default gpt2)")
+    bench.add_argument("--batch", type=int, default=1, metavar="B", help="windows per step (default 1)")
+    bench.add_argument("--seq", type=int, default=None, metavar="T", help="tokens per window (default n_positions)")
+    bench.add_argument("--rounds", type=int, default=3, metavar="N", help="interleaved rounds (default 3)")
+    bench.add_argument("--steps", type=int, default=3, metavar="N", help="timed steps per measurement, after "
+                       "one warm-up step (default 3)")
+    bench.add_argument("--contenders", nargs="+", default=None, metavar="NAME",
+                       help="a subset of: ours-float32 ours-bfloat16 transformers-float32 transformers-bfloat16")
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench.set_defaults(run=_bench)
+
     return parser
+
+
+def _bench(args) -> int:
+    try:
+        import transformers  # noqa: F401  (the reference side of every measurement)
+    except ImportError:
+        raise UserError("needs transformers, the reference it measures against: pip install -e '.[dev]'") from None
+    from .bench import CONTENDERS, bench, markdown
+
+    report = bench(args.preset, batch=args.batch, seq=args.seq, rounds=args.rounds, steps=args.steps,
+                   contenders=args.contenders or CONTENDERS, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=1) if args.json else markdown(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

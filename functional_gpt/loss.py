@@ -23,14 +23,14 @@ class _LMHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, N, rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
-            logits = (h @ wte.T).float()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum(dtype=torch.float64)
+            # One fused pass from the logits (in the compute dtype) to float32 log-probs.
+            log_probs = torch.log_softmax(h @ wte.T, dim=-1, dtype=torch.float32)  # [n, V]
+            total -= log_probs.gather(1, t[:, None]).sum(dtype=torch.float64)
             if not (want_hidden or want_wte):
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[torch.arange(len(t), device=g.device), t] -= 1
-            g = g.to(wte.dtype)
+            g = torch.exp(log_probs, out=torch.empty(log_probs.shape, dtype=wte.dtype, device=wte.device))
+            del log_probs
+            g[torch.arange(len(t), device=g.device), t] -= 1  # softmax - onehot
             if want_hidden:
                 torch.mm(g, wte, out=d_hidden[start : start + rows])
             if want_wte:

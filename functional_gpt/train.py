@@ -217,7 +217,7 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
         raise UserError(f"{state_file}: config: {e}") from None
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     # glibc hands each block over 32 MB to mmap and back to the kernel when freed; the
     # [B*T, 50257] logits are such blocks, and refaulting their pages every step costs
     # more than the arithmetic on them. Keeping freed memory in the heap avoids that.
@@ -265,7 +265,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     validation loss, or params that are not finite or exceed DIVERGED_WEIGHT, stop the run
     with a UserError before anything of that step is saved: the last good checkpoint stays
     as it was."""
-    _keep_freed_memory()
+    keep_freed_memory()
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device, log=log)
     run = Path(cfg.out)

@@ -90,7 +90,7 @@ def _train_args(data, init, out):
     return ["train", "--data", str(data), "--init", str(init), "--out", str(out), "--batch_size", "4",
             "--context_length", "16", "--lr", "1e-2", "--warmup_steps", "2", "--eval_interval", "2",
             "--eval_windows", "4", "--sample_tokens", "4", "--max_steps", "4", "--dropout", "0.1",
-            "--device", "cpu"]
+            "--device", "cpu", "--dtype", "float32"]
 
 
 def _fgpt(args, driver=None):

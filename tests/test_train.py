@@ -39,7 +39,8 @@ def setup(tmp_path, tiny_config):
 def run_config(setup, out, **overrides):
     data, init = setup
     values = dict(data=str(data), out=str(out), init=str(init), batch_size=4, context_length=16, lr=1e-2,
-                  warmup_steps=2, eval_interval=2, eval_windows=4, sample_tokens=4, max_steps=4, device="cpu")
+                  warmup_steps=2, eval_interval=2, eval_windows=4, sample_tokens=4, max_steps=4, device="cpu",
+                  dtype="float32")
     return make_config(values | overrides)
 
 

@@ -86,7 +86,8 @@ def pattern(tmp_path):
 
 def run_config(data, init, out, **overrides):
     values = dict(data=str(data), out=str(out), init=str(init), batch_size=4, context_length=16, lr=1e-2,
-                  warmup_steps=2, eval_interval=2, eval_windows=0, sample_tokens=0, max_steps=4, device="cpu")
+                  warmup_steps=2, eval_interval=2, eval_windows=0, sample_tokens=0, max_steps=4, device="cpu",
+                  dtype="float32")  # float32: the references are float32
     return make_config(values | overrides)
 
 

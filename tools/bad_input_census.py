@@ -545,8 +545,18 @@ def cli_cases() -> list[Case]:
                         ("--dropout", "-0.1"), ("--warmup_steps", "-1"), ("--eval_interval", "0"),
                         ("--eval_windows", "-1"), ("--sample_tokens", "-1"), ("--decay_steps", "0"),
                         ("--seed", str(2**70)), ("--lr", "abc"), ("--max_steps", "2.5"), ("--device", "xpu"),
-                        ("--device", "meta")]:
+                        ("--device", "meta"), ("--dtype", "float64"), ("--dtype", "bf16"), ("--dtype", ""),
+                        ("--dtype", "float16")]:
         add(f"train {flag} {value}", T + [flag, value], E(flag if flag != "--device" else value), "train.py")
+    add("train --dtype bfloat16", T + ["--dtype", "bfloat16"], OK(state_step("run", 2)), "train.py")
+
+    # bench (the checks live in bench.py; none of these reaches a measurement)
+    for flags, culprit in [(["--seq", "0"], "--seq"), (["--seq", "129"], "--seq"), (["--batch", "0"], "--batch"),
+                           (["--rounds", "-1"], "--rounds"), (["--steps", "0"], "--steps"),
+                           (["--contenders", "nanogpt"], "--contenders"), (["--preset", "gpt5"], "gpt5"),
+                           (["--seq", "x"], "--seq")]:
+        preset_flags = [] if "--preset" in flags else ["--preset", "cpu-tiny"]
+        add(f"bench {' '.join(flags)}", ["bench", *preset_flags, *flags], E(culprit), "bench.py")
     add("train --seed -1", T + ["--seed", "-1"], EITHER("--seed", state_step("run", 2)), "train.py")
     add("train --lr 1e30 (diverges)", T + ["--lr", "1e30", "--max_steps", "3"], E("--lr"), "train.py")
     add("train --preset nope", ["train", "--preset", "nope", "--data", "{F}/data", "--out", "{W}/run"], E("nope"), "config.py")
