@@ -335,10 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
-    try:
-        import transformers  # noqa: F401  (the reference side of every measurement)
-    except ImportError:
-        raise UserError("needs transformers, the reference it measures against: pip install -e '.[dev]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # the reference side of every measurement
+        raise UserError("needs transformers, the reference it measures against: pip install -e '.[dev]'")
     from .bench import CONTENDERS, bench, markdown
 
     report = bench(args.preset, batch=args.batch, seq=args.seq, rounds=args.rounds, steps=args.steps,
