@@ -21,7 +21,7 @@ class _LMHeadLoss(torch.autograd.Function):
         N = hidden.shape[0]
         want_hidden, want_wte = ctx.needs_input_grad[:2]
         d_hidden = torch.empty_like(hidden) if want_hidden else None
-        d_wte = torch.zeros(wte.shape, dtype=torch.float32, device=wte.device) if want_wte else None
+        d_wte = torch.zeros_like(wte) if want_wte else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, N, rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
@@ -38,13 +38,10 @@ class _LMHeadLoss(torch.autograd.Function):
             g[torch.arange(len(t), device=g.device), t] -= 1  # softmax - onehot
             if want_hidden:
                 torch.mm(g, wte, out=d_hidden[start : start + rows])
-            if want_wte:
-                if g.dtype == torch.float32:
-                    d_wte.addmm_(g.T, h)
-                else:
-                    d_wte += g.T @ h
+            if want_wte:  # accumulated in fp32 inside each matmul, rounded once per chunk
+                d_wte.addmm_(g.T, h)
         ctx.save_for_backward(d_hidden, d_wte)
-        ctx.n_rows, ctx.wte_dtype = N, wte.dtype
+        ctx.n_rows = N
         return (total / N).float()
 
     @staticmethod
@@ -53,7 +50,7 @@ class _LMHeadLoss(torch.autograd.Function):
         scale = grad / ctx.n_rows
         return (
             None if d_hidden is None else d_hidden * scale.to(d_hidden.dtype),
-            None if d_wte is None else (d_wte * scale).to(ctx.wte_dtype),
+            None if d_wte is None else d_wte * scale.to(d_wte.dtype),
             None,
             None,
         )
