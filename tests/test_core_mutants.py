@@ -1,18 +1,25 @@
-"""Tests of model.py and generate.py written to kill mutants that the module tests let
-survive (`mutmut run`, README's maintainers' section): each names the behaviour it pins.
-Layer-level ones are in test_layers.py.
+"""Tests of model.py and generate.py (and a few of layers.py and evaluate.py) written to
+kill mutants that the module tests let survive (`mutmut run`, README's maintainers'
+section): each names the behaviour it pins. Most layer-level ones are in test_layers.py.
 """
 
 import io
+import re
 import time
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import functional_gpt.generate as generate_module
-from conftest import TINY, hf_model, params_of
-from functional_gpt import UserError, config_of
-from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, print_samples, stream_text
+from conftest import TINY, assert_rel_close, hf_model, params_of
+from test_generate import greedy_without_cache
+from functional_gpt import (UserError, config_of, decode_step, flatten, forward, forward_cached, new_cache, no_tap,
+                            recorder, unflatten)
+from functional_gpt.evaluate import evaluate
+from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, generate, prefill, print_samples, stream_text
+from functional_gpt.layers import self_attention, transformer_block
 from functional_gpt.sampling import Sampling
 from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
 
@@ -247,3 +254,264 @@ def test_stream_text_times_the_prefill_and_the_decode_apart(trained_params):
     total = time.perf_counter() - start
     assert stats["new_tokens"] == 6 and stats["prefill_s"] > 0 and stats["decode_s"] > 0
     assert stats["prefill_s"] + stats["decode_s"] <= total
+
+
+# --- model.py: the entry points' checks (each message whole), the cache, the devices ----
+
+
+def _ids(B, T, seed=0):
+    return torch.randint(TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_config_that_is_not_a_gptconfig_is_named(tiny_params):
+    with pytest.raises(UserError, match=r"^config: expected a GPTConfig, got dict$"):
+        forward(tiny_params, _ids(1, 2), TINY.to_dict())
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        ([[1, 2]], r"tokens must be an int64 torch\.Tensor \[B, T\], got list"),
+        (torch.tensor(5), r"tokens must be an int64 tensor \[B, T\], got torch\.int64 \[\]"),
+        (torch.zeros(0, 3, dtype=torch.long), r"tokens: empty batch or sequence \(shape \[0, 3\]\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"tokens: empty batch or sequence \(shape \[2, 0\]\)"),
+        (torch.tensor([[0, 128]]), r"token id 128 is out of range for vocab_size=128"),  # the high one, not 0
+    ],
+)
+def test_bad_tokens_get_their_whole_message(tiny_params, tokens, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        forward(tiny_params, tokens, TINY)
+
+
+def test_tokens_on_another_device_than_the_params_are_named(tiny_params):
+    on_meta = unflatten({k: v.to("meta") for k, v in flatten(tiny_params).items()})
+    with pytest.raises(UserError, match="^tokens are on cpu, the params on meta; move one of them$"):
+        forward(on_meta, _ids(1, 2), TINY)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_len=0), "cache length 0 must be an integer in 1..n_positions=32"),
+        (dict(max_len=33), "cache length 33 must be an integer in 1..n_positions=32"),
+        (dict(max_len=2.5), "cache length 2.5 must be an integer in 1..n_positions=32"),
+        (dict(max_len=True), "cache length True must be an integer in 1..n_positions=32"),
+        (dict(batch_size=0), "cache batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=1.5), "cache batch_size must be an integer >= 1, got 1.5"),
+        (dict(batch_size=True), "cache batch_size must be an integer >= 1, got True"),
+    ],
+)
+def test_bad_cache_sizes_are_named(kwargs, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        new_cache(TINY, **(dict(batch_size=1) | kwargs))
+
+
+def test_a_cache_of_one_row_and_one_position_runs(tiny_params):
+    logits, cache = forward_cached(tiny_params, _ids(1, 1), new_cache(TINY, 1, max_len=1), TINY)
+    assert logits.shape == (1, 1, TINY.vocab_size) and cache.length == 1
+
+
+def test_a_cache_that_is_not_a_kvcache_is_named(tiny_params):
+    with pytest.raises(UserError, match=r"^cache: expected a KVCache \(new_cache\), got dict$"):
+        forward_cached(tiny_params, _ids(1, 3), {}, TINY)
+
+
+def test_a_cache_for_another_batch_size_is_named(tiny_params):
+    with pytest.raises(UserError, match=r"^cache: k/v of shape \[2, 2, 4, 32, 8\], but these params and 1 rows "
+                                        r"need \[2, 1, 4, 32, 8\] \(new_cache\(config, batch_size\)\)$"):
+        forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 2), TINY)
+
+
+@pytest.mark.parametrize("valid", [torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
+                                   [[True, True, True]]])
+def test_a_bad_valid_mask_is_named(tiny_params, valid):
+    with pytest.raises(UserError, match=r"^valid: expected a bool tensor of the tokens' shape \[1, 3\]$"):
+        forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 1), TINY, valid=valid)
+
+
+@pytest.mark.parametrize("tokens", [torch.zeros(2, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long)])
+def test_decode_step_names_tokens_that_are_not_one_per_cache_row(tiny_params, tokens):
+    """B=2 rows (n_head is 4): the message gives the cache's rows and the tokens' shape."""
+    message = f"decode_step: tokens must be int64 [B] for the cache's B=2 rows, got {list(tokens.shape)}"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        decode_step(tiny_params, tokens, new_cache(TINY, 2), TINY, padded=False)
+
+
+def test_two_tokens_after_one_cached_token_equal_one_forward(trained_params):
+    """The smallest case that needs the causal mask aligned to the end of the keys
+    (start 1, T 2): SDPA's is_causal aligns it to the upper left."""
+    tokens = _ids(2, 3)
+    first, cache = forward_cached(trained_params, tokens[:, :1], new_cache(TINY, 2), TINY)
+    rest, _ = forward_cached(trained_params, tokens[:, 1:], cache, TINY)
+    assert_rel_close(torch.cat([first, rest], 1), forward(trained_params, tokens, TINY))
+
+
+def _chunks(params, tokens, valid):  # four tokens, then three at once: the end-aligned mask
+    _, cache = forward_cached(params, tokens[:, :4], new_cache(TINY, 2), TINY)
+    return forward_cached(params, tokens[:, 4:7], cache, TINY)[0]
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda params, tokens, valid: forward(params, tokens, TINY),
+        _chunks,
+        lambda params, tokens, valid: forward_cached(params, tokens, new_cache(TINY, 2), TINY, valid=valid)[0],
+        lambda params, tokens, valid: prefill(params, tokens, TINY)[0],
+    ],
+    ids=["forward", "cached-chunks", "padded", "prefill"],
+)
+def test_what_the_model_creates_follows_the_tokens_not_torchs_default_device(trained_params, run):
+    """Positions, masks and caches go on the tokens' (or the asked) device: with torch's
+    default device set to meta (a stand-in for a GPU that CPU tensors cannot mix with),
+    CPU params and tokens compute on the CPU exactly as without it."""
+    tokens = _ids(2, 7)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False
+    expected = run(trained_params, tokens, valid)
+    with torch.device("meta"):
+        got = run(trained_params, tokens, valid)
+    assert got.device == tokens.device and torch.equal(got, expected)
+
+
+def test_new_cache_is_on_the_cpu_unless_asked_and_of_the_dtype_asked():
+    with torch.device("meta"):
+        cache = new_cache(TINY, 2)
+        wide = new_cache(TINY, 2, dtype=torch.float64)
+    assert cache.k.device == cache.v.device == cache.valid.device == torch.device("cpu")
+    assert wide.k.dtype == wide.v.dtype == torch.float64 and wide.valid.dtype == torch.bool
+
+
+def test_bfloat16_params_prefill_and_decode_with_a_bfloat16_cache(trained_params):
+    half = unflatten({k: v.to(torch.bfloat16) for k, v in flatten(trained_params).items()})
+    logits, cache = prefill(half, _ids(1, 5), TINY)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    step, cache = decode_step(half, logits.argmax(-1), cache, TINY, padded=False)
+    assert step.dtype == torch.bfloat16 and cache.length == 6
+
+
+def test_prefill_computes_the_lm_head_for_the_last_position_only(trained_params):
+    """The head (the only plain mm: the blocks' linears are addmm) costs 2 B C V flops."""
+    with FlopCounterMode(display=False) as flops:
+        prefill(trained_params, _ids(2, 10), TINY)
+    assert flops.get_flop_counts()["Global"][torch.ops.aten.mm] == 2 * 2 * TINY.n_embd * TINY.vocab_size
+
+
+@pytest.fixture(scope="module")
+def wide_epsilon():
+    """(config, transformers model, params) with a layer-norm epsilon of 0.1, far from the
+    default 1e-5 (the activations' variance is about 0.02)."""
+    config = replace(TINY, layer_norm_epsilon=0.1)
+    model = hf_model(config, seed=4)
+    return config, model, params_of(model)
+
+
+def test_every_layer_norm_uses_the_configs_epsilon_in_forward_and_in_decode_steps(wide_epsilon):
+    config, model, params = wide_epsilon
+    tokens = _ids(1, 10)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert_rel_close(forward(params, tokens, config), expected)
+    logits, cache = prefill(params, tokens[:, :5], config)
+    steps = [logits]
+    for t in range(5, 10):
+        step, cache = decode_step(params, tokens[:, t], cache, config, padded=False)
+        steps.append(step)
+    assert_rel_close(torch.stack(steps, 1), expected[:, 4:])
+
+
+def test_embedding_dropout_zeroes_at_its_rate_and_scales_the_rest(tiny_params):
+    config = replace(TINY, embd_pdrop=0.25, attn_pdrop=0.0, resid_pdrop=0.0)
+    seen = {}
+    torch.manual_seed(0)
+    forward(tiny_params, _ids(4, 32), config, dropout=True, tap=recorder(seen))
+    embed, summed = seen["embed"], seen["wte"] + seen["wpe"]
+    kept = embed != 0
+    assert 0.2 < 1 - kept.float().mean() < 0.3  # 4096 values: 0.25 +- 0.007
+    assert_rel_close(embed[kept], summed[kept] / 0.75)
+
+
+@pytest.mark.parametrize("rate", ["attn_pdrop", "resid_pdrop"])
+def test_each_block_dropout_rate_takes_effect_in_forward(tiny_params, rate):
+    config = replace(TINY, **(dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0) | {rate: 0.5}))
+    tokens = _ids(2, 8)
+    assert not torch.allclose(forward(tiny_params, tokens, config, dropout=True), forward(tiny_params, tokens, config))
+
+
+@pytest.mark.parametrize("layer", ["self_attention", "transformer_block"])
+def test_kv_buffers_without_a_start_are_filled_from_position_0(trained_params, layer):
+    p, x = trained_params["h"][0], torch.randn(1, 3, TINY.n_embd, generator=torch.Generator().manual_seed(0))
+    k_buf, v_buf = (torch.zeros(1, TINY.n_head, 8, TINY.head_dim) for _ in range(2))
+    if layer == "self_attention":
+        run = lambda **kw: self_attention(x, **p["attn"], n_head=TINY.n_head, **kw)
+    else:
+        run = lambda **kw: transformer_block(x, **p, n_head=TINY.n_head, eps=1e-5, name="h.0", tap=no_tap, **kw)
+    assert_rel_close(run(kv_buffers=(k_buf, v_buf)), run())
+    assert k_buf[:, :, :3].ne(0).all() and k_buf[:, :, 3:].eq(0).all()
+
+
+# --- generate.py: the checks of generate, its window, its decode steps --------------------
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, message",
+    [
+        ([[1]], dict(sampling={}), "sampling: expected a Sampling, got dict"),
+        ([1, 2], {}, "prompts: expected a list of token-id lists, e.g. [encode(text)]"),
+        ([], {}, "prompt: empty (give at least one token)"),
+        ([[1], []], {}, "prompt: empty (give at least one token)"),
+        ([[1, 128]], {}, "prompt: token id 128 is out of range for vocab_size=128"),
+        ([[1, -1]], {}, "prompt: token id -1 is out of range for vocab_size=128"),
+        ([[1, True]], {}, "prompt: token id True is out of range for vocab_size=128"),
+        ([[1]], dict(window=0), "window must be an integer in 1..n_positions=32, got 0"),
+        ([[1]], dict(window=33), "window must be an integer in 1..n_positions=32, got 33"),
+        ([[1]], dict(window=2.0), "window must be an integer in 1..n_positions=32, got 2.0"),
+    ],
+)
+def test_bad_generate_input_gets_its_whole_message(tiny_params, prompts, kwargs, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        next(generate(tiny_params, prompts, TINY, max_new_tokens=2, **kwargs))
+
+
+@pytest.mark.parametrize("window", [1, TINY.n_positions])
+def test_generate_takes_the_smallest_and_the_largest_window(trained_params, window):
+    prompt = [3, 14, 15]
+    steps = generate(trained_params, [prompt], TINY, max_new_tokens=40, window=window)
+    assert [int(t[0]) for t in steps] == greedy_without_cache(trained_params, TINY, prompt, 40, window)
+
+
+def test_generate_makes_n_tokens_with_one_prefill_and_n_minus_1_decode_steps(trained_params, monkeypatch):
+    """The first token comes out of the prefill, each later one out of one decode step
+    (unmasked while no row is padded), and nothing runs after the last token."""
+    padded_flags = []
+
+    def recording_decode_step(*args, padded, **kwargs):
+        padded_flags.append(padded)
+        return decode_step(*args, padded=padded, **kwargs)
+
+    monkeypatch.setattr(generate_module, "decode_step", recording_decode_step)
+    assert len(list(generate(trained_params, [[1, 2], [3, 4]], TINY, max_new_tokens=4))) == 4
+    assert padded_flags == [False] * 3
+    padded_flags.clear()
+    assert len(list(generate(trained_params, [[1, 2], [3]], TINY, max_new_tokens=3))) == 3
+    assert padded_flags == [True] * 2
+
+
+# --- evaluate.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        ([torch.arange(5.0)], "texts: expected a list of 1-D integer token tensors [N]"),
+        ([torch.tensor([5]), torch.tensor([], dtype=torch.long)], "nothing to evaluate: need at least 2 tokens"),
+    ],
+)
+def test_bad_eval_texts_get_their_whole_message(tiny_params, texts, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        evaluate(tiny_params, texts, TINY, show_progress=False)
+
+
+def test_the_eval_progress_bar_is_labelled_eval(tiny_params, capsys):
+    evaluate(tiny_params, [torch.arange(20)], TINY)
+    assert re.search(r"(^|\r)eval: 100%\|", capsys.readouterr().err)

@@ -124,7 +124,7 @@ def _generate(params, config, prompts, n, **kwargs):  # -> one list of n new tok
     return torch.stack(list(generate(params, prompts, config, max_new_tokens=n, **kwargs)), 1).tolist()
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 2.0])
 def test_batched_greedy_generate_matches_transformers_generate_per_prompt(tiny, penalty):
     model, params, config = tiny
     prompts = [[7], [3, 1, 4, 1, 5], list(range(40, 52))]
