@@ -66,7 +66,7 @@ class TrainConfig:
     eval_windows: int = 64  # validation windows in a periodic evaluation (fixed set)
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation; 0: none
     device: str | None = None  # cpu, cuda, mps (default: best available)
-    dtype: str = "float32"  # compute dtype: float32, bfloat16 (float32 master weights), float16 (CUDA)
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 (float32 master weights), float32, float16 (CUDA)
 
     def __post_init__(self):
         """Every field's type and range, checked once here, however the config is built
@@ -198,7 +198,7 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     whatever the compute dtype); any other that differs is a UserError."""
     state_file = Path(run_dir) / STATE
     stored = read_state(run_dir)["config"]
-    values = dict(stored, out=str(Path(run_dir)))
+    values = {"dtype": "float32", **stored, "out": str(Path(run_dir))}  # runs from before --dtype: float32
     for key, given in overrides.items():
         if key in ("max_steps", "dtype"):
             values[key] = given
