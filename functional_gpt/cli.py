@@ -4,11 +4,13 @@ a UserError becomes one line on stderr and exit status 2."""
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 from .config import PRESETS
-from .errors import UserError
+from .errors import AgreedError, UserError
 
 
 def _info(args) -> int:
@@ -164,12 +166,28 @@ def _train(args) -> int:
     from .train import make_config, read_config_file, resume_config, train
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
+    if args.resume is None and _restarted_by_torchrun(flags):
+        args.resume = flags["out"]
     if args.resume is not None:
         cfg = resume_config(args.resume, flags)
     else:
         cfg = make_config((read_config_file(args.config) if args.config else {}) | flags)
     train(cfg, resume=args.resume is not None)
     return 0
+
+
+def _restarted_by_torchrun(flags: dict) -> bool:
+    """Whether torchrun restarted this job (--max-restarts) after a rank failed, with the
+    run's checkpoint already in --out: then the job resumes from it."""
+    from .runs import STATE
+
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    out = flags.get("out")
+    if not (restarts.isdigit() and int(restarts) > 0 and out and (Path(out) / STATE).exists()):
+        return False
+    if os.environ.get("RANK", "0") == "0":
+        print(f"torchrun restart {restarts}: resuming {out} from its last checkpoint", file=sys.stderr)
+    return True
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -202,9 +220,19 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "device": "cpu, cuda, mps (default: best available)",
         "dtype": "compute dtype: float32, bfloat16 (float32 master weights and moments), float16 (CUDA, loss "
                  "scaling); on --resume: may be changed",
+        "shard_optimizer": "under torchrun: each rank keeps AdamW's moments for its share of the tensors only "
+                           "(ZeRO-1); on --resume: may be changed",
+        "checkpoint_activations": "recompute each block's activations in the backward pass instead of keeping "
+                                  "them (less memory, about a third more compute); on --resume: may be changed",
+        "compile": "torch.compile the model (falls back to eager in one line where that fails); on --resume: "
+                   "may be changed",
     }
     for field in dataclasses.fields(TrainConfig):
         kind = str(field.type)
+        if "bool" in kind:
+            parser.add_argument(f"--{field.name}", action="store_true", default=argparse.SUPPRESS,
+                                help=helps[field.name])
+            continue
         convert = float if "float" in kind else int if "int" in kind else str
         default = getattr(defaults, field.name)
         shown = "" if default is None else f" (default {default})"
@@ -352,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        print(f"fgpt {args.command}: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "0").isdigit() else 0
+        if rank == 0:
+            print(f"fgpt {args.command}: error: {e}", file=sys.stderr)
+        elif not isinstance(e, AgreedError):  # rank 0 says the errors every rank meets alike
+            print(f"fgpt {args.command}: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fgpt {args.command}: interrupted", file=sys.stderr)

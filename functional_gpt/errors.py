@@ -1,4 +1,4 @@
-"""The one exception type the library raises for bad input."""
+"""The exception types the library raises for bad input."""
 
 
 class UserError(Exception):
@@ -7,3 +7,8 @@ class UserError(Exception):
     The message is one line that names the culprit; the CLI prints it as is and exits
     non-zero, without a traceback.
     """
+
+
+class AgreedError(UserError):
+    """A UserError every rank of a data-parallel job raises alike (from the same flags and
+    data): rank 0 alone says it, so a job of N processes prints it once."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import GPTConfig
 from .errors import UserError
@@ -84,14 +85,18 @@ def forward_hidden(
     *,
     dropout: bool = False,
     tap=no_tap,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """`forward` without the LM head: tokens int64 [B, T] -> the ln_f output [B, T, C], in
     the params' dtype; `forward` is `ln_f output @ wte.T`. Training feeds it to
-    `loss.lm_head_loss`, which takes the head and the loss together in chunks."""
+    `loss.lm_head_loss`, which takes the head and the loss together in chunks.
+    checkpoint: keep only each block's input for the backward pass, which runs the block
+    again to get the rest (torch.utils.checkpoint: the same gradients, dropout masks
+    included, for about a third more compute; a tap sees each block twice then)."""
     config = checked_config(params, config)
     T = _check_tokens(tokens, config, params, end=_length(tokens))
     positions = torch.arange(T, device=tokens.device)
-    return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout)
+    return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout, checkpoint=checkpoint)
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,8 @@ def decode_step(
 
 
 def _transformer(
-    params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0, last_only=False
+    params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0, last_only=False,
+    checkpoint=False,
 ):
     embd_p, attn_p, resid_p = (
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
@@ -230,9 +236,7 @@ def _transformer(
     x = x + tap("wpe", F.embedding(positions, params["wpe"]["weight"]).expand_as(x))
     x = tap("embed", F.dropout(x, embd_p) if embd_p else x)
     for i, block in enumerate(params["h"]):
-        x = transformer_block(
-            x,
-            **block,
+        settings = dict(
             n_head=config.n_head,
             eps=config.layer_norm_epsilon,
             name=f"h.{i}",
@@ -243,6 +247,10 @@ def _transformer(
             attn_pdrop=attn_p,
             resid_pdrop=resid_p,
         )
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(transformer_block, x, **block, **settings, use_reentrant=False)
+        else:
+            x = transformer_block(x, **block, **settings)
     if last_only:
         x = x[:, -1:]
     return tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))

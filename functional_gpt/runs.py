@@ -202,10 +202,12 @@ def write_metrics(run_dir: str | os.PathLike, metrics: list[dict]) -> None:
 # ------------------------------------------------------- optimizer.safetensors
 
 
-def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu") -> AdamWState:
+def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu", keep=None) -> AdamWState:
     """Adam's moments for the params `flat` from `path`: exactly the keys
     exp_avg.<key> / exp_avg_sq.<key>, each of its param's shape, finite, and an integer
-    adam_step in the metadata."""
+    adam_step in the metadata. keep: read the moments of these params only (a rank's
+    share under --shard_optimizer; default all)."""
+    keep = set(flat) if keep is None else set(keep)
     path = Path(path)
     expected = {f"{kind}.{k}": tuple(t.shape) for kind in ("exp_avg", "exp_avg_sq") for k, t in flat.items()}
     try:
@@ -215,28 +217,33 @@ def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu") -> AdamWSt
                 missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
                 raise UserError(f"{path}: keys do not match the model's parameters (missing {missing[:3]}, "
                                 f"unexpected {extra[:3]})")
-            tensors = {k: f.get_tensor(k) for k in expected}
+            tensors = {k: f.get_tensor(k) for k in expected if k.split(".", 1)[1] in keep}
             step = (f.metadata() or {}).get("adam_step", "")
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable optimizer state ({e})") from None
     for key, shape in expected.items():
+        if key not in tensors:
+            continue
         if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
             raise UserError(f"{path}: {key} is {tensors[key].dtype} {list(tensors[key].shape)}, "
                             f"expected floating point {list(shape)}")
     check_finite(tensors, str(path))
     if not step.isdigit():
         raise UserError(f"{path}: metadata adam_step must be an integer >= 0, got {step!r}")
-    return AdamWState({k: tensors[f"exp_avg.{k}"] for k in flat}, {k: tensors[f"exp_avg_sq.{k}"] for k in flat},
+    kept = [k for k in flat if k in keep]
+    return AdamWState({k: tensors[f"exp_avg.{k}"] for k in kept}, {k: tensors[f"exp_avg_sq.{k}"] for k in kept},
                       int(step))
 
 
-def load_checkpoint(run_dir: str | os.PathLike, device="cpu") -> tuple[TrainState, GPTConfig, dict]:
+def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -> tuple[TrainState, GPTConfig, dict]:
     """-> (the TrainState, the model config, state.json's fields) of the checkpoint in
-    `run_dir`, every file checked against the others."""
+    `run_dir`, every file checked against the others. moments_of(flat params) -> the keys
+    whose AdamW moments to load (default all)."""
     run_dir = Path(run_dir)
     fields = read_state(run_dir)
     params, config = load_params(run_dir / MODEL, device=device)
-    opt = read_optimizer(run_dir / OPTIMIZER, flatten(params), device)
+    flat = flatten(params)
+    opt = read_optimizer(run_dir / OPTIMIZER, flat, device, keep=None if moments_of is None else moments_of(flat))
     if config.to_dict() != GPTConfig.from_dict(fields["model_config"]).to_dict():
         raise UserError(f"{run_dir / MODEL}: its config differs from the run's ({STATE} model_config); "
                         f"the file was replaced")

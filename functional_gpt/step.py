@@ -9,6 +9,7 @@ run in it, and the gradients update the float32 weights and moments.
 """
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -16,6 +17,8 @@ import torch
 
 from .config import GPTConfig
 from .data import Position
+from .errors import UserError
+from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
 from .model import forward_hidden
 from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
@@ -53,20 +56,29 @@ class TrainState:
     loss_scale: LossScale | None = None
 
 
-def new_state(params: Params, seed: int, device: torch.device) -> TrainState:
+def new_state(params: Params, seed: int, device: torch.device, moments_of=None) -> TrainState:
     """The state before the first step: fresh moments, position 0, the RNG seeded as
-    torch.manual_seed(seed) would seed it (without touching torch's global generator)."""
+    torch.manual_seed(seed) would seed it (without touching torch's global generator).
+    moments_of(flat params) -> the keys to keep moments for (a rank's share under
+    shard_optimizer; default all)."""
     rng = {"torch": torch.Generator().manual_seed(seed).get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
-    return TrainState(params, adamw_init(flatten(params)), 0, Position(), rng)
+    flat = flatten(params)
+    keys = flat if moments_of is None else moments_of(flat)
+    return TrainState(params, adamw_init({k: flat[k] for k in keys}), 0, Position(), rng)
 
 
 @dataclass(frozen=True)
 class StepSettings:
     """How a step computes: the model's config (n_head, epsilon, dropout rates), the
     schedule (optim.lr_at), AdamW's settings, the clipping norm (None: none), the compute
-    dtype and whether dropout is on."""
+    dtype, whether dropout is on, and the data-parallel world: each rank computes the
+    gradients of its own share of the batch and they are averaged over the ranks;
+    shard_optimizer: each rank keeps the moments of its own tensors only (ZeRO-1, the
+    state's opt then holds those keys alone); checkpoint_activations: each block's
+    activations are recomputed in the backward pass instead of kept; compile: the model
+    runs through torch.compile (the head and loss stay as they are)."""
 
     config: GPTConfig
     lr: float
@@ -78,6 +90,10 @@ class StepSettings:
     grad_clip: float | None = 1.0
     dtype: torch.dtype = torch.float32
     dropout: bool = True
+    world: World = SINGLE
+    shard_optimizer: bool = False
+    checkpoint_activations: bool = False
+    compile: bool = False
 
 
 class Batch(NamedTuple):
@@ -113,27 +129,38 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     largest thing in memory): treat `state` as consumed. Raises Diverged, after which the
     params must not be saved, when the loss or gradient norm is not finite or an updated
     weight is not finite or exceeds DIVERGED_WEIGHT. With float16, non-finite gradients
-    skip the update and halve the loss scale instead.
+    skip the update and halve the loss scale instead. In a data-parallel world
+    (settings.world) `batch` is this rank's share of the windows: the loss and gradients
+    are the means over every rank's windows, and every rank makes the same update.
     """
     flat = flatten(state.params)
+    world = settings.world
     lr = lr_at(state.step, lr=settings.lr, warmup_steps=settings.warmup_steps,
                decay_steps=settings.decay_steps, min_lr=settings.min_lr)
     scale = state.loss_scale.scale if state.loss_scale is not None else 1.0
-    _set_rng(state.rng)
+    rng = _dropout_rng(state.rng, world)
     # Each weight is cast once per step; its gradient arrives in the compute dtype.
     compute = flat if settings.dtype == torch.float32 else {k: t.to(settings.dtype) for k, t in flat.items()}
     n_micro = len(batch.x)
     loss, grads = 0.0, None
-    for x, y in zip(batch.x, batch.y):
+    for i, (x, y) in enumerate(zip(batch.x, batch.y)):
+        # Across ranks, gradients are summed once per step: with the last micro-batch's
+        # backward pass, into which the local sum of the earlier ones is folded.
+        reducer = None
+        if world.size > 1 and i == n_micro - 1:
+            reducer = GradientReducer({k: t.shape for k, t in flat.items()}, world, x.device,
+                                      accumulated=None if grads is None else _in_float32(grads))
         micro_loss, micro_grads = loss_and_grads(compute, x, y, settings.config, dropout=settings.dropout,
-                                                 loss_scale=scale)
+                                                 loss_scale=scale, reducer=reducer,
+                                                 checkpoint=settings.checkpoint_activations, compile=settings.compile)
         loss += float(micro_loss) / n_micro
-        grads = micro_grads if grads is None else _add(_in_float32(grads), micro_grads)
+        grads = micro_grads if grads is None or reducer is not None else _add(_in_float32(grads), micro_grads)
     del compute
-    rng = _get_rng(state.rng)
-    if n_micro > 1 or scale != 1.0:  # the mean over the micro-batches, unscaled, in float32
+    rng = rng if rng is not None else _get_rng(state.rng)
+    if n_micro > 1 or scale != 1.0 or world.size > 1:  # the mean over all windows, unscaled, in float32
         grads = _in_float32(grads)
-        torch._foreach_div_(list(grads.values()), n_micro * scale)
+        torch._foreach_div_(list(grads.values()), n_micro * scale * world.size)
+    (loss,) = mean(world, [loss], batch.x.device)
     if not math.isfinite(loss):
         raise Diverged(f"loss is {loss}")
     norm = clip_grad_norm(grads, settings.grad_clip)
@@ -145,7 +172,13 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
             return after, {"loss": loss, "lr": lr, "grad_norm": norm, "skipped": True}
     if not math.isfinite(norm):
         raise Diverged(f"gradient norm is {norm}")
-    opt = adamw_step(flat, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    if settings.shard_optimizer and world.size > 1:
+        owner = owners({k: t.shape for k, t in flat.items()}, world.size)
+        mine = {k: t for k, t in flat.items() if owner[k] == world.rank}
+        opt = adamw_step(mine, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        broadcast_owned(flat, owner)
+    else:
+        opt = adamw_step(flat, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
     key, largest = max_abs(flat)
     if not largest <= DIVERGED_WEIGHT:
         raise Diverged(f"the update made {key} {'diverge' if math.isfinite(largest) else 'non-finite'} "
@@ -154,15 +187,57 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     return after, {"loss": loss, "lr": lr, "grad_norm": norm}
 
 
-def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False, loss_scale: float = 1.0):
+def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False, loss_scale: float = 1.0,
+                   reducer: GradientReducer | None = None, checkpoint: bool = False, compile: bool = False):
     """One forward and backward pass. flat: {GPT-2 key: tensor}, in the compute dtype;
     x, y: int64 [B, T]. -> (loss in nats/token as a float32 0-d tensor, {key: gradient of
-    loss * loss_scale}, in flat's dtypes)."""
+    loss * loss_scale}, in flat's dtypes). With a `reducer`, each gradient goes to it as
+    backward produces it, and the result is `reducer.wait()`: the float32 sums over the
+    ranks. checkpoint: recompute each block in the backward pass (model.forward_hidden).
+    compile: run the model compiled (`compiled_model`)."""
     leaves = {k: t.detach().requires_grad_(True) for k, t in flat.items()}
     params = unflatten(leaves)
-    loss = lm_head_loss(forward_hidden(params, x, config, dropout=dropout), params["wte"]["weight"], y)
-    grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(leaves.values()))
-    return loss.detach(), dict(zip(leaves, grads))
+    hidden = (compiled_model() if compile else forward_hidden)(params, x, config, dropout=dropout,
+                                                              checkpoint=checkpoint)
+    loss = lm_head_loss(hidden, params["wte"]["weight"], y)
+    scaled = loss * loss_scale if loss_scale != 1.0 else loss
+    if reducer is None:
+        grads = torch.autograd.grad(scaled, list(leaves.values()))
+        return loss.detach(), dict(zip(leaves, grads))
+    hooks = [leaf.register_post_accumulate_grad_hook(reducer.hook(key)) for key, leaf in leaves.items()]
+    try:
+        scaled.backward(inputs=list(leaves.values()))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return loss.detach(), reducer.wait()
+
+
+def compiled_model():
+    """forward_hidden through torch.compile, made once per process. Where compiling fails
+    (no C++ compiler, an unsupported backend), the first call says so in one line on
+    stderr and this and every later call run forward_hidden as it is."""
+    if _COMPILED:
+        return _COMPILED[0]
+    compiled = torch.compile(forward_hidden)
+
+    def run(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:  # torch.compile's failures have no common base class
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"--compile: torch.compile failed ({type(e).__name__}: {first}); training without it",
+                  file=sys.stderr)
+            _COMPILED[0] = forward_hidden
+            return forward_hidden(*args, **kwargs)
+
+    _COMPILED.append(run)
+    return run
+
+
+_COMPILED: list = []  # [the model compiled_model returns], once made
 
 
 def max_abs(flat: dict) -> tuple[str, float]:
@@ -190,6 +265,21 @@ def _next_loss_scale(scale: LossScale, finite: bool) -> LossScale:
     if scale.good_steps + 1 >= GROWTH_INTERVAL:
         return LossScale(scale.scale * 2, 0)
     return LossScale(scale.scale, scale.good_steps + 1)
+
+
+def _dropout_rng(rng: dict, world: World) -> dict | None:
+    """Set torch's generators for this step's dropout from the state's `rng`. A single
+    process draws from `rng` itself (-> None: the state after the step is the generators'
+    own). In a world of N, every rank draws one seed from `rng` (-> the state after that
+    draw, the same on every rank) and rank r's dropout runs on seed + r: masks differ
+    across ranks, and a resume with the same N replays them exactly."""
+    _set_rng(rng)
+    if world.size == 1:
+        return None
+    seed = int(torch.randint(2**62, ()))
+    after = _get_rng(rng)
+    torch.manual_seed(seed + world.rank)
+    return after
 
 
 def _set_rng(rng: dict) -> None:

@@ -25,8 +25,10 @@ from tqdm import tqdm
 from .checkpoint import load_params
 from .config import GPTConfig, preset
 from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
+from . import distributed
 from .device import DTYPES, pick_device, pick_dtype
-from .errors import UserError
+from .distributed import SINGLE, World
+from .errors import AgreedError, UserError
 from .files import atomic_path, make_dir
 from .generate import generate
 from .loss import lm_head_loss
@@ -68,6 +70,9 @@ class TrainConfig:
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation; 0: none
     device: str | None = None  # cpu, cuda, mps (default: best available)
     dtype: str = "bfloat16"  # compute dtype: bfloat16 (float32 master weights), float32, float16 (CUDA)
+    shard_optimizer: bool = False  # data parallel: each rank keeps its share of AdamW's moments (ZeRO-1)
+    checkpoint_activations: bool = False  # recompute each block in the backward pass
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self):
         """Every field's type and range, checked once here, however the config is built
@@ -109,6 +114,9 @@ def _check_type(key: str, kind: str, value) -> None:
     if value is None:
         if "None" not in kind:
             raise UserError(f"--{key}: a value is required")
+    elif "bool" in kind:
+        if not isinstance(value, bool):
+            raise UserError(f"--{key}: expected true or false, got {value!r}")
     elif "str" in kind:
         if not isinstance(value, str) or not value:
             raise UserError(f"--{key}: expected a non-empty string, got {value!r}")
@@ -163,9 +171,12 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 @torch.inference_mode()
 def val_loss(params: Params, config: GPTConfig, tokens: np.ndarray, starts, context_length: int,
-             device, should_stop=lambda: False) -> float | None:
+             device, should_stop=lambda: False, world: World = SINGLE) -> float | None:
     """Mean next-token cross-entropy (nats/token) over the windows at `starts`; None if
-    `should_stop()` turns true between two batches (an interrupted evaluation)."""
+    `should_stop()` turns true between two batches (an interrupted evaluation). In a
+    data-parallel world each rank takes every world.size-th window and the sums are
+    all-reduced: every rank returns the mean over all of `starts`."""
+    starts = starts[world.rank :: world.size]
     total, count = 0.0, 0
     batch_size = max(1, 2048 // context_length)
     for i in range(0, len(starts), batch_size):
@@ -176,6 +187,7 @@ def val_loss(params: Params, config: GPTConfig, tokens: np.ndarray, starts, cont
         loss = lm_head_loss(forward_hidden(params, x.to(device), config), params["wte"]["weight"], y.to(device))
         total += float(loss) * y.numel()
         count += y.numel()
+    total, count = distributed.total(world, [total, count], device)
     return total / count
 
 
@@ -195,13 +207,14 @@ def sample_text(params: Params, config: GPTConfig, n_tokens: int, seed: int, dev
 
 def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     """The stored configuration of the run in `run_dir`. `overrides` (flags given on the
-    command line) may extend max_steps and change dtype (the master weights are float32
-    whatever the compute dtype); any other that differs is a UserError."""
+    command line) may extend max_steps and change how the step computes (dtype: the master
+    weights are float32 whatever the compute dtype; shard_optimizer, checkpoint_activations,
+    compile); any other that differs is a UserError."""
     state_file = Path(run_dir) / STATE
     stored = read_state(run_dir)["config"]
     values = {"dtype": "float32", **stored, "out": str(Path(run_dir))}  # runs from before --dtype: float32
     for key, given in overrides.items():
-        if key in ("max_steps", "dtype"):
+        if key in _MAY_CHANGE_ON_RESUME:
             values[key] = given
             continue
         same = given == stored.get(key)
@@ -216,6 +229,9 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
         return make_config(values)
     except UserError as e:
         raise UserError(f"{state_file}: config: {e}") from None
+
+
+_MAY_CHANGE_ON_RESUME = ("max_steps", "dtype", "shard_optimizer", "checkpoint_activations", "compile")
 
 
 def keep_freed_memory() -> None:
@@ -265,13 +281,47 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     SIGTERM finishes the step, saves and returns. A non-finite loss, gradient or
     validation loss, or params that are not finite or exceed DIVERGED_WEIGHT, stop the run
     with a UserError before anything of that step is saved: the last good checkpoint stays
-    as it was."""
+    as it was.
+
+    Under torchrun (WORLD_SIZE > 1) it trains data parallel: each rank takes its share
+    (batch_size / WORLD_SIZE) of every micro-batch, gradients are averaged over the ranks,
+    and rank 0 alone logs, shows progress and writes files. The checkpoint is the one a
+    single process writes, so a run resumes with any number of ranks."""
     keep_freed_memory()
+    world = distributed.world_from_env()
+    if not world.is_main:
+        log, progress = _silent, False
+    if cfg.batch_size % world.size:
+        what = (f"is fewer windows than the {world.size} processes: each needs at least one"
+                if cfg.batch_size < world.size else f"does not split evenly over {world.size} processes")
+        raise AgreedError(f"--batch_size {cfg.batch_size} {what}; give a multiple of {world.size}")
     device = pick_device(cfg.device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     dtype = pick_dtype(cfg.dtype, device, log=log)
+    distributed.join(world, device)
+    try:
+        return _train(cfg, world, device, dtype, resume=resume, progress=progress, log=log)
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistBackendError, ...) when a peer is gone
+        if world.size == 1:
+            raise
+        kept = f"the last checkpoint in {cfg.out} is kept" if (Path(cfg.out) / STATE).exists() else "nothing was saved"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"another rank stopped or cannot be reached ({type(e).__name__}: {first}); {kept}; "
+                        f"torchrun --max-restarts N resumes from it") from None
+    finally:
+        distributed.leave()
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _train(cfg: TrainConfig, world: World, device, dtype, *, resume: bool, progress: bool, log) -> dict:
     run = Path(cfg.out)
+    moments_of = distributed.my_share(world) if cfg.shard_optimizer and world.size > 1 else None
     if resume:
-        state, config, fields = load_checkpoint(run, device=device)
+        state, config, fields = load_checkpoint(run, device=device, moments_of=moments_of)
         cfg = dataclasses.replace(cfg, data=fields["data_dir"])
         stored_dtype = fields["config"].get("dtype", "float32")
         if stored_dtype != cfg.dtype:
@@ -281,22 +331,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         best = fields["best_val_loss"]
     else:
         if (run / STATE).exists():
-            raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
-        make_dir(run)
+            raise AgreedError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
+        if world.is_main:
+            make_dir(run)
         params, config = _model(cfg, device)
         cfg = resolve(cfg, config)
-        state, metrics, best = new_state(params, cfg.seed, device), [], None
+        state, metrics, best = new_state(params, cfg.seed, device, moments_of=moments_of), [], None
     if dtype == torch.float16 and state.loss_scale is None:
         state = dataclasses.replace(state, loss_scale=LossScale())
     settings = StepSettings(config, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                             decay_steps=cfg.decay_steps, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None, dtype=dtype)
+                            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None, dtype=dtype,
+                            world=world, shard_optimizer=cfg.shard_optimizer,
+                            checkpoint_activations=cfg.checkpoint_activations, compile=cfg.compile)
     if state.step >= cfg.max_steps:
-        raise UserError(f"{run} is already at step {state.step}; pass a larger --max_steps to train on")
+        raise AgreedError(f"{run} is already at step {state.step}; pass a larger --max_steps to train on")
     train_tokens = load_tokens(cfg.data, "train", vocab_size=config.vocab_size)
     val_tokens = load_tokens(cfg.data, "val", vocab_size=config.vocab_size)
     check_fits(train_tokens, cfg.context_length, f"{cfg.data}/train.bin")
     check_fits(val_tokens, cfg.context_length, f"{cfg.data}/val.bin")
+    distributed.check_same_data(world, {"train.bin": train_tokens, "val.bin": val_tokens}, device)
     if resume:
         if len(train_tokens) != fields["train_tokens"]:
             raise UserError(f"{cfg.data}/train.bin holds {len(train_tokens)} tokens, the run was trained on "
@@ -309,30 +363,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context_length
     stop = _StopOnSignal()
     n_params = sum(t.numel() for t in flatten(state.params).values())
-    log(f"training {run} on {cfg.data}: {n_params:,} parameters, {tokens_per_step} tokens/step, "
+    ranks = f", {world.size} processes x {cfg.batch_size // world.size} windows" if world.size > 1 else ""
+    log(f"training {run} on {cfg.data}: {n_params:,} parameters, {tokens_per_step} tokens/step{ranks}, "
         f"steps {state.step}..{cfg.max_steps}, device {device}, {str(dtype).removeprefix('torch.')}")
 
     def checkpoint(val: float | None, is_best: bool, lr: float):
+        saved = state
+        if moments_of is not None:  # every rank sends its moments; rank 0 saves them all
+            full = distributed.gather_moments(world, state.opt, flatten(state.params))
+            saved = dataclasses.replace(state, opt=full)
+        if not world.is_main:
+            return
         record = {"data_dir": cfg.data, "train_tokens": len(train_tokens), "lr": lr, "val_loss": val,
                   "best_val_loss": best, "config": cfg.to_dict()}
         write_metrics(run, metrics)
-        save_run_checkpoint(run, state, config, record, is_best=is_best)
+        save_run_checkpoint(run, saved, config, record, is_best=is_best)
 
     def stopped(at: int, what: str):
         kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
-        return UserError(f"step {at}: {what}; stopped, {kept}; try a lower --lr or check the data")
+        return AgreedError(f"step {at}: {what}; stopped, {kept}; try a lower --lr or check the data")
+
+    share = slice(world.rank * cfg.batch_size // world.size, (world.rank + 1) * cfg.batch_size // world.size)
 
     def next_step_batch() -> Batch:
         windows, position = [], state.position
         for _ in range(cfg.grad_accum):
             x, y, position = next_batch(train_tokens, position, batch_size=cfg.batch_size,
                                         context_length=cfg.context_length, stride=cfg.stride, seed=cfg.seed)
-            windows.append((x, y))
+            windows.append((x[share], y[share]))
         x, y = (torch.stack(t).to(device) for t in zip(*windows))
         return Batch(x, y, position)
 
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
+    say = bar.write if world.is_main else _silent
     start = time.time()
     with stop, bar:  # the bar is closed before any error is printed
         while state.step < cfg.max_steps:
@@ -346,27 +410,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             metrics.append({"step": state.step, **result, "tokens_per_s": tokens_per_step / seconds})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
             bar.update()
+            stop_now = distributed.any_rank(world, stop.requested is not None, device)
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-                val = val_loss(state.params, config, val_tokens, quick_starts, cfg.context_length, device)
+                val = val_loss(state.params, config, val_tokens, quick_starts, cfg.context_length, device,
+                               world=world)
                 if not math.isfinite(val):
                     raise stopped(state.step, f"validation loss is {val}")
                 is_best = best is None or val < best
                 best = min(val, best) if best is not None else val
                 entry = {"step": state.step, "val_loss": val}
-                if cfg.sample_tokens:
+                if cfg.sample_tokens and world.is_main:
                     entry["sample"] = sample_text(state.params, config, cfg.sample_tokens, cfg.seed + state.step,
                                                   device)
                 metrics.append(entry)
-                bar.write(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} "
-                          f"windows)" + (f"\n  sample: {entry['sample']!r}" if cfg.sample_tokens else ""))
+                say(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} "
+                          f"windows)" + (f"\n  sample: {entry['sample']!r}" if "sample" in entry else ""))
                 checkpoint(val, is_best, lr)
-                plot_losses(metrics, run / "loss.png")
-            elif stop.requested:
+                if world.is_main:
+                    plot_losses(metrics, run / "loss.png")
+            elif stop_now:
                 checkpoint(None, False, lr)
-            if stop.requested and state.step < cfg.max_steps:
+            if stop_now and state.step < cfg.max_steps:
                 bar.close()
-                log(f"stopped by {stop.requested} at step {state.step}; checkpoint saved. "
-                    f"Resume with: fgpt train --resume {run}")
+                log(f"stopped by {stop.requested or 'a signal to another rank'} at step {state.step}; checkpoint "
+                    f"saved. Resume with: fgpt train --resume {run}")
                 return {"step": state.step, "interrupted": True}
         bar.close()
         elapsed = time.time() - start
@@ -374,21 +441,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         # context (the training context when val.bin is shorter than that).
         final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
         final_starts = eval_starts(len(val_tokens), final_T)
-        final = None if stop.requested else val_loss(state.params, config, val_tokens, final_starts, final_T,
-                                                     device, should_stop=lambda: stop.requested is not None)
+        # Ranks stop a final evaluation together or not at all: a signal only skips it in a single process.
+        should_stop = (lambda: stop.requested is not None) if world.size == 1 else (lambda: False)
+        final = None if stop_now else val_loss(state.params, config, val_tokens, final_starts, final_T,
+                                               device, should_stop=should_stop, world=world)
     step = state.step
     if final is None:
-        log(f"stopped by {stop.requested} after the last step ({step}): the run is complete and saved; the final "
+        log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is complete and saved; the final "
             f"evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
         return {"step": step, "interrupted": True}
     peak_mb = _peak_rss_mb()
     log(f"val loss {final:.4f} nats/token (all {len(final_starts)} non-overlapping windows of "
-        f"{final_T} tokens in val.bin); training {elapsed:.0f}s, peak memory {peak_mb:.0f} MiB")
+        f"{final_T} tokens in val.bin); training {elapsed:.0f}s, peak memory {peak_mb:.0f} MiB"
+        + (" (rank 0)" if world.size > 1 else ""))
     summary = {"step": step, "val_loss": final, "best_val_loss": best, "train_seconds": elapsed,
                "peak_rss_mib": peak_mb, "interrupted": False}
-    metrics.append({"step": step, "final_val_loss": final})
-    write_metrics(run, metrics)
-    plot_losses(metrics, run / "loss.png")
+    if world.is_main:
+        metrics.append({"step": step, "final_val_loss": final})
+        write_metrics(run, metrics)
+        plot_losses(metrics, run / "loss.png")
     return summary
 
 

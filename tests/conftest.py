@@ -107,3 +107,53 @@ def published_layout(model, dtype=torch.float32) -> dict:
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     tensors["lm_head.weight"] = tensors["wte.weight"].clone()
     return tensors
+
+
+def hf_from(flat: dict, config):
+    """transformers' GPT2LMHeadModel (eval mode: no dropout) holding `flat`'s weights."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(**config.to_dict(), bos_token_id=0, eos_token_id=0,
+                                        activation_function="gelu_new")
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    model.transformer.load_state_dict({k: v.clone() for k, v in flat.items()}, strict=True)
+    return model
+
+
+def reference_training(start: dict, config, batches, *, lrs, weight_decay: float, clip: float,
+                       betas=(0.9, 0.95)):
+    """The independent reference of a training run: transformers' GPT2LMHeadModel holding
+    `start` (flat params), trained by torch.optim.AdamW with the decay / no-decay groups of
+    `optim.decays`, clip_grad_norm_ and F.cross_entropy over each step's windows at once.
+    batches: one (x, y) [B, T] per step; lrs: each step's learning rate.
+    -> ({GPT-2 key: param after the last step}, [loss per step], [pre-clip norm per step])."""
+    import torch.nn.functional as F
+
+    from functional_gpt.optim import decays
+
+    model = hf_from(start, config)
+    named = [(k.removeprefix("transformer."), p) for k, p in model.named_parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for k, p in named if decays(k, p)], "weight_decay": weight_decay},
+         {"params": [p for k, p in named if not decays(k, p)], "weight_decay": 0.0}],
+        lr=lrs[0], betas=betas, eps=1e-8)
+    assert len(optimizer.param_groups[0]["params"]) == 4 * config.n_layer  # c_attn, c_proj, c_fc, c_proj
+    losses, norms = [], []
+    for (x, y), lr in zip(batches, lrs, strict=True):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        losses.append(float(loss.detach()))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    return {k: p.detach() for k, p in named}, losses, norms
+
+
+def without_key_bias(key: str, t: torch.Tensor, n_embd: int) -> torch.Tensor:
+    """`t`, less the key bias when `key` is a c_attn bias: that bias's gradient is zero in
+    exact arithmetic (softmax ignores a shift common to a query's scores), so any two
+    computations move it by rounding noise that Adam scales up to +-lr."""
+    if key.endswith("attn.c_attn.bias"):
+        return torch.cat([t[:n_embd], t[2 * n_embd :]])
+    return t

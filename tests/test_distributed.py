@@ -1,0 +1,372 @@
+"""Data-parallel training under torchrun (gloo, CPU), against one process and transformers.
+
+Each run is a real `torchrun ... -m functional_gpt train` on 127.0.0.1 (gloo pinned to the
+loopback interface), one torch thread per process, on the tiny model with trained-like
+weights and random tokens; every subprocess has a timeout.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import functional_gpt.train as train_module
+from functional_gpt import flatten, init_params, load_params, save_params
+from functional_gpt.data import Position, next_batch
+from functional_gpt.distributed import World, GradientReducer, my_share, owners, world_from_env
+from functional_gpt.errors import UserError
+from functional_gpt.optim import lr_at
+from functional_gpt.step import loss_and_grads
+from functional_gpt.train import make_config, resume_config, train
+
+from conftest import TINY, hf_model, params_of, reference_training, without_key_bias
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, LR, MIN_LR, WARMUP, WD, CLIP = 5, 1e-2, 1e-3, 2, 0.1, 0.05
+
+
+@pytest.fixture(autouse=True)
+def no_loss_plot(monkeypatch):
+    monkeypatch.setattr(train_module, "plot_losses", lambda metrics, path: None, raising=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data_dir, init_file): random tokens of the tiny vocabulary, trained-like weights."""
+    root = tmp_path_factory.mktemp("dp")
+    generator = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir()
+    generator.integers(0, TINY.vocab_size, 4000).astype("<u2").tofile(data / "train.bin")
+    generator.integers(0, TINY.vocab_size, 400).astype("<u2").tofile(data / "val.bin")
+    init = root / "init.safetensors"
+    save_params(init, params_of(hf_model(TINY, seed=1)), TINY)
+    return data, init
+
+
+def flags(data, init, out, **overrides) -> dict:
+    values = dict(data=str(data), init=str(init), out=str(out), batch_size=4, context_length=16, lr=LR,
+                  min_lr=MIN_LR, warmup_steps=WARMUP, decay_steps=STEPS, max_steps=STEPS, weight_decay=WD,
+                  grad_clip=CLIP, dropout=0.0, eval_interval=STEPS, eval_windows=0, sample_tokens=0,
+                  device="cpu", dtype="float32")
+    return values | overrides
+
+
+def as_argv(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    return env | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun_argv(train_argv: list[str], *, nproc: int = 2, launcher: list[str] | None = None) -> list[str]:
+    launcher = launcher or ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *launcher,
+            "-m", "functional_gpt", "train", *train_argv]
+
+
+def torchrun(train_argv: list[str], *, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_argv(train_argv, nproc=nproc), capture_output=True, text=True,
+                          timeout=timeout, env=launch_env())
+
+
+def one_process(values: dict, *, resume: bool = False):
+    cfg = resume_config(values["out"], values) if resume else make_config(values)
+    return train(cfg, resume=resume, progress=False, log=lambda *a: None)
+
+
+def params(run: Path) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
+def assert_same_params(got: dict, expected: dict, rtol: float, what: str) -> None:
+    """Per tensor: max |got - expected| <= rtol x max |expected| (the key bias aside: see
+    conftest.without_key_bias)."""
+    assert set(got) == set(expected)
+    for key in expected:
+        g, e = (without_key_bias(key, t, TINY.n_embd).double() for t in (got[key], expected[key]))
+        error, scale = float((g - e).abs().max()), float(e.abs().max())
+        assert error <= rtol * scale, f"{what}: {key} differs by {error:.2e} ({error / scale:.1e} of its scale)"
+
+
+def reference_batches(data: Path, *, steps: int, windows: int):
+    tokens, position, batches = np.fromfile(data / "train.bin", dtype="<u2"), Position(), []
+    for _ in range(steps):
+        x, y, position = next_batch(tokens, position, batch_size=windows, context_length=16, stride=16, seed=0)
+        batches.append((x, y))
+    return batches
+
+
+def closed_form_lrs(steps: int) -> list[float]:
+    return [lr_at(s, lr=LR, warmup_steps=WARMUP, decay_steps=STEPS, min_lr=MIN_LR) for s in range(steps)]
+
+
+def logged(run: Path) -> list[dict]:
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+# --------------------------------------------------------- equal to one process
+
+
+@pytest.mark.parametrize("grad_accum, shard", [(1, False), (2, False), (2, True)],
+                         ids=["batch4", "accum2", "accum2-sharded-optimizer"])
+def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path, grad_accum, shard):
+    """--batch_size 4 on 2 ranks (2 windows each) gives, after 5 AdamW steps with clipping
+    active at each, the params of --batch_size 4 in one process within 1e-5 of each
+    tensor's scale, and those of transformers + torch.optim.AdamW on the same 4 * accum
+    windows per step within 1e-4 (measured: 3e-8 and 7e-6); the logged loss and gradient
+    norm are the global ones. With --shard_optimizer each rank holds half the moments,
+    and the checkpoint holds them all, equal to the one-process run's."""
+    data, init = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(flags(data, init, one, grad_accum=grad_accum))
+    done = torchrun(as_argv(flags(data, init, two, grad_accum=grad_accum, shard_optimizer=shard)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_params(params(two), params(one), 1e-5, "2 processes vs 1")
+    moments_two, moments_one = load_file(str(two / "optimizer.safetensors")), load_file(str(one / "optimizer.safetensors"))
+    assert_same_params({k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_two.items()},
+                       {k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_one.items()}, 1e-4,
+                       "moments")
+    start = flatten(load_params(init)[0])
+    batches = reference_batches(data, steps=STEPS, windows=4 * grad_accum)
+    expected, losses, norms = reference_training(start, TINY, batches, lrs=closed_form_lrs(STEPS),
+                                                 weight_decay=WD, clip=CLIP)
+    assert_same_params(params(two), expected, 1e-4, "2 processes vs transformers")
+    for m, loss, norm in zip(logged(two), losses, norms, strict=True):
+        assert m["loss"] == pytest.approx(loss, rel=1e-5) and m["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert min(norms) > CLIP
+
+
+def test_a_checkpoint_resumes_with_another_number_of_processes(setup, tmp_path):
+    """2 ranks to step 3, then 1 process to step 5; and 1 process to step 3, then 2 ranks
+    with --shard_optimizer to step 5: both end at the uninterrupted run's params (1e-5)."""
+    data, init = setup
+    whole = tmp_path / "whole"
+    one_process(flags(data, init, whole))
+    two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
+
+    done = torchrun(as_argv(flags(data, init, two_then_one, max_steps=3, eval_interval=3)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_process(flags(data, init, two_then_one, max_steps=STEPS, eval_interval=3), resume=True)
+    assert_same_params(params(two_then_one), params(whole), 1e-5, "2 then 1 process")
+
+    one_process(flags(data, init, one_then_two, max_steps=3, eval_interval=3))
+    done = torchrun(["--resume", str(one_then_two), "--max_steps", str(STEPS), "--shard_optimizer"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_params(params(one_then_two), params(whole), 1e-5, "1 then 2 processes")
+    assert json.loads((one_then_two / "state.json").read_text())["step"] == STEPS
+
+
+def test_two_nodes_on_localhost_train_and_checkpoint(setup, tmp_path):
+    """Two torchrun launchers (--nnodes 2, one process each) meet through torchrun's c10d
+    rendezvous on 127.0.0.1, train and checkpoint: the params of one process (1e-5)."""
+    data, init = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(flags(data, init, one))
+    launcher = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv_id", "test"]
+    argv = torchrun_argv(as_argv(flags(data, init, two)), nproc=1, launcher=launcher)
+    nodes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env())
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert_same_params(params(two), params(one), 1e-5, "2 nodes vs 1 process")
+    assert (two / "state.json").exists() and (two / "optimizer.safetensors").exists()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("fgpt train: error")]
+
+
+@pytest.mark.parametrize("nproc, batch_size, message", [
+    (2, 3, "--batch_size 3 does not split evenly over 2 processes; give a multiple of 2"),
+    (4, 2, "--batch_size 2 is fewer windows than the 4 processes: each needs at least one; give a multiple of 4"),
+])
+def test_a_batch_the_ranks_cannot_share_is_one_line_from_rank_0(setup, tmp_path, nproc, batch_size, message):
+    data, init = setup
+    done = torchrun(as_argv(flags(data, init, tmp_path / "run", batch_size=batch_size)), nproc=nproc)
+    assert done.returncode != 0
+    assert error_lines(done) == [f"fgpt train: error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_world_without_a_rendezvous_endpoint_is_one_line():
+    with pytest.raises(UserError, match=r"^environment: WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT \(the "
+                                        r"rendezvous endpoint\): start data parallel runs with torchrun$"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(UserError, match=r"^environment: RANK='x' is not a count"):
+        world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match=r"^environment: RANK=2 does not fit WORLD_SIZE=2$"):
+        world_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    assert world_from_env({}) == World() and world_from_env({"WORLD_SIZE": "1"}) == World()
+    env = launch_env() | {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, "-m", "functional_gpt", "train", "--max_steps", "1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and error_lines(done) == [
+        "fgpt train: error: environment: WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT (the rendezvous "
+        "endpoint): start data parallel runs with torchrun"]
+
+
+def test_a_rank_with_other_data_is_one_line_from_rank_0_and_nothing_is_written(setup, tmp_path):
+    data, init = setup
+    other = tmp_path / "other"
+    other.mkdir()
+    tokens = np.fromfile(data / "train.bin", dtype="<u2")
+    tokens[:400].copy().tofile(other / "val.bin")
+    tokens[::-1].copy().tofile(other / "train.bin")
+    launcher = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv_id", "bad"]
+    nodes = [subprocess.Popen(torchrun_argv(as_argv(flags(d, init, tmp_path / "run")), nproc=1, launcher=launcher),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env())
+             for d in (data, other)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    said = [line for _, err in outputs for line in err.splitlines() if line.startswith("fgpt train: error")]
+    assert len(said) == 1 and said[0].startswith("fgpt train: error: rank 1 reads a different train.bin from "
+                                                 "rank 0's (4,000 tokens, crc32 "), said
+    assert said[0].endswith("give every rank the same --data")
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+# ------------------------------------------------------------------ a rank dies
+
+
+def rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` whose command line names `out`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"functional_gpt" in cmdline and str(out).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and b"torch.distributed.run" not in cmdline:
+            return int(entry.name)
+    return None
+
+
+def kill_rank_after_checkpoint(out: Path, rank: int, at_least: int, timeout: float = 120) -> int:
+    """Wait for a checkpoint at step >= at_least, SIGKILL `rank`: -> that checkpoint's step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            step = json.loads((out / "state.json").read_text())["step"]
+        except (OSError, ValueError):
+            step = -1
+        if step >= at_least:
+            pid = rank_pid(out, rank)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                return step
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {at_least} in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_in_one_line_and_max_restarts_resumes_it(setup, tmp_path):
+    """SIGKILL rank 1 after a checkpoint: without restarts, rank 0 stops in one line and the
+    checkpoint resumes; with --max-restarts 1, torchrun restarts both ranks, they resume
+    from the last checkpoint by themselves and end bit-exactly where an uninterrupted
+    2-rank run ends."""
+    data, init = setup
+    long = dict(max_steps=300, decay_steps=300, eval_interval=20)
+    whole, killed, restarted = tmp_path / "whole", tmp_path / "killed", tmp_path / "restarted"
+    done = torchrun(as_argv(flags(data, init, whole, **long)))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    job = subprocess.Popen(torchrun_argv(as_argv(flags(data, init, killed, **long))), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=launch_env())
+    kill_rank_after_checkpoint(killed, 1, 20)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    said = [line for line in err.splitlines() if line.startswith("fgpt train: error")]
+    assert len(said) == 1 and "another rank stopped" in said[0], err[-3000:]
+    one_process(flags(data, init, killed, **long), resume=True)  # the checkpoint left behind is whole
+
+    job = subprocess.Popen(torchrun_argv(as_argv(flags(data, init, restarted, **long)) ,
+                                         launcher=["--max-restarts", "1", "--master_addr", "127.0.0.1",
+                                                   "--master_port", str(free_port())]),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env())
+    kill_rank_after_checkpoint(restarted, 1, 20)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    got, expected = params(restarted), params(whole)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+# ------------------------------------------------------------- in one process
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    """A real gloo process group of one rank, so that the collectives run (as identities)."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_the_reducer_returns_the_gradients_autograd_gives(gloo_world_of_one, accumulated):
+    """Through the buckets (small ones: 5 for the tiny model, each within the cap unless a
+    single tensor exceeds it), the gradients equal torch.autograd.grad's exactly, plus the
+    earlier micro-batches' sum when given; buckets start in order as each fills."""
+    flat = flatten(params_of(hf_model(TINY, seed=2)))
+    x, y = torch.randint(TINY.vocab_size, (2, 2, 16))
+    _, expected = loss_and_grads(flat, x, y, TINY)
+    earlier = {k: torch.randn_like(t) for k, t in flat.items()} if accumulated else None
+    reducer = GradientReducer({k: t.shape for k, t in flat.items()}, World(0, 1, 0), "cpu", accumulated=earlier,
+                              bucket_bytes=4 * 5000)
+    _, got = loss_and_grads(flat, x, y, TINY, reducer=reducer)
+    assert list(got) == list(flat)
+    for key in flat:
+        assert torch.equal(got[key], expected[key] + (earlier[key] if accumulated else 0)), key
+    assert len(reducer.buckets) >= 5 and reducer.started == len(reducer.buckets)
+    assert all(b.numel() <= 5000 or len([k for k, i in reducer.bucket_of.items() if i == n]) == 1
+               for n, b in enumerate(reducer.buckets))
+    assert reducer.bucket_of["ln_f.weight"] == 0 and reducer.bucket_of["wte.weight"] == len(reducer.buckets) - 1
+
+
+def test_owners_balance_whole_tensors_and_the_shares_cover_every_key():
+    flat = flatten(init_params(TINY))
+    shapes = {k: t.shape for k, t in flat.items()}
+    for size in (1, 2, 3):
+        owner = owners(shapes, size)
+        loads = [sum(flat[k].numel() for k in flat if owner[k] == r) for r in range(size)]
+        assert max(loads) - min(loads) <= max(t.numel() for t in flat.values())
+        shares = [my_share(World(r, size, r))(flat) for r in range(size)]
+        assert sorted(k for share in shares for k in share) == sorted(flat)
+    gpt2 = {k: t.shape for k, t in flatten(init_params(train_module.preset("gpt2"), device="meta")).items()}
+    loads = [sum(math.prod(s) for k, s in gpt2.items() if owners(gpt2, 2)[k] == r) for r in range(2)]
+    assert abs(loads[0] - loads[1]) < 0.01 * sum(loads)
