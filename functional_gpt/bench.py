@@ -29,6 +29,8 @@ import torch
 from .errors import UserError
 
 CONTENDERS = ("ours-float32", "ours-bfloat16", "transformers-float32", "transformers-bfloat16")
+# On request (--contenders): our bf16 step with --checkpoint_activations.
+EXTRA_CONTENDERS = ("ours-bfloat16-checkpointed",)
 BASELINE = "transformers-float32"
 AGREEMENT = 1e-4  # |first-step loss, ours - theirs| in float32, nats/token
 
@@ -48,10 +50,10 @@ def bench(preset_name: str = "gpt2", *, batch: int = 1, seq: int | None = None, 
     for name, value in (("--batch", batch), ("--rounds", rounds), ("--steps", steps)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    unknown = [c for c in contenders if c not in CONTENDERS]
+    unknown = [c for c in contenders if c not in CONTENDERS + EXTRA_CONTENDERS]
     if unknown:
-        raise UserError(f"--contenders: unknown {unknown[0]!r}; known: {', '.join(CONTENDERS)}")
-    contenders = [c for c in contenders if cpu_has_bf16() or not c.endswith("bfloat16")]
+        raise UserError(f"--contenders: unknown {unknown[0]!r}; known: {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
+    contenders = [c for c in contenders if cpu_has_bf16() or "bfloat16" not in c]
     with tempfile.TemporaryDirectory() as tmp:
         _write_weights(config, Path(tmp))
         job = {"dir": tmp, "batch": batch, "seq": seq, "steps": steps}
@@ -106,7 +108,7 @@ def _report(preset_name, config, batch, seq, peaks, results) -> dict:
     base = results.get(BASELINE)
     rows = {}
     for contender, runs in results.items():
-        peak = peaks["bfloat16" if contender.endswith("bfloat16") else "float32"]
+        peak = peaks["bfloat16" if "bfloat16" in contender else "float32"]
         step_s = statistics.median(r["step_s"] for r in runs)
         row = {
             "tokens_per_s": batch * seq / step_s,
@@ -159,11 +161,14 @@ def _cpu_name() -> str:
 def _measure(job: dict) -> dict:
     if job["kind"] == "peak":
         return {dtype: _matmul_gflops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
-    side, dtype_name = job["kind"].split("-")
+    side, dtype_name, *variant = job["kind"].split("-")
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(50257, (job["steps"] + 1, job["batch"], job["seq"] + 1), generator=generator)
-    step, forward = (_ours if side == "ours" else _theirs)(Path(job["dir"]), dtype)
+    if side == "ours":
+        step, forward = _ours(Path(job["dir"]), dtype, checkpoint=variant == ["checkpointed"])
+    else:
+        step, forward = _theirs(Path(job["dir"]), dtype)
     losses, times = [], []
     for i in range(job["steps"] + 1):
         x, y = tokens[i, :, :-1], tokens[i, :, 1:]
@@ -182,7 +187,7 @@ def _measure(job: dict) -> dict:
             "peak_rss_mib": peak_rss_mib}
 
 
-def _ours(directory: Path, dtype):
+def _ours(directory: Path, dtype, checkpoint: bool = False):
     from .checkpoint import load_params
     from .data import Position
     from .model import forward
@@ -193,7 +198,7 @@ def _ours(directory: Path, dtype):
     keep_freed_memory()  # as `fgpt train` does
     params, config = load_params(directory)
     settings = StepSettings(config, lr=1e-4, min_lr=1e-5, warmup_steps=1, decay_steps=100, weight_decay=0.1,
-                            grad_clip=1.0, dtype=dtype, dropout=False)
+                            grad_clip=1.0, dtype=dtype, dropout=False, checkpoint_activations=checkpoint)
     state = [new_state(params, 0, torch.device("cpu"))]
 
     def step(x, y) -> float:

@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=3, metavar="N", help="timed steps per measurement, after "
                        "one warm-up step (default 3)")
     bench.add_argument("--contenders", nargs="+", default=None, metavar="NAME",
-                       help="a subset of: ours-float32 ours-bfloat16 transformers-float32 transformers-bfloat16")
+                       help="a subset of: ours-float32 ours-bfloat16 transformers-float32 transformers-bfloat16 "
+                            "(the default), and ours-bfloat16-checkpointed (--checkpoint_activations)")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench.set_defaults(run=_bench)
 

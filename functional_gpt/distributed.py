@@ -13,6 +13,7 @@ collectives (gloo on the CPU, NCCL on CUDA):
 """
 
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -103,6 +104,16 @@ def total(world: World, values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def every_rank(world: World, value: float, device) -> list[float]:
+    """`value` as each rank has it, in rank order."""
+    if world.size == 1:
+        return [value]
+    t = torch.zeros(world.size, dtype=torch.float64, device=device)
+    t[world.rank] = value
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def any_rank(world: World, flag: bool, device) -> bool:
     """Whether `flag` holds on some rank: every rank gets the same answer, so they all
     take the same branch (stop, save) at the same step."""
@@ -118,7 +129,8 @@ def check_same_data(world: World, arrays: dict[str, np.ndarray], device) -> None
     0) naming the first rank whose arrays differ from rank 0's in length or CRC-32."""
     if world.size == 1:
         return
-    mine = torch.tensor([v for a in arrays.values() for v in (len(a), zlib.crc32(a.tobytes()))], device=device)
+    crc = lambda a: zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy of a memmap
+    mine = torch.tensor([v for a in arrays.values() for v in (len(a), crc(a))], device=device)
     every = [torch.empty_like(mine) for _ in range(world.size)]
     dist.all_gather(every, mine)
     for rank, theirs in enumerate(every):
@@ -138,12 +150,13 @@ class GradientReducer:
     bucket (adding `accumulated[key]`, the earlier micro-batches' local sum, if given),
     frees the leaf's .grad, and once every gradient of the bucket is in, starts its
     all-reduce. Buckets start in a fixed order on every rank (a bucket waits for those
-    before it), as collectives must. `wait()` -> {key: float32 sum over the ranks}.
+    before it), as collectives must. `wait()` -> {key: float32 sum over the ranks}, and
+    sets `waited`: the seconds it blocked, the communication backward did not hide.
     """
 
-    def __init__(self, shapes: dict[str, torch.Size], world: World, device, *,
-                 accumulated: dict | None = None, bucket_bytes: int = BUCKET_BYTES):
-        self.world, self.accumulated = world, accumulated
+    def __init__(self, shapes: dict[str, torch.Size], device, *, accumulated: dict | None = None,
+                 bucket_bytes: int = BUCKET_BYTES):
+        self.accumulated = accumulated
         self.bucket_of, self.views, self.buckets = {}, {}, []
         sizes: list[list[str]] = [[]]
         used = 0
@@ -162,7 +175,7 @@ class GradientReducer:
             self.buckets.append(buffer)
         self.missing = [len(keys) for keys in sizes]
         self.order = list(shapes)
-        self.started, self.works = 0, []
+        self.started, self.works, self.waited = 0, [], 0.0
 
     def hook(self, key: str):
         def arrived(leaf: torch.Tensor) -> None:
@@ -185,8 +198,10 @@ class GradientReducer:
         if any(self.missing):  # a parameter backward never reached: the graph does not use it
             key = next(k for k in self.order if self.missing[self.bucket_of[k]])
             raise RuntimeError(f"data parallel: no gradient reached {key}")
+        started = time.perf_counter()
         for work in self.works:
             work.wait()
+        self.waited = time.perf_counter() - started  # the communication backward did not hide
         return {key: self.views[key] for key in self.order}
 
 
@@ -222,18 +237,25 @@ def broadcast_owned(flat: dict, owner: dict[str, int]) -> None:
         work.wait()
 
 
-def gather_moments(world: World, opt: AdamWState, flat: dict) -> AdamWState | None:
-    """The whole AdamW state, gathered on rank 0 from the ranks that own its pieces (None
-    on the other ranks): what a checkpoint saves, the same as a single process's."""
+def fetch_moments(flat: dict, size: int):
+    """On rank 0: -> fetch(kind, key), the moment ("exp_avg" or "exp_avg_sq") of `key`
+    received from the rank that owns it, for runs.save_checkpoint to write as it goes
+    (one tensor at a time: rank 0 never holds every moment at once)."""
+    owner = owners({k: t.shape for k, t in flat.items()}, size)
+
+    def fetch(kind: str, key: str) -> torch.Tensor:
+        into = torch.empty_like(flat[key])
+        dist.recv(into, src=owner[key])
+        return into
+
+    return fetch
+
+
+def send_moments(world: World, opt: AdamWState, flat: dict) -> None:
+    """On a rank > 0: send its moments to rank 0, in the order a checkpoint writes them
+    (exp_avg of every key, then exp_avg_sq), as rank 0's `fetch_moments` asks for them."""
     owner = owners({k: t.shape for k, t in flat.items()}, world.size)
-    exp_avg, exp_avg_sq = {}, {}
-    for key, p in flat.items():
-        for mine, into in ((opt.exp_avg, exp_avg), (opt.exp_avg_sq, exp_avg_sq)):
-            if owner[key] == world.rank == 0:
-                into[key] = mine[key]
-            elif world.rank == 0:
-                into[key] = torch.empty_like(p)
-                dist.recv(into[key], src=owner[key])
-            elif owner[key] == world.rank:
-                dist.send(mine[key].contiguous(), dst=0)
-    return AdamWState(exp_avg, exp_avg_sq, opt.step) if world.rank == 0 else None
+    for moments in (opt.exp_avg, opt.exp_avg_sq):
+        for key in flat:
+            if owner[key] == world.rank:
+                dist.send(moments[key].contiguous(), dst=0)

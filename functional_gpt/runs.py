@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .checkpoint import load_params, save_params
 from .config import GPTConfig
@@ -34,11 +33,15 @@ from .step import LossScale, TrainState
 MODEL, OPTIMIZER, STATE, METRICS, BEST = "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl", "best"
 
 
-def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTConfig, record: dict) -> None:
+def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTConfig, record: dict,
+                    fetch_moment=None) -> None:
     """Write `state` as a checkpoint so that a kill at any instant leaves a complete one behind.
 
     record: the run's own fields for state.json besides the TrainState's (data_dir,
-    train_tokens, lr, val_loss, best_val_loss, config). Phase 1 writes model, optimizer and
+    train_tokens, lr, val_loss, best_val_loss, config). fetch_moment(kind, key) -> the
+    moment ("exp_avg" or "exp_avg_sq") of a param that `state.opt` lacks (another rank's
+    share under --shard_optimizer), called in the file's order as it is written, so that
+    no more than one such tensor need exist at a time. Phase 1 writes model, optimizer and
     state.json (last) into `run_dir/.next/`; phase 2 renames them into `run_dir`,
     state.json last. A kill in phase 1 leaves the previous checkpoint untouched (the
     partial `.next` is discarded later); a kill in phase 2 is rolled forward by `recover`,
@@ -48,10 +51,16 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTCo
     recover(run_dir)
     pending = run_dir / ".next"
     save_params(pending / MODEL, state.params, config)
-    moments = {f"exp_avg.{k}": t.contiguous() for k, t in state.opt.exp_avg.items()}
-    moments |= {f"exp_avg_sq.{k}": t.contiguous() for k, t in state.opt.exp_avg_sq.items()}
+    flat = flatten(state.params)
+    specs = [(f"{kind}.{k}", p.shape, p.dtype) for kind in MOMENTS for k, p in flat.items()]
+
+    def moments():
+        for kind, have in zip(MOMENTS, (state.opt.exp_avg, state.opt.exp_avg_sq)):
+            for key in flat:
+                yield have[key] if key in have else fetch_moment(kind, key)
+
     with atomic_path(pending / OPTIMIZER) as tmp:
-        save_file(moments, str(tmp), metadata={"adam_step": str(state.opt.step)})
+        write_safetensors(tmp, specs, moments(), metadata={"adam_step": str(state.opt.step)})
     fields = {"step": state.step, "data_position": state.position._asdict(),
               "rng": {name: bytes(t.tolist()).hex() for name, t in state.rng.items()},
               "model_config": config.to_dict(), **record}
@@ -62,13 +71,44 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTCo
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTConfig, record: dict,
-                        *, is_best: bool) -> None:
-    """The run's checkpoint at the root and, when `is_best`, in `best/` too. best/ is
-    written first: a kill between the two leaves best/ ahead of the root (a resume replays
-    the same steps bit-exactly and writes the same best/ again), never behind it."""
-    if is_best:
-        save_checkpoint(Path(run_dir) / BEST, state, config, record)
-    save_checkpoint(run_dir, state, config, record)
+                        *, is_best: bool, fetch_moment=None) -> None:
+    """The run's checkpoint at the root and, when `is_best`, in `best/` too (see
+    `checkpoint_dirs`). fetch_moment: as for save_checkpoint, once per directory."""
+    for directory in checkpoint_dirs(run_dir, is_best):
+        save_checkpoint(directory, state, config, record, fetch_moment)
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike, is_best: bool) -> list[Path]:
+    """Where save_run_checkpoint writes, in order. best/ is written first: a kill between
+    the two leaves best/ ahead of the root (a resume replays the same steps bit-exactly
+    and writes the same best/ again), never behind it."""
+    return [Path(run_dir) / BEST, Path(run_dir)] if is_best else [Path(run_dir)]
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def write_safetensors(path: str | os.PathLike, specs: list, tensors, metadata: dict) -> None:
+    """A safetensors file whose tensors arrive one at a time: specs [(name, shape, dtype)]
+    make the header, then each tensor of the iterable `tensors`, in that order, is written
+    as it comes (so a caller can produce them lazily; safetensors' own save_file needs
+    them all at once). A tensor unlike its spec is a ValueError."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for (name, shape, dtype), t in zip(specs, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: got {t.dtype} {list(t.shape)}, the header says {dtype} {list(shape)}")
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
 
 
 def _commit(run_dir: Path) -> None:

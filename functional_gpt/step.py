@@ -120,7 +120,9 @@ DIVERGED_WEIGHT = 1e6
 
 
 def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple[TrainState, dict]:
-    """One optimizer update -> (the state after it, {"loss", "lr", "grad_norm"}).
+    """One optimizer update -> (the state after it, {"loss", "lr", "grad_norm"} and, in a
+    data-parallel world, "allreduce_wait_s": the time spent waiting for the gradients'
+    all-reduce after the backward pass).
 
     loss is the mean over the batch in nats/token before the update; grad_norm is the
     global gradient norm before clipping. The step is fixed by (state, batch, settings):
@@ -148,7 +150,7 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
         # backward pass, into which the local sum of the earlier ones is folded.
         reducer = None
         if world.size > 1 and i == n_micro - 1:
-            reducer = GradientReducer({k: t.shape for k, t in flat.items()}, world, x.device,
+            reducer = GradientReducer({k: t.shape for k, t in flat.items()}, x.device,
                                       accumulated=None if grads is None else _in_float32(grads))
         micro_loss, micro_grads = loss_and_grads(compute, x, y, settings.config, dropout=settings.dropout,
                                                  loss_scale=scale, reducer=reducer,
@@ -184,7 +186,10 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
         raise Diverged(f"the update made {key} {'diverge' if math.isfinite(largest) else 'non-finite'} "
                        f"(max |w| {largest:.3g})")
     after = replace(state, opt=opt, step=state.step + 1, position=batch.end, rng=rng, loss_scale=loss_scale)
-    return after, {"loss": loss, "lr": lr, "grad_norm": norm}
+    metrics = {"loss": loss, "lr": lr, "grad_norm": norm}
+    if reducer is not None:
+        metrics["allreduce_wait_s"] = reducer.waited
+    return after, metrics
 
 
 def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False, loss_scale: float = 1.0,

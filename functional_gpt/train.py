@@ -34,7 +34,7 @@ from .generate import generate
 from .loss import lm_head_loss
 from .model import forward_hidden
 from .params import Params, flatten, init_params
-from .runs import STATE, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
+from .runs import STATE, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
 from .sampling import Sampling
 from .step import Batch, Diverged, LossScale, StepSettings, new_state, train_step
 from .tokenizer import ENDOFTEXT_ID, decode
@@ -368,16 +368,16 @@ def _train(cfg: TrainConfig, world: World, device, dtype, *, resume: bool, progr
         f"steps {state.step}..{cfg.max_steps}, device {device}, {str(dtype).removeprefix('torch.')}")
 
     def checkpoint(val: float | None, is_best: bool, lr: float):
-        saved = state
-        if moments_of is not None:  # every rank sends its moments; rank 0 saves them all
-            full = distributed.gather_moments(world, state.opt, flatten(state.params))
-            saved = dataclasses.replace(state, opt=full)
-        if not world.is_main:
+        flat = flatten(state.params)
+        if not world.is_main:  # under --shard_optimizer, rank 0 writes this rank's moments too
+            for _ in checkpoint_dirs(run, is_best) if moments_of is not None else ():
+                distributed.send_moments(world, state.opt, flat)
             return
         record = {"data_dir": cfg.data, "train_tokens": len(train_tokens), "lr": lr, "val_loss": val,
                   "best_val_loss": best, "config": cfg.to_dict()}
         write_metrics(run, metrics)
-        save_run_checkpoint(run, saved, config, record, is_best=is_best)
+        fetch = distributed.fetch_moments(flat, world.size) if moments_of is not None else None
+        save_run_checkpoint(run, state, config, record, is_best=is_best, fetch_moment=fetch)
 
     def stopped(at: int, what: str):
         kept = f"the last good checkpoint in {run} is kept" if (run / STATE).exists() else "nothing was saved"
@@ -450,12 +450,15 @@ def _train(cfg: TrainConfig, world: World, device, dtype, *, resume: bool, progr
         log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is complete and saved; the final "
             f"evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
         return {"step": step, "interrupted": True}
-    peak_mb = _peak_rss_mb()
+    peaks = distributed.every_rank(world, _peak_rss_mb(), device)
     log(f"val loss {final:.4f} nats/token (all {len(final_starts)} non-overlapping windows of "
-        f"{final_T} tokens in val.bin); training {elapsed:.0f}s, peak memory {peak_mb:.0f} MiB"
-        + (" (rank 0)" if world.size > 1 else ""))
+        f"{final_T} tokens in val.bin); training {elapsed:.0f}s, peak memory "
+        + (f"{peaks[0]:.0f} MiB" if world.size == 1 else f"{' / '.join(f'{p:.0f}' for p in peaks)} MiB (ranks "
+           f"0..{world.size - 1})"))
     summary = {"step": step, "val_loss": final, "best_val_loss": best, "train_seconds": elapsed,
-               "peak_rss_mib": peak_mb, "interrupted": False}
+               "peak_rss_mib": peaks[0], "interrupted": False}
+    if world.size > 1:
+        summary["peak_rss_mib_per_rank"] = peaks
     if world.is_main:
         metrics.append({"step": step, "final_val_loss": final})
         write_metrics(run, metrics)

@@ -127,6 +127,11 @@ def closed_form_lrs(steps: int) -> list[float]:
     return [lr_at(s, lr=LR, warmup_steps=WARMUP, decay_steps=STEPS, min_lr=MIN_LR) for s in range(steps)]
 
 
+def final_val_loss(run: Path) -> float:
+    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return next(m["final_val_loss"] for m in lines if "final_val_loss" in m)
+
+
 def logged(run: Path) -> list[dict]:
     return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
@@ -149,6 +154,7 @@ def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path,
     done = torchrun(as_argv(flags(data, init, two, grad_accum=grad_accum, shard_optimizer=shard)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_params(params(two), params(one), 1e-5, "2 processes vs 1")
+    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)  # every rank's share, all-reduced
     moments_two, moments_one = load_file(str(two / "optimizer.safetensors")), load_file(str(one / "optimizer.safetensors"))
     assert_same_params({k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_two.items()},
                        {k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_one.items()}, 1e-4,
@@ -338,21 +344,33 @@ def gloo_world_of_one():
 
 
 @pytest.mark.parametrize("accumulated", [False, True])
-def test_the_reducer_returns_the_gradients_autograd_gives(gloo_world_of_one, accumulated):
+def test_the_reducer_returns_the_gradients_autograd_gives(gloo_world_of_one, monkeypatch, accumulated):
     """Through the buckets (small ones: 5 for the tiny model, each within the cap unless a
     single tensor exceeds it), the gradients equal torch.autograd.grad's exactly, plus the
-    earlier micro-batches' sum when given; buckets start in order as each fills."""
+    earlier micro-batches' sum when given; each bucket's all-reduce starts once all its
+    gradients are in, in bucket order, and while backward still runs (the first before the
+    last gradient arrives)."""
+    started = []
+    all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        i = next(i for i, b in enumerate(reducer.buckets) if b is tensor)
+        started.append((i, reducer.missing[i], sum(reducer.missing)))
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", recording_all_reduce)
     flat = flatten(params_of(hf_model(TINY, seed=2)))
     x, y = torch.randint(TINY.vocab_size, (2, 2, 16))
     _, expected = loss_and_grads(flat, x, y, TINY)
     earlier = {k: torch.randn_like(t) for k, t in flat.items()} if accumulated else None
-    reducer = GradientReducer({k: t.shape for k, t in flat.items()}, World(0, 1, 0), "cpu", accumulated=earlier,
-                              bucket_bytes=4 * 5000)
+    reducer = GradientReducer({k: t.shape for k, t in flat.items()}, "cpu", accumulated=earlier, bucket_bytes=4 * 5000)
     _, got = loss_and_grads(flat, x, y, TINY, reducer=reducer)
     assert list(got) == list(flat)
     for key in flat:
         assert torch.equal(got[key], expected[key] + (earlier[key] if accumulated else 0)), key
     assert len(reducer.buckets) >= 5 and reducer.started == len(reducer.buckets)
+    assert [i for i, _, _ in started] == list(range(len(reducer.buckets)))
+    assert all(missing == 0 for _, missing, _ in started) and started[0][2] > 0
     assert all(b.numel() <= 5000 or len([k for k, i in reducer.bucket_of.items() if i == n]) == 1
                for n, b in enumerate(reducer.buckets))
     assert reducer.bucket_of["ln_f.weight"] == 0 and reducer.bucket_of["wte.weight"] == len(reducer.buckets) - 1
@@ -370,3 +388,22 @@ def test_owners_balance_whole_tensors_and_the_shares_cover_every_key():
     gpt2 = {k: t.shape for k, t in flatten(init_params(train_module.preset("gpt2"), device="meta")).items()}
     loads = [sum(math.prod(s) for k, s in gpt2.items() if owners(gpt2, 2)[k] == r) for r in range(2)]
     assert abs(loads[0] - loads[1]) < 0.01 * sum(loads)
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_one_state():
+    """In a world of 2 the ranks' dropout streams differ, the state after the step is the
+    same on both (one value to save) and differs from the one before; one process draws
+    from the state itself, as before data parallelism existed."""
+    from functional_gpt.step import _dropout_rng
+
+    rng = {"torch": torch.Generator().manual_seed(3).get_state()}
+    draws, afters = [], []
+    for rank in (0, 1):
+        afters.append(_dropout_rng(rng, World(rank, 2, rank)))
+        draws.append(torch.rand(8))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(afters[0]["torch"], afters[1]["torch"]) and not torch.equal(afters[0]["torch"], rng["torch"])
+    _dropout_rng(rng, World(1, 2, 1))
+    assert torch.equal(torch.rand(8), draws[1])  # a resume with the same world replays them
+    assert _dropout_rng(rng, World()) is None
+    assert torch.equal(torch.rand(8), torch.rand(8, generator=torch.Generator().manual_seed(3)))

@@ -141,7 +141,7 @@ def test_kill_during_save_keeps_previous_checkpoint(setup, tmp_path, monkeypatch
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the optimizer state")
 
-    monkeypatch.setattr(runs_module, "save_file", crash)
+    monkeypatch.setattr(runs_module, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
@@ -372,7 +372,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(setup,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs_module, "save_file", full)
+    monkeypatch.setattr(runs_module, "write_safetensors", full)
     with pytest.raises(UserError, match=r"optimizer.safetensors: cannot write \(No space left on device\)"):
         quiet_train(resume_config(run, {"max_steps": 4}), resume=True)
     monkeypatch.undo()
@@ -503,3 +503,23 @@ def test_bfloat16_on_a_cpu_without_it_falls_back_to_float32_in_one_line(setup, t
     train(run_config(setup, tmp_path / "run", max_steps=2, dtype="bfloat16"), progress=False, log=logs.append)
     assert "this CPU has no bfloat16 arithmetic" in logs[0] and "training in float32" in logs[0]
     assert "float32" in logs[1]
+
+
+def test_the_streamed_optimizer_file_is_what_safetensors_writes(tmp_path):
+    """runs.write_safetensors, fed one tensor at a time, makes a file safetensors reads
+    back (header validated) to the same names, shapes, dtypes, values and metadata as its
+    own save_file; a tensor unlike the header's spec is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors = {"a.w": torch.randn(3, 5), "b": torch.randn(7).bfloat16(), "c.z": torch.randn(2, 2, 2).half()}
+    specs = [(k, t.shape, t.dtype) for k, t in tensors.items()]
+    runs_module.write_safetensors(tmp_path / "ours.safetensors", specs, iter(tensors.values()), {"adam_step": "4"})
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"adam_step": "4"})
+    for name in ("ours", "theirs"):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
+            assert f.metadata() == {"adam_step": "4"} and sorted(f.keys()) == sorted(tensors)
+            for key, t in tensors.items():
+                assert f.get_tensor(key).dtype == t.dtype and torch.equal(f.get_tensor(key), t)
+    with pytest.raises(ValueError, match=r"^b: got torch.float32 \[7\], the header says torch.bfloat16 \[7\]$"):
+        runs_module.write_safetensors(tmp_path / "bad", specs, [tensors["a.w"], torch.randn(7), tensors["c.z"]], {})
