@@ -78,6 +78,8 @@ def join(world: World, device: torch.device) -> None:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device.type}: data parallel training runs on cpu or cuda")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timedelta(minutes=10))
 
 

@@ -105,12 +105,21 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+# The norm is summed over flat pieces of at most this many elements: torch's float32 norm of
+# one 38.6M-element tensor (gpt2's wte) is 0.27% off (6196.8 for 6213.3), over pieces of
+# 2**22 elements 8e-5, of 2**16 1.2e-7 (for 9 ms instead of 7 on 2 cores); and a bfloat16
+# gradient is widened to float32 a piece at a time instead of all at once.
+NORM_PIECE = 2**16
+
+
 def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
     """Scale `grads` in place so their global L2 norm is at most `max_norm` (None: no
-    clipping). -> the norm before clipping (inf or nan when a gradient is not finite)."""
+    clipping). -> the norm before clipping (inf or nan when a gradient is not finite),
+    accumulated in float32 over pieces of NORM_PIECE elements."""
     g = list(grads.values())
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32)))
+        pieces = [piece for t in g for piece in t.reshape(-1).split(NORM_PIECE)]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)))
         if max_norm is not None and math.isfinite(norm) and norm > max_norm:
             torch._foreach_mul_(g, max_norm / (float(norm) + 1e-6))
     return float(norm)

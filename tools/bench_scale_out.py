@@ -156,7 +156,6 @@ def part_shard(tmp: Path, rounds: int) -> str:
 
 
 def part_ckpt(tmp: Path, rounds: int) -> str:
-    gradient_gap = checkpoint_gradient_gap()
     data = short_val_data(tmp)
     common = ["--data", str(data), "--preset", "gpt2", "--max_steps", "4", "--batch_size", "1", "--dropout", "0",
               "--eval_interval", "1000", "--eval_windows", "1"]
@@ -171,6 +170,8 @@ def part_ckpt(tmp: Path, rounds: int) -> str:
              f"{statistics.median(res['peak_rss_mib'][0] for res in runs):.0f}",
              f"{statistics.median(steady(res['steps'], 'tokens_per_s', 1) for res in runs):.0f}"]
             for ckpt, runs in results.items()]
+    # After the runs: Linux carries a parent's peak RSS over fork + exec into the child's ru_maxrss.
+    gradient_gap = checkpoint_gradient_gap()
     return (f"`gpt2`, 1 x 1024 tokens, bfloat16, `fgpt train` 4 steps, 2 threads, {rounds} interleaved rounds; "
             f"largest gradient difference (float32, dropout 0.1 on both): {gradient_gap:.1e} of its tensor's "
             "scale\n\n" + table(["run", "peak RSS MiB", "train tok/s"], rows))
