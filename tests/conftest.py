@@ -109,6 +109,18 @@ def published_layout(model, dtype=torch.float32) -> dict:
     return tensors
 
 
+def random_token_data(data, vocab_size: int, n_train: int, n_val: int, seed: int = 0):
+    """A prepared data directory `data` (created) of uniformly random tokens below
+    vocab_size: train.bin then val.bin drawn from one seeded generator. -> data."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    data.mkdir()
+    generator.integers(0, vocab_size, n_train).astype("<u2").tofile(data / "train.bin")
+    generator.integers(0, vocab_size, n_val).astype("<u2").tofile(data / "val.bin")
+    return data
+
+
 def hf_from(flat: dict, config):
     """transformers' GPT2LMHeadModel (eval mode: no dropout) holding `flat`'s weights."""
     transformers = pytest.importorskip("transformers")

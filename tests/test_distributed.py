@@ -30,7 +30,7 @@ from functional_gpt.optim import lr_at
 from functional_gpt.step import loss_and_grads
 from functional_gpt.train import make_config, resume_config, train
 
-from conftest import TINY, hf_model, params_of, reference_training, without_key_bias
+from conftest import TINY, hf_model, params_of, random_token_data, reference_training, without_key_bias
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, LR, MIN_LR, WARMUP, WD, CLIP = 5, 1e-2, 1e-3, 2, 0.1, 0.05
@@ -45,11 +45,7 @@ def no_loss_plot(monkeypatch):
 def setup(tmp_path_factory):
     """(data_dir, init_file): random tokens of the tiny vocabulary, trained-like weights."""
     root = tmp_path_factory.mktemp("dp")
-    generator = np.random.default_rng(0)
-    data = root / "data"
-    data.mkdir()
-    generator.integers(0, TINY.vocab_size, 4000).astype("<u2").tofile(data / "train.bin")
-    generator.integers(0, TINY.vocab_size, 400).astype("<u2").tofile(data / "val.bin")
+    data = random_token_data(root / "data", TINY.vocab_size, 4000, 400)
     init = root / "init.safetensors"
     save_params(init, params_of(hf_model(TINY, seed=1)), TINY)
     return data, init

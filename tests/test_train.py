@@ -20,17 +20,13 @@ from functional_gpt.runs import load_checkpoint
 from functional_gpt.step import loss_and_grads
 from functional_gpt.train import make_config, read_config_file, resume_config, train
 
-from conftest import hf_model
+from conftest import hf_model, random_token_data
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_config):
     """(data_dir, init_file): random tokens below the tiny vocab, and tiny weights."""
-    generator = np.random.default_rng(0)
-    data = tmp_path / "data"
-    data.mkdir()
-    generator.integers(0, tiny_config.vocab_size, 3000).astype("<u2").tofile(data / "train.bin")
-    generator.integers(0, tiny_config.vocab_size, 300).astype("<u2").tofile(data / "val.bin")
+    data = random_token_data(tmp_path / "data", tiny_config.vocab_size, 3000, 300)
     init = tmp_path / "init.safetensors"
     save_params(init, init_params(tiny_config, seed=0), tiny_config)
     return data, init
