@@ -79,3 +79,21 @@ def test_bfloat16_matmuls_with_float32_softmax():
     assert_rel_close(loss, expected, 1e-2)
     assert_rel_close(h.grad.float(), d_hidden, 2e-2)
     assert_rel_close(w.grad.float(), d_wte, 2e-2)
+
+
+def test_a_bfloat16_chunk_takes_its_loss_from_the_bf16_logits_in_float32():
+    """The bf16 path (no float32 [rows, V] tensor): its loss equals F.cross_entropy over the
+    same bf16 logits widened to float32 within 1e-6 (the log-sum-exp taken LSE_ROWS rows at
+    a time, here over a chunk of 70 rows: two full blocks and a part), and its gradients
+    are softmax - onehot rounded to bf16 once: within 1e-2 of float32's on those logits."""
+    hidden, wte, targets = inputs(N=140, C=32, V=300)
+    hidden, wte = hidden.bfloat16(), wte.bfloat16()
+    logits = (hidden @ wte.T).float()
+    expected = F.cross_entropy(logits, targets)
+    h, w = hidden.clone().requires_grad_(), wte.clone().requires_grad_()
+    loss = lm_head_loss(h, w, targets, chunk_rows=70)
+    loss.backward()
+    assert_rel_close(loss, expected, 1e-6)
+    g = (torch.softmax(logits, -1) - F.one_hot(targets, 300)) / len(targets)
+    assert_rel_close(h.grad.float(), g @ wte.float(), 1e-2)
+    assert_rel_close(w.grad.float(), g.T @ hidden.float(), 1e-2)
