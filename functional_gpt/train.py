@@ -424,7 +424,7 @@ def _train(cfg: TrainConfig, world: World, device, dtype, *, resume: bool, progr
                                                   device)
                 metrics.append(entry)
                 say(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} "
-                          f"windows)" + (f"\n  sample: {entry['sample']!r}" if "sample" in entry else ""))
+                    f"windows)" + (f"\n  sample: {entry['sample']!r}" if "sample" in entry else ""))
                 checkpoint(val, is_best, lr)
                 if world.is_main:
                     plot_losses(metrics, run / "loss.png")
@@ -447,8 +447,8 @@ def _train(cfg: TrainConfig, world: World, device, dtype, *, resume: bool, progr
                                                device, should_stop=should_stop, world=world)
     step = state.step
     if final is None:
-        log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is complete and saved; the final "
-            f"evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
+        log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is "
+            f"complete and saved; the final evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
         return {"step": step, "interrupted": True}
     peaks = distributed.every_rank(world, _peak_rss_mb(), device)
     log(f"val loss {final:.4f} nats/token (all {len(final_starts)} non-overlapping windows of "
