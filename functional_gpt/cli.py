@@ -230,7 +230,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         kind = str(field.type)
         if "bool" in kind:
-            parser.add_argument(f"--{field.name}", action="store_true", default=argparse.SUPPRESS,
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=helps[field.name])
             continue
         convert = float if "float" in kind else int if "int" in kind else str
