@@ -549,6 +549,12 @@ def cli_cases() -> list[Case]:
                         ("--dtype", "float16")]:
         add(f"train {flag} {value}", T + [flag, value], E(flag if flag != "--device" else value), "train.py")
     add("train --dtype bfloat16", T + ["--dtype", "bfloat16"], OK(state_step("run", 2)), "train.py")
+    add("train --compile=yes", T + ["--compile=yes"], E("--compile"), "cli.py")
+    add("train --config compile = \"yes\"", [*T, "--config", "{W}/c.toml"], E("--compile: expected true or false"),
+        "train.py", setup=files(**{"c.toml": 'compile = "yes"'}))
+    add("train --checkpoint_activations", T + ["--checkpoint_activations"], OK(state_step("run", 2)), "train.py")
+    add("train WORLD_SIZE=2 without MASTER_ADDR", T, E("MASTER_ADDR"), "distributed.py",
+        patch=lambda: mock.patch.dict(os.environ, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}))
 
     # bench (the checks live in bench.py; none of these reaches a measurement)
     for flags, culprit in [(["--seq", "0"], "--seq"), (["--seq", "129"], "--seq"), (["--batch", "0"], "--batch"),
