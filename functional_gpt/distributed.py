@@ -90,11 +90,7 @@ def leave() -> None:
 
 def mean(world: World, values: list[float], device) -> list[float]:
     """The mean of each value over the ranks (the values themselves in a single process)."""
-    if world.size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world.size).tolist()
+    return [v / world.size for v in total(world, values, device)]
 
 
 def total(world: World, values: list[float], device) -> list[float]:
@@ -210,23 +206,23 @@ class GradientReducer:
 # ------------------------------------------------------------------------ ZeRO-1
 
 
-def owners(shapes: dict[str, torch.Size], size: int) -> dict[str, int]:
+def owners(flat: dict, size: int) -> dict[str, int]:
     """Which rank keeps each tensor's AdamW moments: whole tensors, largest first, each to
     the rank holding the fewest elements so far (gpt2 on 2 ranks: 62.2M and 62.2M)."""
     load = [0] * size
     owner = {}
-    for key in sorted(shapes, key=lambda k: -int(np.prod(shapes[k], dtype=np.int64))):
+    for key in sorted(flat, key=lambda k: -flat[k].numel()):
         rank = min(range(size), key=load.__getitem__)
         owner[key] = rank
-        load[rank] += int(np.prod(shapes[key], dtype=np.int64))
-    return {key: owner[key] for key in shapes}
+        load[rank] += flat[key].numel()
+    return {key: owner[key] for key in flat}
 
 
 def my_share(world: World):
     """-> moments_of(flat params): the keys whose moments `owners` gives this rank."""
 
     def keys(flat: dict) -> list[str]:
-        owner = owners({k: t.shape for k, t in flat.items()}, world.size)
+        owner = owners(flat, world.size)
         return [k for k in flat if owner[k] == world.rank]
 
     return keys
@@ -243,7 +239,7 @@ def fetch_moments(flat: dict, size: int):
     """On rank 0: -> fetch(kind, key), the moment ("exp_avg" or "exp_avg_sq") of `key`
     received from the rank that owns it, for runs.save_checkpoint to write as it goes
     (one tensor at a time: rank 0 never holds every moment at once)."""
-    owner = owners({k: t.shape for k, t in flat.items()}, size)
+    owner = owners(flat, size)
 
     def fetch(kind: str, key: str) -> torch.Tensor:
         into = torch.empty_like(flat[key])
@@ -256,7 +252,7 @@ def fetch_moments(flat: dict, size: int):
 def send_moments(world: World, opt: AdamWState, flat: dict) -> None:
     """On a rank > 0: send its moments to rank 0, in the order a checkpoint writes them
     (exp_avg of every key, then exp_avg_sq), as rank 0's `fetch_moments` asks for them."""
-    owner = owners({k: t.shape for k, t in flat.items()}, world.size)
+    owner = owners(flat, world.size)
     for moments in (opt.exp_avg, opt.exp_avg_sq):
         for key in flat:
             if owner[key] == world.rank:

@@ -175,7 +175,7 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     if not math.isfinite(norm):
         raise Diverged(f"gradient norm is {norm}")
     if settings.shard_optimizer and world.size > 1:
-        owner = owners({k: t.shape for k, t in flat.items()}, world.size)
+        owner = owners(flat, world.size)
         mine = {k: t for k, t in flat.items() if owner[k] == world.rank}
         opt = adamw_step(mine, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
         broadcast_owned(flat, owner)
