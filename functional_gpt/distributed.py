@@ -72,7 +72,11 @@ def world_from_env(environ=os.environ) -> World:
 
 def join(world: World, device: torch.device) -> None:
     """Join the process group of a multi-process world (nothing for SINGLE): gloo for the
-    CPU, NCCL for CUDA, through the endpoint torchrun put in the environment."""
+    CPU, NCCL for CUDA, through the endpoint torchrun put in the environment.
+
+    The group's keys live under the torchrun attempt (TORCHELASTIC_RESTART_COUNT): torchrun
+    hands the restarted workers the same store, and without the prefix a restarted rank
+    may read a dead peer's address from the attempt before and hang or fail connecting."""
     if world.size == 1 or dist.is_initialized():
         return
     if device.type not in ("cpu", "cuda"):
@@ -80,7 +84,11 @@ def join(world: World, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timedelta(minutes=10))
+    timeout = timedelta(minutes=10)
+    store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"fgpt/attempt_{attempt}/", store), rank=world.rank,
+                            world_size=world.size, timeout=timeout)
 
 
 def leave() -> None:
