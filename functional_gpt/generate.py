@@ -1,5 +1,5 @@
-"""Generation with an explicit KV cache: `prefill` the prompts, then one `decode_step` (model.py)
-per token; `generate` yields the new tokens step by step (streaming), `stream_text` turns
+"""Generation with an explicit KV cache: `prefill` each prompt, then one `decode_step` (model.py)
+per token for all rows together; `generate` yields the new tokens step by step (streaming), `stream_text` turns
 one prompt's tokens into text pieces with stop strings.
 
 The context window. A row's context is the last tokens of its sequence, at most
@@ -12,11 +12,12 @@ longer than n_positions, `start = len(sequence) - window`; the logits are those 
 `forward(params, sequence[start:])` at the last position. The cached path computes
 exactly that, re-prefilling every n_positions + 1 - window tokens.
 
-Batches. Prompts of different lengths are left-padded (`valid=False`), so each row
-computes what it would alone; each row follows its own window rule (a re-prefill of one
-row re-prefills the batch, each row from its own context). Greedy rows thus give the same
-tokens as the row alone. Sampled rows draw from one generator, so a sampled row depends
-on its batch.
+Batches. Each row holds its own sequence from position 0 of its cache row, prefilled on
+its own and then decoded with the others, one token per row per step (model.decode_step:
+the same block as every other path, each row attending on its own), and follows its own
+window rule (a row that overflows is prefilled afresh alone). A row computes what it
+computes alone, up to the rounding of the batched matrix products; with one generator
+per row, a sampled row does not depend on which rows share its batch either.
 """
 
 import numbers
@@ -29,19 +30,20 @@ from .config import GPTConfig
 from .errors import UserError
 from .model import KVCache, decode_step, forward_cached, new_cache
 from .params import Params
-from .sampling import Sampling, sample
+from .sampling import Sampling, sample_rows
 from .tokenizer import ENDOFTEXT_ID, decode, encode
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
 
 
-def prefill(params: Params, tokens: torch.Tensor, config: GPTConfig, *, valid=None) -> tuple[torch.Tensor, KVCache]:
-    """tokens: int64 [B, T] (left-padded where `valid`, bool [B, T], is False) -> (logits
-    of the last position [B, V], a fresh cache of n_positions holding the T tokens).
-    Checks the tokens (range, length) once for the decode steps that follow."""
+def prefill(params: Params, tokens: torch.Tensor, config: GPTConfig, *,
+            counts: tuple[int, ...] | None = None) -> tuple[torch.Tensor, KVCache]:
+    """tokens: int64 [B, T] (right-padded past counts[b] real tokens) -> (logits of each
+    row's last real token [B, V], a fresh cache of n_positions holding them). Checks the
+    tokens (range, length) once for the decode steps that follow."""
     w = params["wte"]["weight"]
     cache = new_cache(config, tokens.shape[0], dtype=w.dtype, device=w.device)
-    logits, cache = forward_cached(params, tokens, cache, config, valid=valid, last_only=True)
+    logits, cache = forward_cached(params, tokens, cache, config, counts=counts, last_only=True)
     return logits[:, -1], cache
 
 
@@ -53,6 +55,7 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(greedy=True),
     generator: torch.Generator | None = None,
+    generators: list[torch.Generator] | None = None,
     stop_tokens: tuple[int, ...] = (),
     window: int | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -61,7 +64,8 @@ def generate(
     prompts: one list of token ids per row (each non-empty). A row stops at its first
     token in `stop_tokens` (that token is yielded; later steps repeat it for that row);
     the generator ends when every row has stopped or after max_new_tokens steps. window:
-    see the module doc. Runs under torch.inference_mode.
+    see the module doc. generators: one per row (each row draws from its own); else every
+    row draws from `generator`. Runs under torch.inference_mode.
     """
     P = config.n_positions
     window = P // 2 if window is None else window
@@ -78,19 +82,27 @@ def generate(
     bad = next((t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size), None)
     if bad is not None:
         raise UserError(f"prompt: token id {bad!r} is out of range for vocab_size={config.vocab_size}")
+    if generators is not None and len(generators) != len(prompts):
+        raise UserError(f"generators: {len(generators)} for {len(prompts)} prompts (one per row)")
     device = params["wte"]["weight"].device
     seqs = [list(p) for p in prompts]
     starts = [max(0, len(s) - P) for s in seqs]
     stopped = [False] * len(seqs)
     with torch.inference_mode():
-        logits, cache, padded = _prefill_rows(params, seqs, starts, config)
+        w = params["wte"]["weight"]
+        cache = new_cache(config, len(seqs), dtype=w.dtype, device=w.device)
+        rows = []
+        for i, s in enumerate(seqs):
+            row, cache = _prefill_row(params, cache, i, s[starts[i]:], config)
+            rows.append(row)
+        logits = torch.cat(rows)
         seen = None  # bool [B, V]: the tokens of each row so far, for the repetition penalty
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(len(seqs), config.vocab_size, dtype=torch.bool, device=device)
             for i, s in enumerate(seqs):
                 seen[i, torch.tensor(s, device=device)] = True
         for step in range(max_new_tokens):
-            next_tokens = sample(logits, sampling, seen, generator)
+            next_tokens = sample_rows(logits, sampling, seen, generators or [generator] * len(seqs))
             ids = next_tokens.tolist()
             for i in range(len(ids)):
                 if stopped[i]:
@@ -103,26 +115,22 @@ def generate(
                 return
             if seen is not None:
                 seen[torch.arange(len(ids), device=device), next_tokens] = True
-            overflow = False
             for i, s in enumerate(seqs):
-                if len(s) - starts[i] > P:
-                    starts[i], overflow = len(s) - window, True
-            if overflow:
-                logits, cache, padded = _prefill_rows(params, seqs, starts, config)
-            else:
-                logits, cache = decode_step(params, next_tokens, cache, config, padded=padded)
+                if len(s) - starts[i] > P:  # the window restarts; its last token comes with the others' below
+                    starts[i] = len(s) - window
+                    if window > 1:
+                        _, cache = _prefill_row(params, cache, i, s[starts[i]:-1], config)
+                    else:
+                        cache = cache.with_length(i, 0)
+            logits, cache = decode_step(params, next_tokens, cache, config)
 
 
-def _prefill_rows(params, seqs, starts, config):
-    """Prefill each row's context seqs[i][starts[i]:], left-padded to the longest."""
-    contexts = [s[start:] for s, start in zip(seqs, starts)]
-    T = max(len(c) for c in contexts)
-    tokens = torch.tensor([[0] * (T - len(c)) + c for c in contexts])  # the pad id is never attended to
-    valid = torch.tensor([[False] * (T - len(c)) + [True] * len(c) for c in contexts])
-    padded = not bool(valid.all())
+def _prefill_row(params, cache: KVCache, i: int, tokens: list[int], config) -> tuple[torch.Tensor, KVCache]:
+    """Prefill row i of `cache` afresh with `tokens`: -> (its last logits [1, V], the cache)."""
     device = params["wte"]["weight"].device
-    logits, cache = prefill(params, tokens.to(device), config, valid=valid.to(device) if padded else None)
-    return logits, cache, padded
+    logits, _ = forward_cached(params, torch.tensor([tokens], device=device), cache.with_length(i, 0).row(i),
+                               config, last_only=True)
+    return logits[:, -1], cache.with_length(i, len(tokens))
 
 
 def encode_prompt(text: str, config: GPTConfig) -> tuple[list[int], str | None]:
@@ -135,6 +143,42 @@ def encode_prompt(text: str, config: GPTConfig) -> tuple[list[int], str | None]:
         notice = (f"prompt of {len(ids)} tokens is longer than the context; "
                   f"cropped from the left to its last {config.n_positions}")
     return ids, notice
+
+
+class TextStream:
+    """One row's new tokens as text pieces. `push(token)` returns the text that token
+    makes final: text is held back while it might be the start of a stop string or of an
+    unfinished UTF-8 character. The stream is `done` at `<|endoftext|>` (not text) or at
+    the first stop string (the text before it is given, the stop string is not)."""
+
+    def __init__(self, stop: tuple[str, ...] = ()):
+        if any(s == "" for s in stop):
+            raise UserError("--stop: empty stop string")
+        self.stop, self.tokens, self.emitted = stop, [], 0
+        self.done = self.stopped = False  # stopped: done at a stop string
+
+    def push(self, token: int) -> str:
+        if self.done:
+            return ""
+        if token == ENDOFTEXT_ID:
+            return self.finish()
+        self.tokens.append(token)
+        text = decode(self.tokens)
+        cut = min((i for i in (text.find(s, self.emitted) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done = self.stopped = True
+            return text[self.emitted : cut]
+        safe = len(text.rstrip("\ufffd"))
+        safe -= max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        piece, self.emitted = text[self.emitted : max(safe, self.emitted)], max(safe, self.emitted)
+        return piece
+
+    def finish(self) -> str:
+        """The text held back, at the end of the row (none after a stop string)."""
+        if self.done:
+            return ""
+        self.done = True
+        return decode(self.tokens)[self.emitted :]
 
 
 def stream_text(
@@ -151,15 +195,12 @@ def stream_text(
     """Yield the continuation of one prompt (token ids) as text pieces, as produced.
 
     Ends at `<|endoftext|>` (not printed), at the first of the `stop` strings (the text
-    before it is yielded, the stop string is not), or after max_new_tokens tokens. Text is
-    held back while it might be the start of a stop string or of an unfinished UTF-8
-    character. If `stats` is given, it is filled at the end with prompt_tokens,
+    before it is yielded, the stop string is not), or after max_new_tokens tokens (see
+    TextStream). If `stats` is given, it is filled at the end with prompt_tokens,
     new_tokens, prefill_s (prompt to first new token) and decode_s (the rest).
     """
-    if any(s == "" for s in stop):
-        raise UserError("--stop: empty stop string")
-    new: list[int] = []  # the continuation's tokens, without <|endoftext|>
-    produced, emitted, hit_stop = 0, 0, False
+    text = TextStream(stop)
+    produced = 0
     t0 = time.perf_counter()
     t_first = t_last = t0
     tokens = generate(params, [prompt], config, max_new_tokens=max_new_tokens, sampling=sampling,
@@ -169,23 +210,13 @@ def stream_text(
             t_last = time.perf_counter()
             t_first = t_first if produced else t_last
             produced += 1
-            token = int(step[0])
-            if token == ENDOFTEXT_ID:
+            piece = text.push(int(step[0]))
+            if piece or text.stopped:  # a stop string right away still ends the stream with its (empty) text
+                yield piece
+            if text.done:
                 break
-            new.append(token)
-            text = decode(new)
-            cut = min((i for i in (text.find(s, emitted) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                yield text[emitted:cut]
-                hit_stop = True
-                break
-            safe = len(text.rstrip("\ufffd"))
-            safe -= max((k for s in stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        if not hit_stop and len(text := decode(new)) > emitted:
-            yield text[emitted:]
+        if piece := text.finish():
+            yield piece
     finally:
         tokens.close()
         if stats is not None:
@@ -206,11 +237,13 @@ def print_samples(
     out,
     err,
 ) -> None:
-    """`fgpt generate`: stream `num_samples` continuations of the prompt to `out`, one
-    after another, each followed on `err` by a summary line (prompt tokens, new tokens,
-    prefill and decode tokens/s). Sample i draws with seed + i, so it does not depend on
-    how many samples were asked for; seed None draws a fresh seed, else seed + num_samples - 1
-    must fit torch's seed range 0..2**64-1."""
+    """`fgpt generate`: `num_samples` continuations of the prompt, computed as one batch
+    (one row each) and written to `out` one after another, each followed on `err` by a
+    summary line (prompt tokens, new tokens, prefill and decode tokens/s of its row).
+    Sample 1 streams as it is produced, each later one as soon as the ones before it are
+    written. Sample i draws from its own generator seeded with seed + i, so it does not
+    depend on how many samples were asked for; seed None draws fresh seeds, else
+    seed + num_samples - 1 must fit torch's seed range 0..2**64-1."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_int(num_samples) or num_samples < 1:
@@ -218,26 +251,65 @@ def print_samples(
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED - (num_samples - 1)):
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED - (num_samples - 1)} (torch's seeds are "
                         f"0..2**64-1 and sample i uses seed + i), got {seed!r}")
+    texts = [TextStream(stop) for _ in range(num_samples)]
     ids, notice = encode_prompt(prompt_text, config)
     if notice:
         print(f"note: {notice}", file=err)
     device = params["wte"]["weight"].device
-    for i in range(num_samples):
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed + i)
+    generators = [torch.Generator(device=device) for _ in range(num_samples)]
+    for i, g in enumerate(generators):
+        g.seed() if seed is None else g.manual_seed(seed + i)
+    shown, held = 0, [[] for _ in range(num_samples)]  # the sample being written; the later ones' text
+
+    def show(i: int) -> None:  # sample i's header and the text it has so far
         if num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out, flush=True)
-        stats = {}
-        for piece in stream_text(params, ids, config, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 generator=generator, stop=stop, stats=stats):
+        for piece in held[i]:
             out.write(piece)
-            out.flush()
+        out.flush()
+
+    def end(i: int) -> None:
         out.write("\n")
         out.flush()
-        print(_summary(stats), file=err, flush=True)
+        print(_summary(dict(prompt_tokens=len(ids), new_tokens=produced[i], prefill_s=t_first - t0,
+                            decode_s=t_last[i] - t_first)), file=err, flush=True)
+
+    produced, t_last = [0] * num_samples, [0.0] * num_samples
+    t0 = t_first = time.perf_counter()
+    show(0)
+    rows = generate(params, [ids] * num_samples, config, max_new_tokens=max_new_tokens, sampling=sampling,
+                    generators=generators, stop_tokens=(ENDOFTEXT_ID,))
+    for step, tokens in enumerate(rows):
+        now = time.perf_counter()
+        t_first = now if step == 0 else t_first
+        for i, token in enumerate(tokens.tolist()):
+            if texts[i].done:
+                continue
+            produced[i], t_last[i] = produced[i] + 1, now
+            if piece := texts[i].push(token):
+                held[i].append(piece)
+        while shown < num_samples and (held[shown] or texts[shown].done):
+            for piece in held[shown]:
+                out.write(piece)
+            out.flush()
+            held[shown] = []
+            if not texts[shown].done:
+                break
+            end(shown)
+            shown += 1
+            if shown < num_samples:
+                show(shown)
+                held[shown] = []
+        if all(t.done for t in texts):
+            break
+    rows.close()
+    for i in range(shown, num_samples):
+        if i > shown:
+            show(i)
+        held[i] = []
+        if piece := texts[i].finish():
+            out.write(piece)
+        end(i)
 
 
 def _is_int(value) -> bool:

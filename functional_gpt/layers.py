@@ -6,6 +6,7 @@ is explicitly handed to fill.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,40 +40,67 @@ def qkv_heads(x, c_attn, n_head: int):
     return linear(x, **c_attn).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+@dataclass(frozen=True)
+class CacheRows:
+    """Where a cached attention call reads and writes, row by row.
+
+    k, v: one layer's buffers [B, n_head, S_max, head_dim]. starts: per row, the positions
+    already filled (this call's first token sits at position starts[b]). counts: per row,
+    how many of this call's T tokens are real (0: the row takes no part); the rest are
+    right padding, which is never written to the buffers and gets a zero attention output.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    starts: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
 def self_attention(
     x,
     c_attn,
     c_proj,
     *,
     n_head: int,
-    mask=None,
-    kv_buffers=None,
-    start: int = 0,
+    cache: CacheRows | None = None,
     attn_pdrop: float = 0.0,
     resid_pdrop: float = 0.0,
 ):
     """Causal multi-head self-attention with GPT-2's fused q, k, v projection.
 
-    x: [B, T, C] -> [B, T, C].
-    mask: bool [B, 1, T, start + T] (True = may attend), or None for plain causal
-      attention, which is only right when the queries and keys start together
-      (start == 0) or there is one query (T == 1).
-    kv_buffers: (k, v), each [B, n_head, S_max, head_dim], or None. Given, this call's
-      keys and values are written into them in place at positions start .. start+T-1,
-      and the queries attend to positions 0 .. start+T-1 of the buffers.
+    x: [B, T, C] -> [B, T, C]. Without a cache, position t attends to 0 .. t. With one,
+    row b's real tokens are written into the buffers at starts[b] .. starts[b]+counts[b]-1
+    and attend to positions 0 .. their own of that row. Each row attends on its own, with
+    exactly the shapes it would have alone, so a row's result never depends on the other
+    rows of the batch (a batched kernel splits its work by batch size).
     """
     q, k, v = qkv_heads(x, c_attn, n_head)
-    T = q.shape[2]
-    if kv_buffers is not None:
-        k_buf, v_buf = kv_buffers
-        k_buf[:, :, start : start + T] = k
-        v_buf[:, :, start : start + T] = v
-        k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=attn_pdrop, is_causal=mask is None and T > 1
-    )
+    if cache is None:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_pdrop, is_causal=q.shape[2] > 1)
+    else:
+        y = _cached_attention(q, k, v, cache)
     y = y.transpose(1, 2).reshape(x.shape)
     return dropout(linear(y, **c_proj), resid_pdrop)
+
+
+def _cached_attention(q, k, v, cache: CacheRows):  # [B, H, T, D] each -> [B, H, T, D]
+    T = q.shape[2]
+    rows = []
+    for b, (start, n) in enumerate(zip(cache.starts, cache.counts)):
+        if n == 0:  # a row not taking part (an idle row of a server's batch)
+            rows.append(q.new_zeros((1,) + q.shape[1:]))
+            continue
+        end = start + n
+        cache.k[b, :, start:end] = k[b, :, :n]
+        cache.v[b, :, start:end] = v[b, :, :n]
+        mask = None
+        if start > 0 and n > 1:  # causal, aligned to the end of the keys
+            mask = torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None]
+        y = F.scaled_dot_product_attention(q[b : b + 1, :, :n], cache.k[b : b + 1, :, :end],
+                                           cache.v[b : b + 1, :, :end], attn_mask=mask,
+                                           is_causal=start == 0 and n > 1)
+        rows.append(y if n == T else F.pad(y, (0, 0, 0, T - n)))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def attention_probs(x, c_attn, *, n_head: int):
@@ -99,43 +127,24 @@ def transformer_block(
     eps: float,
     name: str,
     tap,
-    mask=None,
-    kv_buffers=None,
-    start: int = 0,
+    cache: CacheRows | None = None,
     attn_pdrop: float = 0.0,
     resid_pdrop: float = 0.0,
 ):
     """Pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(x)). x: [B, T, C] -> [B, T, C].
 
-    `tap(f"{name}.ln_1", ...)` and so on see each intermediate; see model.forward.
+    The one block of every path: training and `forward` (no cache), a prefill and a decode
+    step (a cache, see self_attention). `tap(f"{name}.ln_1", ...)` and so on see each
+    intermediate; see model.forward.
     """
     a = self_attention(
         tap(f"{name}.ln_1", layer_norm(x, **ln_1, eps=eps)),
         **attn,
         n_head=n_head,
-        mask=mask,
-        kv_buffers=kv_buffers,
-        start=start,
+        cache=cache,
         attn_pdrop=attn_pdrop,
         resid_pdrop=resid_pdrop,
     )
     x = x + tap(f"{name}.attn", a)
     m = feed_forward(tap(f"{name}.ln_2", layer_norm(x, **ln_2, eps=eps)), **mlp, resid_pdrop=resid_pdrop)
     return tap(name, x + tap(f"{name}.mlp", m))
-
-
-def decode_block(x, ln_1, attn, ln_2, mlp, *, k_buf, v_buf, pos: int, mask=None, n_head: int, eps: float):
-    """`transformer_block` for one new token per row, against a KV cache (no taps, no
-    dropout): the lean form generation runs once per token.
-
-    x: [B, C] -> [B, C]. k_buf, v_buf: [B, n_head, S_max, head_dim]; this token's key and
-    value are written in place at `pos`, and it attends to positions 0 .. pos.
-    mask: bool [B, 1, 1, pos + 1] (True = may attend), or None for all of them.
-    """
-    B, C = x.shape
-    q, k, v = linear(layer_norm(x, **ln_1, eps=eps), **attn["c_attn"]).view(B, 3, n_head, C // n_head).unbind(1)
-    k_buf[:, :, pos] = k
-    v_buf[:, :, pos] = v
-    y = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, : pos + 1], v_buf[:, :, : pos + 1], attn_mask=mask)
-    x = linear(y.view(B, C), **attn["c_proj"]).add_(x)
-    return linear(gelu(linear(layer_norm(x, **ln_2, eps=eps), **mlp["c_fc"])), **mlp["c_proj"]).add_(x)

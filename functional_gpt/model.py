@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 
 from .config import GPTConfig
 from .errors import UserError
-from .layers import decode_block, layer_norm, transformer_block
+from .layers import CacheRows, layer_norm, transformer_block
 from .params import Params, check_params, config_from_shapes
 
 
@@ -95,27 +95,35 @@ def forward_hidden(
     included, for about a third more compute; a tap sees each block twice then)."""
     config = checked_config(params, config)
     T = _check_tokens(tokens, config, params, end=_length(tokens))
-    positions = torch.arange(T, device=tokens.device)
+    positions = torch.arange(T, device=tokens.device)[None]
     return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout, checkpoint=checkpoint)
 
 
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of the tokens seen so far, preallocated to `max_len` positions.
+    """Keys and values of each row's tokens so far, preallocated to `max_len` positions.
 
-    k, v: [n_layer, B, n_head, max_len, head_dim]. length: positions filled (the same for
-    every row). valid: bool [B, max_len], False where a row holds left padding, so that
-    prompts of different lengths can share a batch.
+    k, v: [n_layer, B, n_head, max_len, head_dim]. lengths: per row, the positions filled
+    (row b holds its tokens 0 .. lengths[b]-1, its own sequence from position 0), so rows
+    at different points of their sequences share one batch.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    valid: torch.Tensor
-    length: int = 0
+    lengths: tuple[int, ...]
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def row(self, b: int) -> "KVCache":
+        """Row b alone, as a cache of one row sharing this cache's buffers (what it
+        computes is written into this cache): prefill one row while the others wait."""
+        return KVCache(self.k[:, b : b + 1], self.v[:, b : b + 1], (self.lengths[b],))
+
+    def with_length(self, b: int, length: int) -> "KVCache":
+        """This cache with row b holding `length` positions (0 empties it, for a new sequence)."""
+        return replace(self, lengths=self.lengths[:b] + (length,) + self.lengths[b + 1 :])
 
 
 def new_cache(
@@ -136,7 +144,7 @@ def new_cache(
     return KVCache(
         k=torch.zeros(shape, dtype=dtype, device=device),
         v=torch.zeros(shape, dtype=dtype, device=device),
-        valid=torch.ones(batch_size, max_len, dtype=torch.bool, device=device),
+        lengths=(0,) * batch_size,
     )
 
 
@@ -146,89 +154,79 @@ def forward_cached(
     cache: KVCache,
     config: GPTConfig | None = None,
     *,
-    valid: torch.Tensor | None = None,
+    counts: tuple[int, ...] | None = None,
     tap=no_tap,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
-    """Run new tokens after those already in `cache`.
+    """Run new tokens after those already in `cache`, each row from its own length.
 
-    tokens: int64 [B, T], the tokens at cache positions length .. length+T-1.
-    valid: bool [B, T], False marking left padding among these tokens (prefill of
-      prompts of different lengths); None means all real. Padding is never attended to,
-      and each row's position ids count its real tokens only, so a padded row computes
-      exactly what it would alone.
-    last_only: compute the logits of the last position only (all that generation needs;
-      the LM head is a large share of a prefill's work).
-    Returns (logits [B, T or 1, vocab_size], the cache holding length + T positions). The
-    input cache's buffers are written in place and shared by the returned cache: keep
-    using the returned one. No dropout (inference).
+    tokens: int64 [B, T]; row b's tokens sit at positions lengths[b] .. lengths[b]+T-1.
+    counts: per row, how many of the T tokens are real (the rest right padding, which is
+      neither cached nor attended to); None means all T. Prompts of different lengths
+      share a prefill this way, each row computing what it computes alone.
+    last_only: compute the logits of each row's last real token only (all generation
+      needs; the LM head is a large share of a prefill's work).
+    Returns (logits [B, T or 1, vocab_size], the cache holding lengths[b] + counts[b]
+    positions per row). Logits at padding are meaningless. The input cache's buffers are
+    written in place and shared by the returned cache: keep using the returned one. No
+    dropout (inference).
     """
     config = checked_config(params, config)
     if not isinstance(cache, KVCache):
         raise UserError(f"cache: expected a KVCache (new_cache), got {type(cache).__name__}")
-    start, T = cache.length, _length(tokens)
-    _check_tokens(tokens, config, params, end=start + T, limit=cache.max_len)
-    _check_cache(cache, config, tokens.shape[0])
-    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
-                              or valid.shape != tokens.shape):
-        raise UserError(f"valid: expected a bool tensor of the tokens' shape {list(tokens.shape)}")
-    cache.valid[:, start : start + T] = True if valid is None else valid
-    seen = cache.valid[:, : start + T]
-    if not seen.all():
-        positions = (seen.cumsum(-1) - 1).clamp(min=0)[:, start:]
-        query = torch.arange(start, start + T, device=tokens.device)[:, None]
-        key = torch.arange(start + T, device=tokens.device)[None, :]
-        # A padding query may attend to itself alone, which keeps its softmax finite.
-        mask = ((key <= query) & seen[:, None, :]) | (key == query)
-        mask = mask[:, None]  # [B, 1, T, start + T]
-    else:
-        positions = torch.arange(start, start + T, device=tokens.device)
-        mask = None
-        if start > 0 and T > 1:  # causal mask aligned to the end, not the upper left
-            query = torch.arange(start, start + T, device=tokens.device)[:, None]
-            mask = torch.arange(start + T, device=tokens.device)[None, :] <= query
-    hidden = _transformer(
-        params, tokens, positions, config, tap=tap, mask=mask, cache=cache, start=start, last_only=last_only
-    )
-    return _head(params, hidden, tap), replace(cache, length=start + T)
+    T = _length(tokens)
+    _check_cache(cache, config, tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None)
+    counts = (T,) * len(cache.lengths) if counts is None else tuple(counts)
+    if len(counts) != len(cache.lengths) or not all(_is_count(n) and 1 <= n <= T for n in counts):
+        raise UserError(f"counts: expected {len(cache.lengths)} integers in 1..{T} (the real tokens of each row), "
+                        f"got {counts!r}")
+    _check_tokens(tokens, config, params, end=max(n + k for n, k in zip(cache.lengths, counts)), limit=cache.max_len)
+    hidden = _transformer(params, tokens, _positions(cache.lengths, T, config, tokens.device), config, tap=tap,
+                          cache=cache, counts=counts, last_only=last_only)
+    lengths = tuple(n + k for n, k in zip(cache.lengths, counts))
+    return _head(params, hidden, tap), replace(cache, lengths=lengths)
 
 
-def decode_step(
-    params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig, *, padded: bool
-) -> tuple[torch.Tensor, KVCache]:
-    """One new token per row after those in `cache`: `forward_cached` for T = 1, in the
-    lean form a generation loop runs once per token (no taps, no token checks; 2.3% less
-    time per token than the general path on the gpt2 config, 2 CPU cores).
+def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig,
+                *, rows: tuple[bool, ...] | None = None, tap=no_tap) -> tuple[torch.Tensor, KVCache]:
+    """One new token per row after those in `cache`: `forward_cached` for T = 1, as a
+    generation loop runs it once per token (no param or token-value checks).
 
     tokens: int64 [B], ids the caller has checked (an out-of-range id fails inside torch).
-    padded: whether the cache holds left padding (then positions and the attention mask
-      come from `cache.valid`). Returns (logits [B, vocab_size], the cache one position
-      longer); its buffers are written in place, as in forward_cached.
+    rows: which rows take part (default all); the others (idle rows of a server's batch)
+    are neither attended for nor cached, their logits are meaningless and their length
+    stays. Returns (logits [B, vocab_size], the cache one position longer in each taking
+    part); its buffers are written in place, as in forward_cached.
     """
-    pos = cache.length
-    if tokens.dim() != 1 or tokens.shape[0] != cache.k.shape[1]:
-        raise UserError(f"decode_step: tokens must be int64 [B] for the cache's B={cache.k.shape[1]} rows, "
+    if tokens.dim() != 1 or tokens.shape[0] != len(cache.lengths):
+        raise UserError(f"decode_step: tokens must be int64 [B] for the cache's B={len(cache.lengths)} rows, "
                         f"got {list(tokens.shape)}")
-    if pos >= cache.max_len:
-        raise UserError(f"sequence of {pos + 1} tokens is longer than the context of {cache.max_len} positions")
-    cache.valid[:, pos] = True
-    mask, positions = None, pos
-    if padded:
-        seen = cache.valid[:, : pos + 1]
-        mask = seen[:, None, None, :]
-        positions = seen.sum(-1) - 1  # each row counts its real tokens only
-    x = params["wte"]["weight"][tokens] + params["wpe"]["weight"][positions]
-    for i, block in enumerate(params["h"]):
-        x = decode_block(x, **block, k_buf=cache.k[i], v_buf=cache.v[i], pos=pos, mask=mask,
-                         n_head=config.n_head, eps=config.layer_norm_epsilon)
-    x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
-    return F.linear(x, params["wte"]["weight"]), replace(cache, length=pos + 1)
+    counts = (1,) * len(cache.lengths) if rows is None else tuple(int(bool(on)) for on in rows)
+    longest = max(n for n, k in zip(cache.lengths, counts) if k) if any(counts) else 0
+    if longest >= cache.max_len:
+        raise UserError(f"sequence of {longest + 1} tokens is longer than the context of {cache.max_len} positions")
+    positions = _positions(cache.lengths, 1, config, tokens.device)
+    hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache, counts=counts)
+    return _head(params, hidden, tap)[:, 0], replace(cache, lengths=tuple(n + k for n, k in zip(cache.lengths,
+                                                                                                 counts)))
+
+
+def _positions(lengths, T: int, config: GPTConfig, device) -> torch.Tensor:
+    """int64 [B, T]: row b's position ids lengths[b] .. lengths[b]+T-1 (right padding past
+    the context is clamped to its last position: never attended to, it only needs an id)."""
+    if len(set(lengths)) == 1:
+        start = lengths[0]
+        return torch.arange(start, start + T, device=device).clamp_(max=config.n_positions - 1)[None]
+    starts = torch.tensor(lengths, device=device)[:, None]
+    return (starts + torch.arange(T, device=device)).clamp_(max=config.n_positions - 1)
 
 
 def _transformer(
-    params, tokens, positions, config, *, tap, dropout=False, mask=None, cache=None, start=0, last_only=False,
+    params, tokens, positions, config, *, tap, dropout=False, cache=None, counts=None, last_only=False,
     checkpoint=False,
 ):
+    """tokens [B, T], positions [B or 1, T] -> the ln_f output [B, T or 1, C]; the one
+    path of training, forward, prefill and decode (see layers.transformer_block)."""
     embd_p, attn_p, resid_p = (
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
     )
@@ -241,9 +239,7 @@ def _transformer(
             eps=config.layer_norm_epsilon,
             name=f"h.{i}",
             tap=tap,
-            mask=mask,
-            kv_buffers=None if cache is None else (cache.k[i], cache.v[i]),
-            start=start,
+            cache=None if cache is None else CacheRows(cache.k[i], cache.v[i], cache.lengths, counts),
             attn_pdrop=attn_p,
             resid_pdrop=resid_p,
         )
@@ -252,12 +248,20 @@ def _transformer(
         else:
             x = transformer_block(x, **block, **settings)
     if last_only:
-        x = x[:, -1:]
+        T = x.shape[1]
+        if all(n == T for n in counts):
+            x = x[:, -1:]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), torch.tensor(counts, device=x.device) - 1][:, None]
     return tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
 
 
 def _head(params, hidden, tap):  # the tied LM head: [B, T, C] -> [B, T, V]
     return tap("logits", F.linear(hidden, params["wte"]["weight"]))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _length(tokens) -> int:
@@ -286,8 +290,11 @@ def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, en
     return tokens.shape[1]
 
 
-def _check_cache(cache: KVCache, config: GPTConfig, batch_size: int) -> None:
-    expected = (config.n_layer, batch_size, config.n_head, cache.max_len, config.head_dim)
+def _check_cache(cache: KVCache, config: GPTConfig, batch_size: int | None) -> None:
+    B = len(cache.lengths)
+    expected = (config.n_layer, B, config.n_head, cache.max_len, config.head_dim)
     if tuple(cache.k.shape) != expected or cache.v.shape != cache.k.shape:
-        raise UserError(f"cache: k/v of shape {list(cache.k.shape)}, but these params and {batch_size} rows "
+        raise UserError(f"cache: k/v of shape {list(cache.k.shape)}, but these params and {B} rows "
                         f"need {list(expected)} (new_cache(config, batch_size))")
+    if batch_size is not None and batch_size != B:
+        raise UserError(f"tokens: {batch_size} rows for a cache of {B} rows (new_cache(config, {batch_size}))")

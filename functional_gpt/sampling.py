@@ -113,3 +113,14 @@ def sample(logits, sampling: Sampling, seen=None, generator: torch.Generator | N
     if sampling.is_greedy:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits, sampling: Sampling, seen=None, generators=None):
+    """`sample` row by row, row b drawing from generators[b] (None: torch's global RNG):
+    logits float [B, V] -> int64 [B]. A row's token depends only on its own logits and
+    generator, never on the other rows (greedy rows take the argmax all at once)."""
+    if sampling.is_greedy:
+        return sample(logits, sampling, seen)
+    generators = generators or [None] * logits.shape[0]
+    return torch.cat([sample(logits[b : b + 1], sampling, None if seen is None else seen[b : b + 1], generators[b])
+                      for b in range(logits.shape[0])])

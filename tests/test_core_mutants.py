@@ -19,7 +19,7 @@ from functional_gpt import (UserError, config_of, decode_step, flatten, forward,
                             recorder, unflatten)
 from functional_gpt.evaluate import evaluate
 from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, generate, prefill, print_samples, stream_text
-from functional_gpt.layers import self_attention, transformer_block
+from functional_gpt.layers import CacheRows, self_attention, transformer_block
 from functional_gpt.sampling import Sampling
 from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
 
@@ -209,6 +209,26 @@ A, B, C, X, Y, AA = 64, 65, 66, 87, 88, 7252  # "a", "b", "c", "x", "y", "aa"
 E_1, E_2 = 127, 102  # the two byte tokens of "é" (0xc3, 0xa9)
 
 
+def test_print_samples_runs_its_samples_as_one_batch_and_writes_them_in_order(monkeypatch):
+    """One generate call of N rows, each row with its own generator; sample 2's text,
+    produced while sample 1 still runs, is written after sample 1 ends; a row that ended
+    ignores its later tokens."""
+    calls = []
+
+    def fake_generate(params, prompts, config, *, max_new_tokens, sampling, generators, stop_tokens):
+        calls.append((len(prompts), len({id(g) for g in generators})))
+        yield from (torch.tensor(row) for row in [[A, B], [X, ENDOFTEXT_ID], [ENDOFTEXT_ID, C], [C, C]])
+
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    out, err = Recording(), Recording()
+    print_samples({"wte": {"weight": torch.zeros(1)}}, "a", TINY, max_new_tokens=4, sampling=Sampling(),
+                  num_samples=2, seed=0, out=out, err=err)
+    assert calls == [(2, 2)]
+    assert out.getvalue() == "--- sample 1 ---\nax\n--- sample 2 ---\nb\n"
+    assert [line.split(";")[0] for line in err.getvalue().splitlines()] == ["[prompt 1 tokens, 3 new tokens",
+                                                                             "[prompt 1 tokens, 2 new tokens"]
+
+
 def test_stream_text_yields_each_piece_as_soon_as_its_token_decodes(monkeypatch):
     assert _pieces(monkeypatch, [A, B, C]) == [(1, "a"), (2, "b"), (3, "c")]
 
@@ -308,7 +328,7 @@ def test_bad_cache_sizes_are_named(kwargs, message):
 
 def test_a_cache_of_one_row_and_one_position_runs(tiny_params):
     logits, cache = forward_cached(tiny_params, _ids(1, 1), new_cache(TINY, 1, max_len=1), TINY)
-    assert logits.shape == (1, 1, TINY.vocab_size) and cache.length == 1
+    assert logits.shape == (1, 1, TINY.vocab_size) and cache.lengths == (1,)
 
 
 def test_a_cache_that_is_not_a_kvcache_is_named(tiny_params):
@@ -317,16 +337,22 @@ def test_a_cache_that_is_not_a_kvcache_is_named(tiny_params):
 
 
 def test_a_cache_for_another_batch_size_is_named(tiny_params):
-    with pytest.raises(UserError, match=r"^cache: k/v of shape \[2, 2, 4, 32, 8\], but these params and 1 rows "
-                                        r"need \[2, 1, 4, 32, 8\] \(new_cache\(config, batch_size\)\)$"):
+    with pytest.raises(UserError, match=r"^tokens: 1 rows for a cache of 2 rows \(new_cache\(config, 1\)\)$"):
         forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 2), TINY)
 
 
-@pytest.mark.parametrize("valid", [torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
-                                   [[True, True, True]]])
-def test_a_bad_valid_mask_is_named(tiny_params, valid):
-    with pytest.raises(UserError, match=r"^valid: expected a bool tensor of the tokens' shape \[1, 3\]$"):
-        forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 1), TINY, valid=valid)
+def test_a_cache_whose_buffers_do_not_fit_the_params_is_named(tiny_params):
+    cache = new_cache(replace(TINY, n_layer=3), 1)
+    with pytest.raises(UserError, match=r"^cache: k/v of shape \[3, 1, 4, 32, 8\], but these params and 1 rows "
+                                        r"need \[2, 1, 4, 32, 8\] \(new_cache\(config, batch_size\)\)$"):
+        forward_cached(tiny_params, _ids(1, 3), cache, TINY)
+
+
+@pytest.mark.parametrize("counts", [(1, 2), (0,), (4,), (1.0,), (True,)])
+def test_bad_counts_are_named(tiny_params, counts):
+    with pytest.raises(UserError, match=r"^counts: expected 1 integers in 1..3 \(the real tokens of each row\), "
+                                        f"got {re.escape(repr(counts))}$"):
+        forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 1), TINY, counts=counts)
 
 
 @pytest.mark.parametrize("tokens", [torch.zeros(2, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long)])
@@ -334,7 +360,7 @@ def test_decode_step_names_tokens_that_are_not_one_per_cache_row(tiny_params, to
     """B=2 rows (n_head is 4): the message gives the cache's rows and the tokens' shape."""
     message = f"decode_step: tokens must be int64 [B] for the cache's B=2 rows, got {list(tokens.shape)}"
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
-        decode_step(tiny_params, tokens, new_cache(TINY, 2), TINY, padded=False)
+        decode_step(tiny_params, tokens, new_cache(TINY, 2), TINY)
 
 
 def test_two_tokens_after_one_cached_token_equal_one_forward(trained_params):
@@ -346,7 +372,7 @@ def test_two_tokens_after_one_cached_token_equal_one_forward(trained_params):
     assert_rel_close(torch.cat([first, rest], 1), forward(trained_params, tokens, TINY))
 
 
-def _chunks(params, tokens, valid):  # four tokens, then three at once: the end-aligned mask
+def _chunks(params, tokens, counts):  # four tokens, then three at once: the end-aligned mask
     _, cache = forward_cached(params, tokens[:, :4], new_cache(TINY, 2), TINY)
     return forward_cached(params, tokens[:, 4:7], cache, TINY)[0]
 
@@ -354,10 +380,10 @@ def _chunks(params, tokens, valid):  # four tokens, then three at once: the end-
 @pytest.mark.parametrize(
     "run",
     [
-        lambda params, tokens, valid: forward(params, tokens, TINY),
+        lambda params, tokens, counts: forward(params, tokens, TINY),
         _chunks,
-        lambda params, tokens, valid: forward_cached(params, tokens, new_cache(TINY, 2), TINY, valid=valid)[0],
-        lambda params, tokens, valid: prefill(params, tokens, TINY)[0],
+        lambda params, tokens, counts: forward_cached(params, tokens, new_cache(TINY, 2), TINY, counts=counts)[0],
+        lambda params, tokens, counts: prefill(params, tokens, TINY)[0],
     ],
     ids=["forward", "cached-chunks", "padded", "prefill"],
 )
@@ -366,11 +392,9 @@ def test_what_the_model_creates_follows_the_tokens_not_torchs_default_device(tra
     default device set to meta (a stand-in for a GPU that CPU tensors cannot mix with),
     CPU params and tokens compute on the CPU exactly as without it."""
     tokens = _ids(2, 7)
-    valid = torch.ones(2, 7, dtype=torch.bool)
-    valid[1, :3] = False
-    expected = run(trained_params, tokens, valid)
+    expected = run(trained_params, tokens, (7, 4))
     with torch.device("meta"):
-        got = run(trained_params, tokens, valid)
+        got = run(trained_params, tokens, (7, 4))
     assert got.device == tokens.device and torch.equal(got, expected)
 
 
@@ -378,16 +402,16 @@ def test_new_cache_is_on_the_cpu_unless_asked_and_of_the_dtype_asked():
     with torch.device("meta"):
         cache = new_cache(TINY, 2)
         wide = new_cache(TINY, 2, dtype=torch.float64)
-    assert cache.k.device == cache.v.device == cache.valid.device == torch.device("cpu")
-    assert wide.k.dtype == wide.v.dtype == torch.float64 and wide.valid.dtype == torch.bool
+    assert cache.k.device == cache.v.device == torch.device("cpu")
+    assert wide.k.dtype == wide.v.dtype == torch.float64
 
 
 def test_bfloat16_params_prefill_and_decode_with_a_bfloat16_cache(trained_params):
     half = unflatten({k: v.to(torch.bfloat16) for k, v in flatten(trained_params).items()})
     logits, cache = prefill(half, _ids(1, 5), TINY)
     assert cache.k.dtype == cache.v.dtype == torch.bfloat16
-    step, cache = decode_step(half, logits.argmax(-1), cache, TINY, padded=False)
-    assert step.dtype == torch.bfloat16 and cache.length == 6
+    step, cache = decode_step(half, logits.argmax(-1), cache, TINY)
+    assert step.dtype == torch.bfloat16 and cache.lengths == (6,)
 
 
 def test_prefill_computes_the_lm_head_for_the_last_position_only(trained_params):
@@ -415,7 +439,7 @@ def test_every_layer_norm_uses_the_configs_epsilon_in_forward_and_in_decode_step
     logits, cache = prefill(params, tokens[:, :5], config)
     steps = [logits]
     for t in range(5, 10):
-        step, cache = decode_step(params, tokens[:, t], cache, config, padded=False)
+        step, cache = decode_step(params, tokens[:, t], cache, config)
         steps.append(step)
     assert_rel_close(torch.stack(steps, 1), expected[:, 4:])
 
@@ -439,14 +463,14 @@ def test_each_block_dropout_rate_takes_effect_in_forward(tiny_params, rate):
 
 
 @pytest.mark.parametrize("layer", ["self_attention", "transformer_block"])
-def test_kv_buffers_without_a_start_are_filled_from_position_0(trained_params, layer):
+def test_an_empty_cache_is_filled_from_position_0(trained_params, layer):
     p, x = trained_params["h"][0], torch.randn(1, 3, TINY.n_embd, generator=torch.Generator().manual_seed(0))
     k_buf, v_buf = (torch.zeros(1, TINY.n_head, 8, TINY.head_dim) for _ in range(2))
     if layer == "self_attention":
         run = lambda **kw: self_attention(x, **p["attn"], n_head=TINY.n_head, **kw)
     else:
         run = lambda **kw: transformer_block(x, **p, n_head=TINY.n_head, eps=1e-5, name="h.0", tap=no_tap, **kw)
-    assert_rel_close(run(kv_buffers=(k_buf, v_buf)), run())
+    assert_rel_close(run(cache=CacheRows(k_buf, v_buf, (0,), (3,))), run())
     assert k_buf[:, :, :3].ne(0).all() and k_buf[:, :, 3:].eq(0).all()
 
 
@@ -480,21 +504,21 @@ def test_generate_takes_the_smallest_and_the_largest_window(trained_params, wind
     assert [int(t[0]) for t in steps] == greedy_without_cache(trained_params, TINY, prompt, 40, window)
 
 
-def test_generate_makes_n_tokens_with_one_prefill_and_n_minus_1_decode_steps(trained_params, monkeypatch):
-    """The first token comes out of the prefill, each later one out of one decode step
-    (unmasked while no row is padded), and nothing runs after the last token."""
-    padded_flags = []
+def test_generate_makes_n_tokens_with_one_prefill_per_row_and_n_minus_1_decode_steps(trained_params, monkeypatch):
+    """The first token comes out of each row's own prefill, each later one out of one
+    decode step of all rows, and nothing runs after the last token."""
+    calls = []
 
-    def recording_decode_step(*args, padded, **kwargs):
-        padded_flags.append(padded)
-        return decode_step(*args, padded=padded, **kwargs)
+    def recording(name, run):
+        def recorded(*args, **kwargs):
+            calls.append(name)
+            return run(*args, **kwargs)
+        return recorded
 
-    monkeypatch.setattr(generate_module, "decode_step", recording_decode_step)
-    assert len(list(generate(trained_params, [[1, 2], [3, 4]], TINY, max_new_tokens=4))) == 4
-    assert padded_flags == [False] * 3
-    padded_flags.clear()
-    assert len(list(generate(trained_params, [[1, 2], [3]], TINY, max_new_tokens=3))) == 3
-    assert padded_flags == [True] * 2
+    monkeypatch.setattr(generate_module, "decode_step", recording("decode", generate_module.decode_step))
+    monkeypatch.setattr(generate_module, "forward_cached", recording("prefill", generate_module.forward_cached))
+    assert len(list(generate(trained_params, [[1, 2], [3]], TINY, max_new_tokens=4))) == 4
+    assert calls == ["prefill"] * 2 + ["decode"] * 3
 
 
 # --- evaluate.py ---------------------------------------------------------------------------

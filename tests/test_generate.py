@@ -63,11 +63,10 @@ def test_batch_equals_each_prompt_alone(trained_params, tiny_config):
     assert len({tuple(r) for r in alone}) == len(prompts)  # the rows really differ
 
 
-def test_padded_prefill_computes_what_each_row_computes_alone(trained_params, tiny_config):
+def test_a_right_padded_prefill_computes_what_each_row_computes_alone(trained_params, tiny_config):
     a, b = [5, 6, 7, 8, 9], [40, 41]
-    tokens = torch.tensor([a, [0, 0, 0] + b])
-    valid = torch.tensor([[True] * 5, [False] * 3 + [True] * 2])
-    logits, cache = prefill(trained_params, tokens, tiny_config, valid=valid)
+    tokens = torch.tensor([a, b + [0, 0, 0]])
+    logits, cache = prefill(trained_params, tokens, tiny_config, counts=(5, 2))
     for row, seq in enumerate((a, b)):
         assert_rel_close(logits[row], forward(trained_params, torch.tensor([seq]), tiny_config)[0, -1])
     step, _ = forward_cached(trained_params, torch.tensor([[11], [12]]), cache, tiny_config)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt.layers import (
+    CacheRows,
     attention_probs,
-    decode_block,
     dropout,
     feed_forward,
     gelu,
@@ -194,9 +194,8 @@ def test_block_dropout_rates_reach_the_attention_and_the_residual_branches(refer
 
 
 def test_cached_attention_in_chunks_equals_the_uncached_attention(reference):
-    """Chunks of 5, 1, 2 and 4 queries after what the buffers hold (an explicit causal mask
-    aligned to the end for a chunk after a prefix, none for one query) give the uncached
-    rows, and leave this call's keys and values at positions start .. start + T - 1."""
+    """Chunks of 5, 1, 2 and 4 queries after what the buffers hold give the uncached rows,
+    and leave this call's keys and values at positions start .. start + T - 1."""
     p, seen = reference
     x = seen["ln_1"]
     B, T, _ = x.shape
@@ -204,10 +203,8 @@ def test_cached_attention_in_chunks_equals_the_uncached_attention(reference):
     k_buf, v_buf = torch.full((B, H, S, D), 7.0), torch.full((B, H, S, D), 7.0)
     pieces, start = [], 0
     for n in (5, 1, 2, 4):
-        q = torch.arange(start, start + n)[:, None]
-        mask = None if start == 0 or n == 1 else (torch.arange(start + n)[None, :] <= q)
-        pieces.append(self_attention(x[:, start : start + n], **p["attn"], n_head=H, mask=mask,
-                                     kv_buffers=(k_buf, v_buf), start=start))
+        rows = CacheRows(k_buf, v_buf, (start,) * B, (n,) * B)
+        pieces.append(self_attention(x[:, start : start + n], **p["attn"], n_head=H, cache=rows))
         start += n
     assert_rel_close(torch.cat(pieces, 1), seen["attn"], 1e-5, "chunks")
     _, k, v = qkv_heads(x, p["attn"]["c_attn"], H)
@@ -216,28 +213,45 @@ def test_cached_attention_in_chunks_equals_the_uncached_attention(reference):
     assert torch.equal(k_buf[:, :, T:], torch.full_like(k_buf[:, :, T:], 7.0))
 
 
+def test_rows_at_different_points_attend_each_on_its_own(reference):
+    """Row 0 holds 3 positions and gets 4 new tokens, row 1 holds 6 and gets 2 real ones
+    (and 2 of right padding): each row's real outputs are its uncached attention at
+    those positions and what the row computes alone; padding's attention output is zero
+    and padding is never written to the buffers."""
+    p, seen = reference
+    x = seen["ln_1"]
+    B, T, _ = x.shape
+    k_buf, v_buf = torch.full((B, H, T, D), 7.0), torch.full((B, H, T, D), 7.0)
+    self_attention(x[:, :6], **p["attn"], n_head=H, cache=CacheRows(k_buf, v_buf, (0,) * B, (6,) * B))
+    chunk = torch.stack([x[0, 3:7], torch.cat([x[1, 6:8], torch.zeros(2, x.shape[-1])])])
+    got = self_attention(chunk, **p["attn"], n_head=H, cache=CacheRows(k_buf, v_buf, (3, 6), (4, 2)))
+    # self_attention projects through c_proj, so a zero attention output at padding shows as its bias
+    assert_rel_close(got[0], seen["attn"][0, 3:7], 1e-5, "row 0")
+    assert_rel_close(got[1, :2], seen["attn"][1, 6:8], 1e-5, "row 1")
+    assert torch.equal(got[1, 2:], p["attn"]["c_proj"]["bias"].expand(2, -1))
+    assert torch.equal(k_buf[1, :, 8:], torch.full_like(k_buf[1, :, 8:], 7.0))
+    alone_k, alone_v = k_buf[1:].clone(), v_buf[1:].clone()
+    alone_k[:, :, 6:], alone_v[:, :, 6:] = 7.0, 7.0
+    alone = self_attention(chunk[1:, :2], **p["attn"], n_head=H, cache=CacheRows(alone_k, alone_v, (6,), (2,)))
+    assert_rel_close(alone[0], got[1, :2], 1e-6, "row 1 alone")
+
+
 def test_two_queries_from_the_start_are_causal_without_a_mask(reference):
     p, seen = reference
     got = self_attention(seen["ln_1"][:, :2], **p["attn"], n_head=H)
     assert_rel_close(got, seen["attn"][:, :2], 1e-5)
 
 
-def test_decode_block_equals_the_block_at_each_new_position(reference):
-    """One token at a time against the buffers, decode_block gives transformers' block
-    output at that position; with a mask hiding positions it gives the block's output on
-    the visible tokens alone."""
+def test_the_block_one_token_at_a_time_equals_the_block_at_each_position(reference):
+    """One token at a time against the buffers (a decode step's shape), the block gives
+    transformers' block output at that position."""
     p, seen = reference
     x, eps = seen["x"], TINY.layer_norm_epsilon
     B, T, _ = x.shape
     k_buf, v_buf = torch.zeros(B, H, T, D), torch.zeros(B, H, T, D)
-    rows = [decode_block(x[:, t], **p, k_buf=k_buf, v_buf=v_buf, pos=t, n_head=H, eps=eps) for t in range(T)]
-    assert_rel_close(torch.stack(rows, 1), seen["block"], 1e-5, "decode_block")
-
-    visible = torch.ones(B, 1, 1, T, dtype=torch.bool)
-    visible[..., :4] = False  # hide the first 4 positions: as if the row were x[:, 4:]
-    last = decode_block(x[:, -1], **p, k_buf=k_buf, v_buf=v_buf, pos=T - 1, mask=visible, n_head=H, eps=eps)
-    alone = transformer_block(x[:, 4:], **p, n_head=H, eps=eps, name="h.0", tap=lambda n, y: y)
-    assert_rel_close(last, alone[:, -1], 1e-5, "masked decode_block")
+    rows = [transformer_block(x[:, t : t + 1], **p, n_head=H, eps=eps, name="h.0", tap=lambda n, y: y,
+                              cache=CacheRows(k_buf, v_buf, (t,) * B, (1,) * B)) for t in range(T)]
+    assert_rel_close(torch.cat(rows, 1), seen["block"], 1e-5, "one token at a time")
 
 
 def test_attention_probs_build_their_mask_on_the_inputs_device():

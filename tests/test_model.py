@@ -143,7 +143,7 @@ def test_cached_chunks_equal_one_forward(trained, tiny_config):
     for a, b in [(0, 11), (11, 17), (17, 18), (18, 30)]:  # prefill, a multi-token chunk, single steps
         logits, cache = forward_cached(trained, tokens[:, a:b], cache, tiny_config)
         pieces.append(logits)
-    assert cache.length == 30
+    assert cache.lengths == (30, 30)
     assert_rel_close(torch.cat(pieces, 1), full, 1e-5)
 
 
@@ -153,40 +153,51 @@ def test_decode_steps_equal_one_forward(trained, tiny_config):
     logits, cache = forward_cached(trained, tokens[:, :12], new_cache(tiny_config, 2), tiny_config)
     steps = [logits[:, -1]]
     for t in range(12, tokens.shape[1]):
-        step, cache = decode_step(trained, tokens[:, t], cache, tiny_config, padded=False)
+        step, cache = decode_step(trained, tokens[:, t], cache, tiny_config)
         steps.append(step)
-    assert cache.length == tokens.shape[1]
+    assert cache.lengths == (tokens.shape[1],) * 2
     assert_rel_close(torch.stack(steps, 1), full[:, 11:], 1e-5)
     with pytest.raises(UserError, match="33 tokens is longer than the context of 32 positions"):
-        decode_step(trained, tokens[:, 0], cache, tiny_config, padded=False)
+        decode_step(trained, tokens[:, 0], cache, tiny_config)
 
 
-def test_padded_decode_steps_compute_what_each_row_computes_alone(trained, tiny_config):
+def test_rows_of_different_lengths_decode_what_each_computes_alone(trained, tiny_config):
+    """Prompts of 5 and 9 tokens share a prefill (the short one right-padded, counts) and
+    then 7 decode steps, each row at its own position."""
     short, long = _tokens(tiny_config, 1, 12, seed=1), _tokens(tiny_config, 1, 16, seed=2)
-    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short[:, :5]], 1), long[:, :9]])
-    valid = torch.ones(2, 9, dtype=torch.bool)
-    valid[0, :4] = False
-    _, cache = forward_cached(trained, batch, new_cache(tiny_config, 2), tiny_config, valid=valid)
+    batch = torch.cat([torch.cat([short[:, :5], torch.zeros(1, 4, dtype=torch.long)], 1), long[:, :9]])
+    logits, cache = forward_cached(trained, batch, new_cache(tiny_config, 2), tiny_config, counts=(5, 9))
+    assert cache.lengths == (5, 9)
+    assert_rel_close(logits[0, :5], forward(trained, short[:, :5], tiny_config)[0], 1e-5, "short prefill")
+    assert_rel_close(logits[1], forward(trained, long[:, :9], tiny_config)[0], 1e-5, "long prefill")
     for t in range(7):
-        step, cache = decode_step(trained, torch.stack([short[0, 5 + t], long[0, 9 + t]]), cache, tiny_config,
-                                  padded=True)
+        step, cache = decode_step(trained, torch.stack([short[0, 5 + t], long[0, 9 + t]]), cache, tiny_config)
         for row, seq in enumerate((short[:, : 6 + t], long[:, : 10 + t])):
             assert_rel_close(step[row], forward(trained, seq, tiny_config)[0, -1], 1e-5, f"row {row}, step {t}")
+    assert cache.lengths == (12, 16)
 
 
-def test_left_padded_rows_compute_what_they_would_alone(trained, tiny_config):
-    short, long = _tokens(tiny_config, 1, 5, seed=1), _tokens(tiny_config, 1, 9, seed=2)
-    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
-    valid = torch.ones(2, 9, dtype=torch.bool)
-    valid[0, :4] = False
-    logits, cache = forward_cached(trained, batch, new_cache(tiny_config, 2), tiny_config, valid=valid)
-    step, _ = forward_cached(trained, torch.tensor([[7], [7]]), cache, tiny_config)
-    alone_short = forward(trained, torch.cat([short, torch.tensor([[7]])], 1), tiny_config)
-    alone_long = forward(trained, torch.cat([long, torch.tensor([[7]])], 1), tiny_config)
-    assert_rel_close(logits[0, 4:], alone_short[0, :5], 1e-5)
-    assert_rel_close(step[0, 0], alone_short[0, 5], 1e-5)
-    assert_rel_close(logits[1], alone_long[0, :9], 1e-5)
-    assert_rel_close(step[1, 0], alone_long[0, 9], 1e-5)
+def test_last_only_takes_each_rows_last_real_token(trained, tiny_config):
+    tokens = _tokens(tiny_config, 2, 9)
+    full = forward(trained, tokens, tiny_config)
+    last, cache = forward_cached(trained, tokens, new_cache(tiny_config, 2), tiny_config, counts=(4, 9),
+                                 last_only=True)
+    assert last.shape == (2, 1, tiny_config.vocab_size) and cache.lengths == (4, 9)
+    assert_rel_close(last[:, 0], full[[0, 1], [3, 8]], 1e-5)
+
+
+def test_one_row_of_a_cache_prefills_alone_into_the_shared_buffers(trained, tiny_config):
+    """cache.row(b) is a one-row cache over row b's buffers: what it computes lands in the
+    batch's cache, and the others' rows are untouched."""
+    tokens = _tokens(tiny_config, 2, 10)
+    _, cache = forward_cached(trained, tokens[:, :6], new_cache(tiny_config, 2), tiny_config)
+    before = cache.k[:, 0].clone()
+    _, row = forward_cached(trained, tokens[1:, 6:10], cache.row(1), tiny_config)
+    cache = cache.with_length(1, row.lengths[0])
+    assert cache.lengths == (6, 10) and torch.equal(cache.k[:, 0], before)
+    step, _ = decode_step(trained, tokens[:, 0], cache, tiny_config)
+    expected = forward(trained, torch.cat([tokens[1:], tokens[1:, :1]], 1), tiny_config)[0, -1]
+    assert_rel_close(step[1], expected, 1e-5)
 
 
 @pytest.mark.parametrize(

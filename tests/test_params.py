@@ -102,12 +102,11 @@ def test_forward_names_bad_tokens(tiny_params, tiny_config, tokens, message):
 
 
 def test_forward_cached_checks_its_cache(tiny_params, tiny_config):
-    import dataclasses
     from functional_gpt import forward_cached, new_cache
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(UserError, match="cache: expected a KVCache"):
         forward_cached(tiny_params, tokens, {"k": None}, tiny_config)
-    with pytest.raises(UserError, match=r"cache: k/v of shape \[2, 1, 4, 32, 8\], but these params and 2 rows"):
+    with pytest.raises(UserError, match=r"tokens: 2 rows for a cache of 1 rows"):
         forward_cached(tiny_params, tokens, new_cache(tiny_config, 1), tiny_config)
-    with pytest.raises(UserError, match="valid: expected a bool tensor"):
-        forward_cached(tiny_params, tokens, new_cache(tiny_config, 2), tiny_config, valid=torch.ones(2, 3))
+    with pytest.raises(UserError, match="counts: expected 2 integers in 1..3"):
+        forward_cached(tiny_params, tokens, new_cache(tiny_config, 2), tiny_config, counts=(3, 4))

@@ -63,7 +63,7 @@ def test_prefill_then_decode_steps_match_transformers_at_every_position(pair):
     last, cache = prefill(params, tokens[:, :n], config)
     steps = [last]
     for t in range(n, P):  # fills the cache to n_positions
-        step, cache = decode_step(params, tokens[:, t], cache, config, padded=False)
+        step, cache = decode_step(params, tokens[:, t], cache, config)
         steps.append(step)
     ours = torch.stack(steps, 1)  # the logits at positions n-1 .. P-1
     assert_rel_close(ours, _logits(model, tokens)[:, n - 1 :], 1e-5, "decode_step vs transformers' forward")
@@ -88,33 +88,35 @@ def test_cached_chunks_match_transformers(pair):
     assert_rel_close(torch.cat(pieces, 1), _logits(model, tokens), 1e-5, "forward_cached chunks")
 
 
-def test_left_padded_batch_matches_transformers_row_by_row(pair):
-    """Prompts of 1, 4 and P/2 tokens left-padded into one prefill, then decode steps to the
-    end of the cache: each row equals transformers on that row alone, and transformers on
-    the padded batch with its attention_mask and position ids."""
+def test_rows_of_different_lengths_match_transformers_row_by_row(pair):
+    """Prompts of 1, 4 and P/2 tokens right-padded into one prefill (counts), then decode
+    steps, each row at its own position, until the longest fills the cache: each row
+    equals transformers on that row alone, and transformers on the same rows left-padded
+    into one batch with its attention_mask and position ids."""
     model, params, config = pair
     P = config.n_positions
-    lengths = torch.tensor([1, 4, P // 2])
-    T = int(lengths.max())
+    lengths = [1, 4, P // 2]
+    T = max(lengths)
     seqs = _tokens(config, 3, P, seed=2)  # row i: prompt seqs[i, :L_i], then decoded seqs[i, L_i:]
-    valid = torch.arange(T) >= T - lengths[:, None]  # bool [3, T], False on the left padding
-    prompts = torch.stack([torch.cat([torch.zeros(T - L, dtype=torch.long), s[:L]]) for s, L in zip(seqs, lengths)])
-    logits, cache = forward_cached(params, prompts, new_cache(config, 3), config, valid=valid)
+    prompts = torch.stack([torch.cat([s[:L], torch.zeros(T - L, dtype=torch.long)]) for s, L in zip(seqs, lengths)])
+    logits, cache = forward_cached(params, prompts, new_cache(config, 3), config, counts=tuple(lengths))
     steps = []
     for k in range(P - T):
-        step, cache = decode_step(params, seqs[torch.arange(3), lengths + k], cache, config, padded=True)
+        step, cache = decode_step(params, seqs[torch.arange(3), torch.tensor(lengths) + k], cache, config)
         steps.append(step)
+    assert cache.lengths == tuple(L + P - T for L in lengths)
     steps = torch.stack(steps, 1)  # [3, P - T, V]: row i at its positions L_i .. L_i + P - T - 1
-    for i, L in enumerate(lengths.tolist()):
-        ours = torch.cat([logits[i, T - L :], steps[i]])
+    ours = [torch.cat([logits[i, :L], steps[i]]) for i, L in enumerate(lengths)]
+    for i, L in enumerate(lengths):
         alone = _logits(model, seqs[i : i + 1, : L + P - T])[0]
-        assert_rel_close(ours, alone, 1e-5, f"row {i} ({L}-token prompt) vs that row alone")
+        assert_rel_close(ours[i], alone, 1e-5, f"row {i} ({L}-token prompt) vs that row alone")
 
-    batch = torch.cat([prompts, seqs[torch.arange(3)[:, None], lengths[:, None] + torch.arange(P - T)]], 1)
-    mask = torch.cat([valid, torch.ones(3, P - T, dtype=torch.bool)], 1)
+    pads = [T - L for L in lengths]  # transformers' batch: the same rows, left-padded to one length
+    batch = torch.stack([torch.cat([torch.zeros(n, dtype=torch.long), seqs[i, : P - n]]) for i, n in enumerate(pads)])
+    mask = torch.arange(P) >= torch.tensor(pads)[:, None]
     theirs = _logits(model, batch, attention_mask=mask.long(), position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    ours = torch.cat([logits, steps], 1)
-    assert_rel_close(ours[mask], theirs[mask], 1e-5, "padded batch vs transformers' padded batch")
+    for i, n in enumerate(pads):
+        assert_rel_close(ours[i], theirs[i, n:], 1e-5, f"row {i} vs transformers' padded batch")
 
 
 # --- greedy generation -------------------------------------------------------------------

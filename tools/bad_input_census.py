@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from unittest import mock
@@ -858,9 +858,9 @@ def api_cases() -> list[Case]:
     def decode_past_end(ws):
         params = P()
         _, cache = fg.forward_cached(params, torch.ones(1, 4, dtype=torch.long), fg.new_cache(TINY, 1, max_len=4), TINY)
-        return fg.decode_step(params, torch.tensor([1]), cache, TINY, padded=False)
+        return fg.decode_step(params, torch.tensor([1]), cache, TINY)
     add("decode_step past the cache", decode_past_end, E("4"), "model.py")
-    add("decode_step 2-D tokens", lambda ws: fg.decode_step(P(), ids, fg.new_cache(TINY, 1), TINY, padded=False), E("tokens"), "model.py")
+    add("decode_step 2-D tokens", lambda ws: fg.decode_step(P(), ids, fg.new_cache(TINY, 1), TINY), E("tokens"), "model.py")
 
     def gen(prompts, **kw):
         return lambda ws: list(generate(P(), prompts, TINY, **({"max_new_tokens": 2} | kw)))
