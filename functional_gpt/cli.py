@@ -54,6 +54,14 @@ def _load(args):
     return load_params(args.weights, device=pick_device(args.device))
 
 
+def _serve(args) -> int:
+    from .serve import serve
+
+    serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          device=args.device)
+    return 0
+
+
 def _generate(args) -> int:
     from .generate import print_samples
     from .sampling import Sampling
@@ -273,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
     _device_flag(gen)
     gen.set_defaults(run=_generate)
+
+    srv = commands.add_parser("serve", help="an OpenAI-compatible completions server (continuous batching)")
+    srv.add_argument("--weights", required=True, metavar="PATH",
+                     help="a checkpoint file, a training run directory or a Hugging Face GPT-2 directory")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max_batch", type=int, default=8, metavar="N", help="requests decoded together (rows)")
+    srv.add_argument("--max_queue", type=int, default=64, metavar="N",
+                     help="requests that may wait for a row; beyond it, 429")
+    _device_flag(srv)
+    srv.set_defaults(run=_serve)
 
     ev = commands.add_parser("eval", help="cross-entropy, perplexity and bits per byte over a text")
     ev.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
