@@ -207,7 +207,7 @@ def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GP
         raise UserError(f"sequence of {longest + 1} tokens is longer than the context of {cache.max_len} positions")
     positions = _positions(cache.lengths, 1, config, tokens.device)
     hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache, counts=counts)
-    return _head(params, hidden, tap)[:, 0], replace(cache, lengths=tuple(n + k for n, k in zip(cache.lengths,
+    return _head(params, hidden[:, 0], tap), replace(cache, lengths=tuple(n + k for n, k in zip(cache.lengths,
                                                                                                  counts)))
 
 
