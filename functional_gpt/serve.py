@@ -349,10 +349,13 @@ def create_app(server: Server) -> FastAPI:
                     yield "data: [DONE]\n\n"
                     log(usage, ttft)
                 finally:
-                    for h, d in zip(handles, done):
-                        if not d:
-                            h.cancel()
-                    server.engine.wake.set()
+                    if not all(done):
+                        for h, d in zip(handles, done):
+                            if not d:
+                                h.cancel()
+                        server.engine.wake.set()
+                        server.log(f"POST {http.url.path}: the client left after {usage['completion_tokens']} new "
+                                   f"tokens; its {done.count(False)} row(s) are freed")
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
