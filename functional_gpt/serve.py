@@ -40,19 +40,17 @@ Number = Union[StrictInt, StrictFloat]
 CHAT_STOP = "\nUser:"
 
 
-class CompletionBody(BaseModel):
+class GenerationFields(BaseModel):
+    """The fields completions and chat share: OpenAI's names and ranges, unknown fields refused."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = "<|endoftext|>"
-    max_tokens: StrictInt | None = Field(16, ge=0)
     temperature: Number = Field(1.0, ge=0, le=2)
     top_p: Number = Field(1.0, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=16)
     stream: StrictBool = False
     stream_options: dict | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
     stop: Union[str, list[str], None] = None
     presence_penalty: Number = Field(0.0, ge=-2, le=2)
     frequency_penalty: Number = Field(0.0, ge=-2, le=2)
@@ -64,32 +62,23 @@ class CompletionBody(BaseModel):
     repetition_penalty: Number = Field(1.0, gt=0)
 
 
+class CompletionBody(GenerationFields):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = "<|endoftext|>"
+    max_tokens: StrictInt | None = Field(16, ge=0)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
+class ChatBody(GenerationFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=0)
     max_completion_tokens: StrictInt | None = Field(None, ge=0)
-    temperature: Number = Field(1.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=16)
-    stream: StrictBool = False
-    stream_options: dict | None = None
-    stop: Union[str, list[str], None] = None
-    presence_penalty: Number = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = None
-    top_k: StrictInt | None = Field(None, ge=1)
-    min_p: Number = Field(0.0, ge=0, lt=1)
-    repetition_penalty: Number = Field(1.0, gt=0)
 
 
 class APIError(Exception):
