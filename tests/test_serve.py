@@ -199,6 +199,16 @@ def test_chat_completions_follow_the_documented_template(client, model):
     assert got.choices[0].message.content == expected and got.choices[0].message.role == "assistant"
 
 
+def test_our_extra_rules_arrive_through_extra_body(client):
+    """top_k 1 at temperature 1 is greedy; a repetition penalty changes a greedy text."""
+    greedy = client.completions.create(model=None, prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    top1 = client.completions.create(model=None, prompt=PROMPT, max_tokens=30, temperature=1.0, seed=3,
+                                     extra_body={"top_k": 1}).choices[0].text
+    penalised = client.completions.create(model=None, prompt=PROMPT, max_tokens=30, temperature=0,
+                                          extra_body={"repetition_penalty": 5.0}).choices[0].text
+    assert top1 == greedy != penalised
+
+
 def test_models_lists_the_one_model(client, model):
     assert [m.id for m in client.models.list().data] == [str(model[0])]
 
