@@ -190,9 +190,9 @@ class Server:
         return handles, queues
 
 
-def _logprobs_block(entries, top_wanted: int | None, offset0: int = 0):
+def _logprobs_block(entries, top_wanted: int | None):
     """entries: [(token, log-prob or None, {alt: log-prob} or None)] -> OpenAI's logprobs object."""
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], offset0
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
     for token, logprob, alts in entries:
         text = token_text(token)
         tokens.append(text)
