@@ -1,0 +1,62 @@
+"""torch.func over the model: per-example gradients against a loop of autograd.grad, an
+ensemble against each member run alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from functional_gpt import UserError, flatten, forward, unflatten
+from functional_gpt.func import ensemble_logits, per_example_grads, stack_params
+
+from conftest import TINY, hf_model, params_of
+
+
+@pytest.fixture(scope="module")
+def params():
+    return params_of(hf_model(TINY, seed=2))
+
+
+def _windows(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(TINY.vocab_size, (batch, length), generator=g), torch.randint(TINY.vocab_size,
+                                                                                      (batch, length), generator=g)
+
+
+def test_per_example_grads_equal_a_loop_of_autograd_grad(params):
+    """Each window's gradient, every tensor within 1e-5 of its scale (the key bias, whose
+    gradient is zero in exact arithmetic, within 1e-5 of the query bias's scale)."""
+    tokens, targets = _windows(4, 12, 0)
+    got = per_example_grads(params, tokens, targets, TINY)
+    flat = {k: v.clone().requires_grad_() for k, v in flatten(params).items()}
+    assert set(got) == set(flat) and all(got[k].shape == (4, *flat[k].shape) for k in flat)
+    for b in range(4):
+        loss = F.cross_entropy(forward(unflatten(flat), tokens[b : b + 1], TINY)[0], targets[b])
+        expected = dict(zip(flat, torch.autograd.grad(loss, list(flat.values()))))
+        for key, e in expected.items():
+            scale = float(e.abs().max()) or float(expected["h.0.attn.c_attn.bias"].abs().max())
+            assert float((got[key][b] - e).abs().max()) <= 1e-5 * scale, (b, key)
+    assert not torch.allclose(got["wte.weight"][0], got["wte.weight"][1])  # the windows really differ
+
+
+def test_an_ensemble_equals_each_member_alone(params):
+    members = [params_of(hf_model(TINY, seed=s)) for s in (1, 2, 3)]
+    tokens, _ = _windows(2, 9, 1)
+    logits = ensemble_logits(stack_params(members), tokens, TINY)
+    assert logits.shape == (3, 2, 9, TINY.vocab_size)
+    for m, member in enumerate(members):
+        expected = forward(member, tokens, TINY)
+        assert float((logits[m] - expected).abs().max()) <= 1e-5 * float(expected.abs().max()), m
+
+
+def test_bad_input_to_the_transforms_is_named(params):
+    tokens, targets = _windows(2, 5, 2)
+    with pytest.raises(UserError, match=r"targets: expected a tensor of the tokens' shape \[2, 5\]"):
+        per_example_grads(params, tokens, targets[:, :4], TINY)
+    with pytest.raises(UserError, match="token id 128 is out of range"):
+        per_example_grads(params, tokens, torch.full_like(targets, 128), TINY)
+    other = flatten(params_of(hf_model(TINY, seed=1)))
+    other["ln_f.bias"] = torch.zeros(3)
+    with pytest.raises(UserError, match=r"stack_params: model 1 does not have model 0's keys and shapes \(ln_f.bias\)"):
+        stack_params([params, unflatten(other)])
+    with pytest.raises(UserError, match="no models"):
+        stack_params([])
