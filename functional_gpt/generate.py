@@ -259,13 +259,16 @@ def print_samples(
     generators = [torch.Generator(device=device) for _ in range(num_samples)]
     for i, g in enumerate(generators):
         g.seed() if seed is None else g.manual_seed(seed + i)
-    shown, held = 0, [[] for _ in range(num_samples)]  # the sample being written; the later ones' text
+    shown, held = 0, [[] for _ in range(num_samples)]  # the sample being written; the text not yet written
 
-    def show(i: int) -> None:  # sample i's header and the text it has so far
+    def show(i: int) -> None:  # sample i's header
         if num_samples > 1:
             print(f"--- sample {i + 1} ---", file=out, flush=True)
+
+    def write_held(i: int) -> None:
         for piece in held[i]:
             out.write(piece)
+        held[i] = []
         out.flush()
 
     def end(i: int) -> None:
@@ -289,26 +292,21 @@ def print_samples(
             if piece := texts[i].push(token):
                 held[i].append(piece)
         while shown < num_samples and (held[shown] or texts[shown].done):
-            for piece in held[shown]:
-                out.write(piece)
-            out.flush()
-            held[shown] = []
+            write_held(shown)
             if not texts[shown].done:
                 break
             end(shown)
             shown += 1
             if shown < num_samples:
                 show(shown)
-                held[shown] = []
         if all(t.done for t in texts):
             break
     rows.close()
-    for i in range(shown, num_samples):
+    for i in range(shown, num_samples):  # the rows max_new_tokens ended
         if i > shown:
             show(i)
-        held[i] = []
-        if piece := texts[i].finish():
-            out.write(piece)
+        held[i].append(texts[i].finish())
+        write_held(i)
         end(i)
 
 
