@@ -161,7 +161,7 @@ class Server:
                             repetition_penalty=body.repetition_penalty, greedy=greedy)
         out = []
         for prompt in prompts:
-            limit = max_tokens if max_tokens is not None else P - len(prompt)
+            limit = max_tokens if max_tokens is not None else max(0, P - len(prompt))
             if len(prompt) + limit > P:
                 raise APIError(400, f"This model's maximum context length is {P} tokens, however you requested "
                                     f"{len(prompt) + limit} tokens ({len(prompt)} in your prompt; {limit} for the "
@@ -267,9 +267,6 @@ def create_app(server: Server) -> FastAPI:
     async def chat(body: ChatBody, http: HTTPRequest):
         check_model(body.model)
         prompt = prompts_of(chat_prompt(body.messages), server.config)[0]
-        if len(prompt) > server.config.n_positions:
-            raise APIError(400, f"messages: {len(prompt)} tokens, more than the context of "
-                                f"{server.config.n_positions}", "messages", "context_length_exceeded")
         stops = stops_of(body.stop) + (CHAT_STOP,)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         body = body.model_copy(update={"max_tokens": limit})

@@ -253,6 +253,7 @@ def test_sixteen_concurrent_requests_each_return_what_they_return_alone(client):
         ({"prompt": {"text": "a"}}, "prompt", "none of the accepted types"),
         ({"prompt": "a", "max_tokenz": 3}, "max_tokenz", "unknown field"),
         ({"prompt": [1, 2], "max_tokens": 300}, "max_tokens", "maximum context length is 256 tokens"),
+        ({"prompt": [1] * 300, "max_tokens": None}, "max_tokens", "requested 300 tokens (300 in your prompt; 0 for"),
         ({"prompt": "a", "logprobs": 6}, "logprobs", "less than or equal to 5"),
         ({"prompt": [1, 50257]}, "prompt", "token id 50257 is out of range for vocab_size=50257"),
         ({"prompt": "a", "n": 0}, "n", "greater than or equal to 1"),
