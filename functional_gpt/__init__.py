@@ -3,7 +3,8 @@
 from .checkpoint import load_params, save_params
 from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
 from .errors import UserError
-from .model import KVCache, config_of, decode_step, forward, forward_cached, new_cache, no_tap, recorder
+from .model import KVCache, config_of, decode_step, forward, forward_cached, new_cache
+from .taps import no_tap, recorder
 from .params import count_params, flatten, init_params, param_spec, unflatten
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding
 

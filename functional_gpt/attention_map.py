@@ -9,22 +9,20 @@ import torch
 from .config import GPTConfig
 from .errors import UserError
 from .files import atomic_path
-from .layers import attention_probs
-from .model import forward, recorder
+from .model import forward
+from .taps import recorder
 from .params import Params
 from .tokenizer import decode, encode
 
 
 def attention_maps(params: Params, tokens: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     """tokens: int64 [T] -> probabilities [n_layer, n_head, T, T] (row = query, column =
-    key; each row sums to 1), computed from the captured `h.i.ln_1` activations."""
+    key; each row sums to 1): the tap points "h.i.attn.pattern"."""
     store = {}
+    names = [f"h.{i}.attn.pattern" for i in range(config.n_layer)]
     with torch.inference_mode():
-        forward(params, tokens[None], config, tap=recorder(store))
-        return torch.stack([
-            attention_probs(store[f"h.{i}.ln_1"], block["attn"]["c_attn"], n_head=config.n_head)[0]
-            for i, block in enumerate(params["h"])
-        ])
+        forward(params, tokens[None], config, tap=recorder(store, names))
+    return torch.stack([store[name][0] for name in names])
 
 
 def token_label(text: str) -> str:

@@ -1,8 +1,8 @@
 """Comparing two runs of GPT-2 tensor by tensor: activation and gradient dumps, and a
 diff table in forward order that says where two implementations first part ways.
 
-A dump is a safetensors file of {name: tensor}: every tap of `model.forward` ("wte",
-"wpe", "embed", "h.0.ln_1", "h.0.attn", "h.0.ln_2", "h.0.mlp", "h.0", ..., "ln_f",
+A dump is a safetensors file of {name: tensor}: the taps of `model.forward` that
+transformers' modules also output ("wte", "wpe", "embed", "h.0.ln_1", "h.0.attn", "h.0.ln_2", "h.0.mlp", "h.0", ..., "ln_f",
 "logits"), and with gradients "loss" (mean next-token cross-entropy over the prompt,
 nats/token) and "grad.<GPT-2 key>" for every parameter. Its metadata records the side
 (functional_gpt or transformers), the prompt, the token ids and the forward order of the
@@ -24,9 +24,10 @@ from .config import GPTConfig
 from .device import pick_device
 from .errors import UserError
 from .files import atomic_path
-from .model import forward, recorder
+from .model import forward
+from .taps import recorder
 from .params import Params, flatten, unflatten
-from .reference import capture_reference, reference_model
+from .reference import capture_reference, reference_model, reference_names
 from .tokenizer import decode, encode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,17 +45,18 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def capture(params: Params, tokens: torch.Tensor, config: GPTConfig, *, grads: bool = False) -> dict:
     """Run functional_gpt on tokens int64 [B, T] (no dropout) -> {name: tensor} in forward
-    order: every tap, then with `grads` "loss" and "grad.<key>" for every parameter."""
+    order: every tap that transformers' modules have too (reference_names), then with
+    `grads` "loss" and "grad.<key>" for every parameter."""
     store = {}
     if not grads:
         with torch.no_grad():
-            forward(params, tokens, config, tap=recorder(store))
+            forward(params, tokens, config, tap=recorder(store, reference_names(config.n_layer)))
         return store
     if tokens.shape[1] < 2:
         raise UserError("--prompt: gradients need a prompt of at least 2 tokens (the loss predicts token t+1 "
                         "from 1..t)")
     leaves = {k: v.detach().requires_grad_() for k, v in flatten(params).items()}
-    loss = next_token_loss(forward(unflatten(leaves), tokens, config, tap=recorder(store)), tokens)
+    loss = next_token_loss(forward(unflatten(leaves), tokens, config, tap=recorder(store, reference_names(config.n_layer))), tokens)
     loss.backward()
     store["loss"] = loss.detach()
     store |= {f"grad.{k}": v.grad for k, v in leaves.items()}

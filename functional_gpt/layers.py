@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .taps import no_tap, wants
+
 
 def layer_norm(x, weight, bias, eps: float = 1e-5):  # [..., C] -> [..., C]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -30,8 +32,11 @@ def dropout(x, p: float):
     return F.dropout(x, p, training=True) if p > 0 else x
 
 
-def feed_forward(x, c_fc, c_proj, *, resid_pdrop: float = 0.0):  # [B, T, C] -> [B, T, C]
-    return dropout(linear(gelu(linear(x, **c_fc)), **c_proj), resid_pdrop)
+def feed_forward(x, c_fc, c_proj, *, resid_pdrop: float = 0.0, name: str = "mlp", tap=no_tap):
+    """GPT-2's MLP: x [B, T, C] -> [B, T, C], through 4C hidden units; `tap` sees
+    f"{name}.pre" (before the GELU) and f"{name}.post" (after), each [B, T, 4C]."""
+    pre = tap(f"{name}.pre", linear(x, **c_fc))
+    return dropout(linear(tap(f"{name}.post", gelu(pre)), **c_proj), resid_pdrop)
 
 
 def qkv_heads(x, c_attn, n_head: int):
@@ -65,6 +70,8 @@ def self_attention(
     cache: CacheRows | None = None,
     attn_pdrop: float = 0.0,
     resid_pdrop: float = 0.0,
+    name: str = "attn",
+    tap=no_tap,
 ):
     """Causal multi-head self-attention with GPT-2's fused q, k, v projection.
 
@@ -73,26 +80,42 @@ def self_attention(
     and attend to positions 0 .. their own of that row. Each row attends on its own, with
     exactly the shapes it would have alone, so a row's result never depends on the other
     rows of the batch (a batched kernel splits its work by batch size).
+
+    `tap` sees f"{name}.q", ".k", ".v" [B, T, H, D] (this call's tokens), ".z" (each
+    head's output, [B, T, H, D]); and when it asks for them (taps.wants), ".scores" and
+    ".pattern" [B, H, T, S] (S: the keys attended, masked scores -inf, masked weights 0)
+    and ".result" [B, T, H, C] (each head's z through its rows of c_proj: the output is
+    their sum over heads plus c_proj's bias). Asking for scores or pattern switches the
+    fused kernel for explicit matrix products, equal to rounding.
     """
-    q, k, v = qkv_heads(x, c_attn, n_head)
-    if cache is None:
+    q, k, v = (tap(f"{name}.{n}", t.transpose(1, 2)).transpose(1, 2)  # tapped as [B, T, H, D]
+               for n, t in zip("qkv", qkv_heads(x, c_attn, n_head)))
+    if wants(tap, f"{name}.scores") or wants(tap, f"{name}.pattern"):
+        keys, values, allowed = (k, v, _causal(q.shape[2], q.device)) if cache is None else _cached_keys(k, v, cache)
+        y = _explicit_attention(q, keys, values, allowed, attn_pdrop, name, tap)
+    elif cache is None:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_pdrop, is_causal=q.shape[2] > 1)
     else:
         y = _cached_attention(q, k, v, cache)
-    y = y.transpose(1, 2).reshape(x.shape)
-    return dropout(linear(y, **c_proj), resid_pdrop)
+    z = tap(f"{name}.z", y.transpose(1, 2))
+    if wants(tap, f"{name}.result"):
+        B, T, H, D = z.shape
+        result = tap(f"{name}.result", torch.einsum("bthd,hdc->bthc", z, c_proj["weight"].view(H, D, -1)))
+        out = result.sum(2) + c_proj["bias"]
+    else:
+        out = linear(z.reshape(x.shape), **c_proj)
+    return dropout(out, resid_pdrop)
 
 
 def _cached_attention(q, k, v, cache: CacheRows):  # [B, H, T, D] each -> [B, H, T, D]
     T = q.shape[2]
+    _write_rows(k, v, cache)
     rows = []
     for b, (start, n) in enumerate(zip(cache.starts, cache.counts)):
         if n == 0:  # a row not taking part (an idle row of a server's batch)
             rows.append(q.new_zeros((1,) + q.shape[1:]))
             continue
         end = start + n
-        cache.k[b, :, start:end] = k[b, :, :n]
-        cache.v[b, :, start:end] = v[b, :, :n]
         mask = None
         if start > 0 and n > 1:  # causal, aligned to the end of the keys
             mask = torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None]
@@ -103,17 +126,55 @@ def _cached_attention(q, k, v, cache: CacheRows):  # [B, H, T, D] each -> [B, H,
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def _write_rows(k, v, cache: CacheRows) -> None:  # row b's real keys and values into its buffers
+    for b, (start, n) in enumerate(zip(cache.starts, cache.counts)):
+        cache.k[b, :, start : start + n] = k[b, :, :n]
+        cache.v[b, :, start : start + n] = v[b, :, :n]
+
+
+def _causal(T: int, device) -> torch.Tensor:  # bool [1, 1, T, T]: query t may see keys 0 .. t
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def _cached_keys(k, v, cache: CacheRows):
+    """Write each row's real keys and values into the cache -> (keys, values [B, H, S, D]
+    with S the longest row's end, allowed bool [B, 1, T, S]: row b's query i sees keys
+    0 .. starts[b]+i, and a padding query (i >= counts[b]) sees none)."""
+    _write_rows(k, v, cache)
+    S = max(s + n for s, n in zip(cache.starts, cache.counts))
+    device = k.device
+    starts = torch.tensor(cache.starts, device=device)[:, None, None]
+    counts = torch.tensor(cache.counts, device=device)[:, None, None]
+    i = torch.arange(k.shape[2], device=device)[:, None]
+    allowed = (torch.arange(S, device=device) <= starts + i) & (i < counts)
+    return cache.k[:, :, :S], cache.v[:, :, :S], allowed[:, None]
+
+
+def _explicit_attention(q, k, v, allowed, attn_pdrop: float, name: str, tap):
+    """softmax(q k^T / sqrt(D)) v with the scores and weights formed and tapped.
+    q [B, H, T, D], k, v [B, H, S, D], allowed bool [B or 1, 1, T, S] -> [B, H, T, D]."""
+    scores = tap(f"{name}.scores", _scores(q, k, allowed))
+    pattern = tap(f"{name}.pattern", _pattern(scores, allowed))
+    return dropout(pattern, attn_pdrop) @ v
+
+
+def _scores(q, k, allowed):  # [B, H, T, S], -inf where not allowed
+    return (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+
+
+def _pattern(scores, allowed):  # softmax over keys; a query that sees no key gets weights 0
+    return scores.softmax(dim=-1).masked_fill(~allowed, 0.0)
+
+
 def attention_probs(x, c_attn, *, n_head: int):
     """The attention weights self_attention applies (no cache, causal, no dropout).
 
     x: the block's ln_1 output [B, T, C] -> probabilities [B, n_head, T, T], rows sum to 1.
-    Computed explicitly since the fused kernel never materialises them.
+    The same as the tap point "attn.pattern".
     """
     q, k, _ = qkv_heads(x, c_attn, n_head)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    T = x.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    allowed = _causal(x.shape[1], x.device)
+    return _pattern(_scores(q, k, allowed), allowed)
 
 
 def transformer_block(
@@ -135,8 +196,10 @@ def transformer_block(
 
     The one block of every path: training and `forward` (no cache), a prefill and a decode
     step (a cache, see self_attention). `tap(f"{name}.ln_1", ...)` and so on see each
-    intermediate; see model.forward.
+    intermediate (f"{name}.resid_pre", ".ln_1", ".attn.*", ".attn", ".resid_mid", ".ln_2",
+    ".mlp.pre", ".mlp.post", ".mlp", and the output as `name`); see hooks.py.
     """
+    x = tap(f"{name}.resid_pre", x)
     a = self_attention(
         tap(f"{name}.ln_1", layer_norm(x, **ln_1, eps=eps)),
         **attn,
@@ -144,7 +207,10 @@ def transformer_block(
         cache=cache,
         attn_pdrop=attn_pdrop,
         resid_pdrop=resid_pdrop,
+        name=f"{name}.attn",
+        tap=tap,
     )
-    x = x + tap(f"{name}.attn", a)
-    m = feed_forward(tap(f"{name}.ln_2", layer_norm(x, **ln_2, eps=eps)), **mlp, resid_pdrop=resid_pdrop)
+    x = tap(f"{name}.resid_mid", x + tap(f"{name}.attn", a))
+    m = feed_forward(tap(f"{name}.ln_2", layer_norm(x, **ln_2, eps=eps)), **mlp, resid_pdrop=resid_pdrop,
+                     name=f"{name}.mlp", tap=tap)
     return tap(name, x + tap(f"{name}.mlp", m))

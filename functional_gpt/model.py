@@ -3,11 +3,12 @@
 `forward(params, tokens)` is the model. `forward_cached` is the same computation over
 an explicit KV cache (a value passed in and returned) for generation.
 
-Activations are seen through `tap(name, x) -> x`, called on every intermediate with a
-name that follows the param keys: "wte", "wpe", "embed" (their sum, the input to block
-0), and per block i "h.i.ln_1", "h.i.attn", "h.i.ln_2", "h.i.mlp", "h.i" (its output),
-then "ln_f" and "logits". A recording tap fills a dict (`recorder`), the default tap
-changes nothing, a tap that returns another tensor patches the activation.
+Activations are seen through `tap(name, x) -> x` (taps.py), called on every
+intermediate with a name that follows the param keys: "wte", "wpe", "embed" (their sum,
+the input to block 0), per block i "h.i.resid_pre", "h.i.ln_1", "h.i.attn.q" ...
+"h.i.mlp", "h.i" (its output), then "ln_f" and "logits"; hooks.py lists them all. A
+recording tap fills a dict (`recorder`), the default tap changes nothing, a tap that
+returns another tensor patches the activation.
 """
 
 from dataclasses import dataclass, replace
@@ -20,20 +21,7 @@ from .config import GPTConfig
 from .errors import UserError
 from .layers import CacheRows, layer_norm, transformer_block
 from .params import Params, check_params, config_from_shapes
-
-
-def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def recorder(store: dict):
-    """A tap that records each activation (detached) into `store` under its name."""
-
-    def tap(name: str, x: torch.Tensor) -> torch.Tensor:
-        store[name] = x.detach()
-        return x
-
-    return tap
+from .taps import no_tap
 
 
 def config_of(params: Params) -> GPTConfig:

@@ -11,11 +11,18 @@ import torch
 
 from .config import GPTConfig, hf_config_dict
 from .errors import UserError
+from .hooks import hook_names
 from .params import Params, flatten
 
 # transformers' module names, less the `transformer.` prefix, are our tap names except two.
 _RENAMED = {"drop": "embed", "lm_head": "logits"}
 _TAP_NAME = re.compile(r"wte|wpe|embed|h\.\d+(\.(ln_1|attn|ln_2|mlp))?|ln_f|logits")
+
+
+def reference_names(n_layer: int) -> list[str]:
+    """The hook points `capture_reference` records (those that are outputs of transformers'
+    modules), in forward order."""
+    return [name for name in hook_names(n_layer) if _TAP_NAME.fullmatch(name)]
 
 
 def _transformers():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
+from functional_gpt.hooks import BLOCK_POINTS
 from functional_gpt.layers import (
     CacheRows,
     attention_probs,
@@ -149,8 +150,8 @@ def test_attention_probs_match_transformers_attention_weights(reference):
 
 
 def test_transformer_block_matches_transformers_block_and_taps_each_stage(reference):
-    """Output equals GPT2Block's; the tap sees ln_1, attn, ln_2, mlp, then the output, each
-    equal to transformers' own intermediate."""
+    """Output equals GPT2Block's; a plain tap sees every point in order (hooks.BLOCK_POINTS),
+    ln_1, attn, ln_2, mlp each equal to transformers' own intermediate."""
     p, seen = reference
     taps = []
 
@@ -160,9 +161,10 @@ def test_transformer_block_matches_transformers_block_and_taps_each_stage(refere
 
     y = transformer_block(seen["x"], **p, n_head=H, eps=TINY.layer_norm_epsilon, name="h.0", tap=tap)
     assert_rel_close(y, seen["block"], 1e-5, "block")
-    assert [n for n, _ in taps] == ["h.0.ln_1", "h.0.attn", "h.0.ln_2", "h.0.mlp", "h.0"]
-    for name, x in taps[:4]:
-        assert_rel_close(x, seen[name.removeprefix("h.0.")], 1e-5, name)
+    assert [n for n, _ in taps] == [f"h.0.{n}" if n else "h.0" for n, _, _ in BLOCK_POINTS]
+    for name, x in taps:
+        if name.removeprefix("h.0.") in ("ln_1", "attn", "ln_2", "mlp"):
+            assert_rel_close(x, seen[name.removeprefix("h.0.")], 1e-5, name)
 
 
 def test_transformer_block_uses_the_epsilon_it_is_given(reference):
