@@ -30,6 +30,7 @@ from .config import GPTConfig
 from .errors import UserError
 from .model import KVCache, decode_step, forward_cached, new_cache
 from .params import Params
+from .taps import no_tap
 from .sampling import Sampling, sample_rows
 from .tokenizer import ENDOFTEXT_ID, decode, encode
 
@@ -58,6 +59,7 @@ def generate(
     generators: list[torch.Generator] | None = None,
     stop_tokens: tuple[int, ...] = (),
     window: int | None = None,
+    tap=no_tap,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, int64 [B] on the params' device, step by step.
 
@@ -65,7 +67,10 @@ def generate(
     token in `stop_tokens` (that token is yielded; later steps repeat it for that row);
     the generator ends when every row has stopped or after max_new_tokens steps. window:
     see the module doc. generators: one per row (each row draws from its own); else every
-    row draws from `generator`. Runs under torch.inference_mode.
+    row draws from `generator`. tap: sees each call's activations (hooks.py names): a
+    row's prefill [1, T, ...], then each decode step [B, 1, ...]; each equals what a full
+    forward over the row's context computes at those positions. Runs under
+    torch.inference_mode.
     """
     P = config.n_positions
     window = P // 2 if window is None else window
@@ -93,7 +98,7 @@ def generate(
         cache = new_cache(config, len(seqs), dtype=w.dtype, device=w.device)
         rows = []
         for i, s in enumerate(seqs):
-            row, cache = _prefill_row(params, cache, i, s[starts[i]:], config)
+            row, cache = _prefill_row(params, cache, i, s[starts[i]:], config, tap)
             rows.append(row)
         logits = torch.cat(rows)
         seen = None  # bool [B, V]: the tokens of each row so far, for the repetition penalty
@@ -119,17 +124,17 @@ def generate(
                 if len(s) - starts[i] > P:  # the window restarts; its last token comes with the others' below
                     starts[i] = len(s) - window
                     if window > 1:
-                        _, cache = _prefill_row(params, cache, i, s[starts[i]:-1], config)
+                        _, cache = _prefill_row(params, cache, i, s[starts[i]:-1], config, tap)
                     else:
                         cache = cache.with_length(i, 0)
-            logits, cache = decode_step(params, next_tokens, cache, config)
+            logits, cache = decode_step(params, next_tokens, cache, config, tap=tap)
 
 
-def _prefill_row(params, cache: KVCache, i: int, tokens: list[int], config) -> tuple[torch.Tensor, KVCache]:
+def _prefill_row(params, cache: KVCache, i: int, tokens: list[int], config, tap=no_tap):
     """Prefill row i of `cache` afresh with `tokens`: -> (its last logits [1, V], the cache)."""
     device = params["wte"]["weight"].device
     logits, _ = forward_cached(params, torch.tensor([tokens], device=device), cache.with_length(i, 0).row(i),
-                               config, last_only=True)
+                               config, tap=tap, last_only=True)
     return logits[:, -1], cache.with_length(i, len(tokens))
 
 

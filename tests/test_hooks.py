@@ -1,0 +1,223 @@
+"""Every hook point against transformers' GPT2LMHeadModel on the same trained-like weights
+(random biases and layer-norm gains): residual streams via output_hidden_states, patterns
+via output_attentions (eager attention), the rest via forward hooks on its submodules;
+patches against the same patch through transformers' hooks; taps during generation
+against a full forward; and the bad-input messages."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, assert_rel_close, hf_model, params_of
+from functional_gpt import UserError, forward
+from functional_gpt.generate import generate
+from functional_gpt import hooks
+from functional_gpt.hooks import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
+
+transformers = pytest.importorskip("transformers")
+H, D = TINY.n_head, TINY.head_dim
+
+
+def run_with_cache(params, tokens, *args, config=TINY, **kwargs):
+    return hooks.run_with_cache(params, tokens, *args, config=config, **kwargs)
+
+
+def run_with_hooks(params, tokens, hooks_, config=TINY):
+    return hooks.run_with_hooks(params, tokens, hooks_, config)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = hf_model(TINY, seed=3)
+    model.config._attn_implementation = "eager"  # output_attentions needs the explicit weights
+    return model, params_of(model)
+
+
+def _tokens(B=2, T=12, seed=0):
+    return torch.randint(TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _theirs(model, tokens):
+    """transformers' intermediates under our names, from hooks and its own outputs."""
+    seen, handles = {}, []
+
+    def keep(name, pre=False):
+        def hook(module, args, output=None):
+            seen[name] = (args[0] if pre else (output[0] if isinstance(output, tuple) else output)).detach()
+        return hook
+
+    for i, block in enumerate(model.transformer.h):
+        handles += [
+            block.ln_1.register_forward_hook(keep(f"h.{i}.ln_1")),
+            block.attn.c_attn.register_forward_hook(keep(f"h.{i}.qkv")),
+            block.attn.c_proj.register_forward_pre_hook(keep(f"h.{i}.attn.z", pre=True)),
+            block.attn.register_forward_hook(keep(f"h.{i}.attn")),
+            block.ln_2.register_forward_pre_hook(keep(f"h.{i}.resid_mid", pre=True)),
+            block.ln_2.register_forward_hook(keep(f"h.{i}.ln_2")),
+            block.mlp.c_fc.register_forward_hook(keep(f"h.{i}.mlp.pre")),
+            block.mlp.act.register_forward_hook(keep(f"h.{i}.mlp.post")),
+            block.mlp.register_forward_hook(keep(f"h.{i}.mlp")),
+            block.register_forward_hook(keep(f"h.{i}")),
+        ]
+    try:
+        with torch.no_grad():
+            out = model(tokens, output_hidden_states=True, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    B, T = tokens.shape
+    for i in range(TINY.n_layer):
+        seen[f"h.{i}.resid_pre"] = out.hidden_states[i]
+        seen[f"h.{i}.attn.pattern"] = out.attentions[i]
+        for name, t in zip("qkv", seen.pop(f"h.{i}.qkv").split(TINY.n_embd, dim=-1)):
+            seen[f"h.{i}.attn.{name}"] = t.reshape(B, T, H, D)
+        seen[f"h.{i}.attn.z"] = seen[f"h.{i}.attn.z"].reshape(B, T, H, D)
+    seen["ln_f"], seen["logits"] = out.hidden_states[-1], out.logits
+    return seen
+
+
+def test_every_hook_point_equals_transformers_intermediate(pair):
+    model, params = pair
+    tokens = _tokens()
+    logits, cache = run_with_cache(params, tokens)
+    theirs = _theirs(model, tokens)
+    assert list(cache) == hook_names(TINY.n_layer)
+    compared = [n for n in cache if n in theirs]
+    assert len(compared) == 2 + 14 * TINY.n_layer, sorted(set(cache) - set(theirs))
+    for name in compared:
+        assert_rel_close(cache[name], theirs[name], 1e-5, name)
+    assert_rel_close(logits, theirs["logits"], 1e-5, "logits")
+    for i in range(TINY.n_layer):  # scores: transformers' q k^T / sqrt(D) where allowed, -inf elsewhere
+        q, k = theirs[f"h.{i}.attn.q"].transpose(1, 2), theirs[f"h.{i}.attn.k"].transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        assert_rel_close(cache[f"h.{i}.attn.scores"][..., causal], scores[..., causal], 1e-5, "scores")
+        assert torch.isneginf(cache[f"h.{i}.attn.scores"][..., ~causal]).all()
+        # each head's contribution, summed with the projection bias, is the attention output
+        total = cache[f"h.{i}.attn.result"].sum(2) + params["h"][i]["attn"]["c_proj"]["bias"]
+        assert_rel_close(total, theirs[f"h.{i}.attn"], 1e-5, "sum of per-head results + bias")
+    assert cache["h.0.attn"].abs().max() > 1 and cache["h.1.mlp.pre"].abs().max() > 3  # big enough to show a GELU slip
+
+
+def test_untapped_and_tapped_forward_agree(pair):
+    _, params = pair
+    tokens = _tokens()
+    logits, _ = run_with_cache(params, tokens)  # the explicit attention and per-head sums
+    assert_rel_close(logits, forward(params, tokens, TINY), 1e-5)
+
+
+def test_translation_to_transformer_lens_and_back_covers_every_point():
+    names = hook_names(TINY.n_layer)
+    translated = {n: to_transformer_lens(n) for n in names if n not in ("embed", "logits")}
+    assert translated["h.1.attn.pattern"] == "blocks.1.attn.hook_pattern"
+    assert translated["h.0"] == "blocks.0.hook_resid_post"
+    assert translated["wte"] == "hook_embed" and translated["ln_f"] == "ln_final.hook_normalized"
+    assert len(set(translated.values())) == len(translated)
+    assert all(from_transformer_lens(tl) == n for n, tl in translated.items())
+
+
+def test_patching_z_of_one_head_equals_transformers_with_the_same_patch(pair):
+    model, params = pair
+    tokens = _tokens()
+    patch = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(5)) * 3
+
+    def ours(z):  # z [B, T, H, D]
+        z = z.clone()
+        z[:, :, 2] = patch
+        return z
+
+    def theirs(module, args):  # c_proj's input [B, T, C], heads merged
+        z = args[0].clone()
+        z[..., 2 * D : 3 * D] = patch
+        return (z,)
+
+    handle = model.transformer.h[1].attn.c_proj.register_forward_pre_hook(theirs)
+    try:
+        with torch.no_grad():
+            expected = model(tokens).logits
+    finally:
+        handle.remove()
+    got = run_with_hooks(params, tokens, {"h.1.attn.z": ours})
+    assert_rel_close(got, expected, 1e-5)
+    assert (got - forward(params, tokens, TINY)).abs().max() > 1e-2  # the patch matters
+
+
+def test_patching_resid_and_mlp_post_with_values_equals_transformers(pair):
+    model, params = pair
+    tokens = _tokens()
+    g = torch.Generator().manual_seed(6)
+    resid, post = torch.randn(2, 12, TINY.n_embd, generator=g), torch.randn(2, 12, 4 * TINY.n_embd, generator=g)
+    handles = [
+        model.transformer.h[1].register_forward_pre_hook(lambda m, args: (resid,) + args[1:]),
+        model.transformer.h[1].mlp.act.register_forward_hook(lambda m, args, out: post),
+    ]
+    try:
+        with torch.no_grad():
+            expected = model(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    got = run_with_hooks(params, tokens, [("h.1.resid_pre", resid), ("h.1.mlp.post", post)])
+    assert_rel_close(got, expected, 1e-5)
+
+
+def test_gradients_of_cached_activations_equal_autograd(pair):
+    _, params = pair
+    tokens = _tokens()
+    metric = lambda logits: logits[:, -1, 3].sum() - logits[:, -1, 5].sum()
+    _, cache = run_with_cache(params, tokens, ["h.1.resid_pre", "h.1.attn.pattern"], grad_of=metric)
+    # the reference: patch h.1.resid_pre with a leaf and differentiate the metric
+    x = cache["h.1.resid_pre"].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(metric(run_with_hooks(params, tokens, {"h.1.resid_pre": x})), [x])
+    assert_rel_close(cache.grads["h.1.resid_pre"], grad, 1e-5)
+    assert cache.grads["h.1.attn.pattern"].shape == (2, H, 12, 12) and cache.grads["h.1.attn.pattern"].abs().max() > 0
+
+
+def test_taps_during_cached_generation_equal_a_full_forward_across_the_context_boundary():
+    """50 new tokens with n_positions 16: the window restarts (re-prefill) several times;
+    every call's recorded activations equal forward over the same window at those positions."""
+    config = TINY.__class__(**{**TINY.__dict__, "n_positions": 16})
+    params = params_of(hf_model(config, seed=4))
+    calls = []
+    names = ["h.0.attn.pattern", "h.1.attn.z", "h.1.mlp.post", "h.1", "ln_f"]
+
+    def tap(name, x):
+        if name in names:
+            calls[-1][name] = x.clone()
+        if name == "wte":
+            calls.append({"n": x.shape[1]})
+        return x
+
+    tap.names = frozenset(names)
+    prompt = [1, 2, 3, 4, 5]
+    out = list(generate(params, [prompt], config, max_new_tokens=50, tap=tap))
+    seq = prompt + [int(t[0]) for t in out]
+    assert len(seq) == 55
+    end = ctx = restarts = 0  # replay the window rule: tokens of seq fed so far, tokens in the cache
+    for i, call in enumerate(calls):
+        if i == 0:  # the prompt's prefill
+            end = ctx = call["n"]
+        elif call["n"] > 1:  # the window restarts: its tokens so far are prefilled afresh
+            ctx, restarts = call["n"], restarts + 1
+        else:  # a decode step feeds the next token
+            end, ctx = end + 1, ctx + 1
+        _, full = run_with_cache(params, torch.tensor([seq[end - ctx : end]]), names, config=config)
+        for name in names:
+            got = call[name]
+            want = full[name][:, :, -got.shape[2]:] if name.endswith("pattern") else full[name][:, -got.shape[1]:]
+            assert_rel_close(got, want, 1e-5, f"{name}, call {i}")
+    assert end == 54 and restarts >= 4
+
+
+def test_bad_hook_names_and_patch_shapes_are_one_line_errors(pair):
+    _, params = pair
+    with pytest.raises(UserError, match=r"unknown hook name 'h.0.attn.patern'; nearest valid names: h.0.attn.pattern"):
+        check_hook_names(["h.0.attn.patern"], TINY.n_layer)
+    with pytest.raises(UserError, match=r"'blocks.0.attn.hook_pattern' \(TransformerLens's name for 'h.0.attn.pattern'"):
+        run_with_cache(params, _tokens(), ["blocks.0.attn.hook_pattern"])
+    with pytest.raises(UserError, match=r"unknown hook name 'h.9.mlp'"):
+        run_with_hooks(params, _tokens(), {"h.9.mlp": torch.zeros(1)})
+    with pytest.raises(UserError, match=r"hook h.1.attn.z: the patch has shape \[2, 12, 32\], the activation "
+                                        r"\[2, 12, 4, 8\]"):
+        run_with_hooks(params, _tokens(), {"h.1.attn.z": torch.zeros(2, 12, 32)})
