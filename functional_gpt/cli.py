@@ -109,6 +109,15 @@ def _attention(args) -> int:
     return 0
 
 
+def _lens(args) -> int:
+    from .lens import draw_lens
+
+    params, config = _load(args)
+    print(draw_lens(params, _text("--prompt", args.prompt), config, args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _dump(args) -> int:
     from .compare import dump
 
@@ -311,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", required=True, metavar="FILE.png")
     _device_flag(att)
     att.set_defaults(run=_attention)
+
+    lens = commands.add_parser("lens", help="the logit lens of a prompt: each layer's top tokens (PNG and a table)")
+    lens.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
+    lens.add_argument("--prompt", required=True, metavar="TEXT")
+    lens.add_argument("--out", required=True, metavar="FILE.png")
+    _device_flag(lens)
+    lens.set_defaults(run=_lens)
 
     dtypes = ["float32", "float16", "bfloat16"]
     prompt = "Hello, I'm a language model,"

@@ -1,0 +1,135 @@
+"""The logit lens and direct logit attribution: reading the residual stream in the
+vocabulary's terms.
+
+Logit lens: each block's input residual (and the last block's output) put through ln_f
+and the tied unembedding, as if the model ended there. Direct logit attribution: the
+final residual at one position is a sum of pieces (the embeddings, each head's result,
+each attention bias, each MLP output); with ln_f's scale taken from the real final
+residual, ln_f is linear in them, so a logit difference splits exactly into one share per
+piece plus ln_f's bias term.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attention_map import token_label
+from .config import GPTConfig
+from .errors import UserError
+from .files import atomic_path
+from .hooks import run_with_cache
+from .layers import layer_norm
+from .model import checked_config
+from .params import Params
+from .tokenizer import decode, encode
+
+
+def logit_lens(params: Params, tokens: torch.Tensor, config: GPTConfig | None = None) -> torch.Tensor:
+    """tokens int64 [T] -> log-probabilities [n_layer + 1, T, V]: row l reads block l's
+    input residual (row n_layer: the last block's output, whose reading is the model's)."""
+    config = checked_config(params, config)
+    names = [f"h.{i}.resid_pre" for i in range(config.n_layer)] + [f"h.{config.n_layer - 1}"]
+    _, cache = run_with_cache(params, tokens[None], names, config=config)
+    resid = torch.stack([cache[n][0] for n in names])
+    hidden = layer_norm(resid, **params["ln_f"], eps=config.layer_norm_epsilon)
+    return (hidden @ params["wte"]["weight"].T).log_softmax(-1)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Shares of a logit difference at one position (direct logit attribution).
+
+    embed: of wte + wpe; heads [n_layer, n_head]: of each head's result; attn_bias and
+    mlp [n_layer]: of each attention's c_proj bias and each MLP's output; ln_f_bias: of
+    ln_f's bias. Their sum is `total`, the model's own logit difference there.
+    """
+
+    embed: float
+    heads: torch.Tensor
+    attn_bias: torch.Tensor
+    mlp: torch.Tensor
+    ln_f_bias: float
+    total: float
+
+    def layers(self) -> torch.Tensor:
+        """[n_layer, 2]: each block's attention (heads and bias) and MLP shares."""
+        return torch.stack([self.heads.sum(1) + self.attn_bias, self.mlp], dim=1)
+
+
+def logit_attribution(params: Params, tokens: torch.Tensor, target: int, other: int, *, position: int = -1,
+                      config: GPTConfig | None = None) -> Attribution:
+    """Split logit[target] - logit[other] at `position` of tokens int64 [T] into the shares
+    of the residual stream's pieces (see Attribution)."""
+    config = checked_config(params, config)
+    for name, t in (("target", target), ("other", other)):
+        if not isinstance(t, int) or not 0 <= t < config.vocab_size:
+            raise UserError(f"logit_attribution: {name} token {t!r} is out of range for vocab_size={config.vocab_size}")
+    L = config.n_layer
+    names = ["embed"] + [f"h.{i}.{p}" for i in range(L) for p in ("attn.result", "mlp")] + [f"h.{L - 1}"]
+    logits, cache = run_with_cache(params, tokens[None], names, config=config)
+    final = cache[f"h.{L - 1}"][0, position]
+    eps = config.layer_norm_epsilon
+    scale = (final - final.mean()).pow(2).mean().add(eps).sqrt()  # ln_f's divisor, frozen
+    w = params["wte"]["weight"]
+    direction = params["ln_f"]["weight"] * (w[target] - w[other]) / scale
+
+    def share(piece):  # piece [..., C] -> its share of the difference (centred as ln_f centres)
+        return (piece - piece.mean(-1, keepdim=True)) @ direction
+
+    bias = torch.stack([params["h"][i]["attn"]["c_proj"]["bias"] for i in range(L)])
+    return Attribution(
+        embed=float(share(cache["embed"][0, position])),
+        heads=torch.stack([share(cache[f"h.{i}.attn.result"][0, position]) for i in range(L)]),
+        attn_bias=share(bias),
+        mlp=torch.stack([share(cache[f"h.{i}.mlp"][0, position]) for i in range(L)]),
+        ln_f_bias=float(params["ln_f"]["bias"] @ (w[target] - w[other])),
+        total=float(logits[0, position, target] - logits[0, position, other]),
+    )
+
+
+def draw_lens(params: Params, prompt_text: str, config: GPTConfig, path: str | os.PathLike, *, top: int = 3) -> str:
+    """`fgpt lens`: the logit lens of a prompt as a PNG grid (layers down, positions
+    across; each cell the top token and its probability) -> the same as a text table."""
+    ids = encode(prompt_text)
+    if not ids:
+        raise UserError("--prompt: empty")
+    if len(ids) > config.n_positions:
+        raise UserError(f"--prompt: {len(ids)} tokens, more than the context of {config.n_positions}")
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"--out {path}: must be a .png file")
+    device = params["wte"]["weight"].device
+    with torch.no_grad():
+        logprobs = logit_lens(params, torch.tensor(ids, device=device), config).float().cpu()
+    probs, best = logprobs.exp().topk(top, dim=-1)  # [L + 1, T, top]
+    rows = [f"h.{i} in" for i in range(config.n_layer)] + ["output"]
+    _plot_lens(probs[..., 0], best[..., 0], rows, [token_label(decode([t])) for t in ids], path)
+    lines = [f"{'':10}" + " | ".join(f"{token_label(decode([t])):>14}" for t in ids)]
+    for r, name in enumerate(rows):
+        cells = [" ".join(f"{token_label(decode([int(best[r, t, k])]))}" for k in range(top))[:14] for t in range(len(ids))]
+        lines.append(f"{name:10}" + " | ".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def _plot_lens(prob, best, rows, columns, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, T = prob.shape
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * T, 1.0 + 0.45 * L))
+    image = ax.imshow(prob.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for r in range(L):
+        for t in range(T):
+            ax.text(t, r, token_label(decode([int(best[r, t])]))[:8], ha="center", va="center", fontsize=7,
+                    color="white" if prob[r, t] > 0.6 else "black")
+    ax.set_xticks(range(T), columns, rotation=90, fontsize=8)
+    ax.set_yticks(range(L), rows, fontsize=8)
+    ax.set_title("logit lens: top next token (colour: its probability)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,93 @@
+"""Interventions built on hooks.py: head ablation, and activation-patching sweeps that
+copy one piece of a clean run into a corrupted one and measure what it restores.
+
+A metric is a function of the logits [B, T, V] returning a scalar tensor (for example
+the logit difference between the right and a wrong answer at the last position).
+"""
+
+import os
+
+import torch
+
+from .config import GPTConfig
+from .errors import UserError
+from .files import atomic_path
+from .hooks import run_with_cache, run_with_hooks
+from .model import checked_config
+from .params import Params
+
+
+def ablate_heads(layer: int, heads, how: str = "zero"):
+    """A (name, hook) pair for run_with_hooks that ablates `heads` of block `layer`: their
+    z set to zero, or ("mean") to their mean over the batch and positions."""
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    if how not in ("zero", "mean"):
+        raise UserError(f"ablate_heads: how must be 'zero' or 'mean', got {how!r}")
+
+    def hook(z):  # [B, T, H, D]
+        if not all(isinstance(h, int) and 0 <= h < z.shape[2] for h in heads):
+            raise UserError(f"ablate_heads: heads {heads} must be in 0..{z.shape[2] - 1}")
+        z = z.clone()
+        z[:, :, heads] = 0.0 if how == "zero" else z[:, :, heads].mean(dim=(0, 1), keepdim=True)
+        return z
+
+    return (f"h.{layer}.attn.z", hook)
+
+
+def patch_sweep(params: Params, clean: torch.Tensor, corrupted: torch.Tensor, metric, *, over: str = "positions",
+                config: GPTConfig | None = None) -> torch.Tensor:
+    """The metric of the corrupted run with one piece of the clean run patched in, piece by piece.
+
+    clean, corrupted: int64 [B, T] of the same shape. over="positions": block l's
+    residual input (h.l.resid_pre) at position t -> a tensor [n_layer, T]; over="heads":
+    head h's z in block l at every position -> [n_layer, n_head].
+    """
+    config = checked_config(params, config)
+    if not isinstance(clean, torch.Tensor) or not isinstance(corrupted, torch.Tensor) or clean.shape != corrupted.shape:
+        raise UserError(f"patch_sweep: clean and corrupted tokens must have one shape, got "
+                        f"{list(getattr(clean, 'shape', []))} and {list(getattr(corrupted, 'shape', []))}")
+    point, width = {"positions": ("resid_pre", clean.shape[-1]), "heads": ("attn.z", config.n_head)}.get(over, (None, 0))
+    if point is None:
+        raise UserError(f"patch_sweep: over must be 'positions' or 'heads', got {over!r}")
+    names = [f"h.{layer}.{point}" for layer in range(config.n_layer)]
+    _, cache = run_with_cache(params, clean, names, config=config)
+    result = torch.empty(config.n_layer, width)
+    with torch.no_grad():
+        for layer, name in enumerate(names):
+            for j in range(width):
+                result[layer, j] = float(metric(run_with_hooks(params, corrupted, {name: _copy(cache[name], j, over)},
+                                                               config)))
+    return result
+
+
+def _copy(clean: torch.Tensor, j: int, over: str):  # a hook putting clean's slice j (a position or a head) in
+    def hook(x):
+        x = x.clone()
+        if over == "positions":
+            x[:, j] = clean[:, j]
+        else:
+            x[:, :, j] = clean[:, :, j]
+        return x
+
+    return hook
+
+
+def plot_sweep(result: torch.Tensor, path: str | os.PathLike, *, columns: list[str], title: str = "") -> None:
+    """Draw a sweep [n_layer, N] as a heatmap PNG (layers down, `columns` across), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = result.float().numpy()
+    limit = max(abs(values).max(), 1e-9)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * values.shape[1], 1.0 + 0.5 * values.shape[0]))
+    image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=90)
+    ax.set_yticks(range(values.shape[0]), [f"h.{i}" for i in range(values.shape[0])])
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

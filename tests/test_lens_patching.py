@@ -1,0 +1,136 @@
+"""Head ablation and patching sweeps against transformers with the same patches through its
+hooks; the logit lens and direct logit attribution against closed forms (the model's own
+output, an exact sum); `fgpt lens` end to end and its bad input."""
+
+import pytest
+import torch
+
+from conftest import TINY, assert_rel_close, hf_model, params_of
+from functional_gpt import GPTConfig, UserError, forward, init_params, save_params
+from functional_gpt.cli import main
+from functional_gpt.hooks import run_with_hooks
+from functional_gpt.lens import logit_attribution, logit_lens
+from functional_gpt.patching import ablate_heads, patch_sweep, plot_sweep
+
+transformers = pytest.importorskip("transformers")
+D = TINY.head_dim
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = hf_model(TINY, seed=7)
+    return model, params_of(model)
+
+
+def _tokens(B=2, T=10, seed=0):
+    return torch.randint(TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _theirs_with_z(model, tokens, layer, edit):  # transformers' logits with c_proj's input of `layer` edited
+    def pre(module, args):
+        z = args[0].clone().view(*args[0].shape[:2], TINY.n_head, D)
+        return (edit(z).flatten(2),)
+
+    handle = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            return model(tokens).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("how", ["zero", "mean"])
+def test_head_ablation_equals_transformers_with_the_head_ablated(pair, how):
+    model, params = pair
+    tokens = _tokens()
+
+    def edit(z):
+        z[:, :, [1, 3]] = 0.0 if how == "zero" else z[:, :, [1, 3]].mean(dim=(0, 1), keepdim=True)
+        return z
+
+    got = run_with_hooks(params, tokens, [ablate_heads(1, [1, 3], how)], TINY)
+    assert_rel_close(got, _theirs_with_z(model, tokens, 1, edit), 1e-5)
+    assert (got - forward(params, tokens, TINY)).abs().max() > 1e-2
+
+
+def test_patch_sweep_over_heads_equals_patching_transformers_head_by_head(pair, tmp_path):
+    model, params = pair
+    clean, corrupted = _tokens(seed=1), _tokens(seed=2)
+    metric = lambda logits: logits[:, -1, 3].mean() - logits[:, -1, 5].mean()
+    heads = patch_sweep(params, clean, corrupted, metric, over="heads", config=TINY)
+    assert heads.shape == (TINY.n_layer, TINY.n_head)
+    with torch.no_grad():  # transformers' clean z per layer, then each head patched in on its side
+        seen = {}
+        handles = [b.attn.c_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].clone()))
+                   for i, b in enumerate(model.transformer.h)]
+        model(clean)
+        for h in handles:
+            h.remove()
+    for layer in range(TINY.n_layer):
+        for head in range(TINY.n_head):
+            clean_z = seen[layer].view(2, 10, TINY.n_head, D)
+
+            def edit(z):
+                z[:, :, head] = clean_z[:, :, head]
+                return z
+
+            expected = metric(_theirs_with_z(model, corrupted, layer, edit))
+            assert abs(heads[layer, head] - expected) < 1e-4 * max(1.0, abs(float(expected)))
+    plot_sweep(heads, tmp_path / "heads.png", columns=[f"head {h}" for h in range(TINY.n_head)])
+    assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_patch_sweep_over_positions_restores_the_one_corrupted_position(pair):
+    """Corrupted differs from clean at position 4 only: patching block 0's input there is the
+    clean run itself; at any other position it changes nothing."""
+    _, params = pair
+    clean = _tokens(seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 1) % TINY.vocab_size
+    metric = lambda logits: logits[:, -1, 3].mean() - logits[:, -1, 5].mean()
+    positions = patch_sweep(params, clean, corrupted, metric, over="positions", config=TINY)
+    assert positions.shape == (TINY.n_layer, 10)
+    clean_value, corrupted_value = float(metric(forward(params, clean, TINY))), float(metric(forward(params, corrupted, TINY)))
+    assert abs(clean_value - corrupted_value) > 1e-3
+    assert abs(float(positions[0, 4]) - clean_value) < 1e-5 * max(1.0, abs(clean_value))
+    others = torch.cat([positions[0, :4], positions[0, 5:]])
+    assert_rel_close(others, torch.full_like(others, corrupted_value), 1e-5)
+    with pytest.raises(UserError, match="over must be 'positions' or 'heads'"):
+        patch_sweep(params, clean, corrupted, metric, over="layers", config=TINY)
+
+
+def test_logit_lens_last_row_is_the_models_own_output(pair):
+    _, params = pair
+    tokens = _tokens(B=1)[0]
+    lens = logit_lens(params, tokens, TINY)
+    assert lens.shape == (TINY.n_layer + 1, 10, TINY.vocab_size)
+    assert_rel_close(lens[-1], forward(params, tokens[None], TINY)[0].log_softmax(-1), 1e-5)
+    assert (lens[0] - lens[-1]).abs().max() > 0.1
+
+
+def test_direct_logit_attribution_sums_to_the_logit_difference(pair):
+    _, params = pair
+    tokens = _tokens(B=1)[0]
+    a = logit_attribution(params, tokens, 3, 5, config=TINY)
+    parts = a.embed + float(a.heads.sum()) + float(a.attn_bias.sum()) + float(a.mlp.sum()) + a.ln_f_bias
+    logits = forward(params, tokens[None], TINY)[0, -1]
+    assert abs(a.total - float(logits[3] - logits[5])) < 1e-5 * max(1.0, abs(a.total))
+    assert abs(parts - a.total) < 1e-4 * max(1.0, abs(a.total)), (parts, a.total)
+    assert a.heads.shape == (TINY.n_layer, TINY.n_head) and a.layers().shape == (TINY.n_layer, 2)
+    assert a.heads.abs().max() > 1e-3
+
+
+def test_fgpt_lens_writes_a_png_and_a_table_and_refuses_bad_input(tmp_path, capsys):
+    config = GPTConfig(n_positions=16, n_embd=64, n_layer=2, n_head=2)  # GPT-2's vocabulary, for text prompts
+    weights = tmp_path / "w.safetensors"
+    save_params(weights, init_params(config, seed=0), config)
+    out = tmp_path / "lens.png"
+    assert main(["lens", "--weights", str(weights), "--prompt", "Hello world, this", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:4]] == ["h.0", "h.1", "output"] and f"wrote {out}" in table[-1]
+    assert main(["lens", "--weights", str(weights), "--prompt", "word " * 20, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--prompt: 21 tokens, more than the context of 16") and "\n" not in err
+    assert main(["lens", "--weights", str(weights), "--prompt", "hi", "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "must be a .png file" in capsys.readouterr().err
