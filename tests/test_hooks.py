@@ -221,3 +221,22 @@ def test_bad_hook_names_and_patch_shapes_are_one_line_errors(pair):
     with pytest.raises(UserError, match=r"hook h.1.attn.z: the patch has shape \[2, 12, 32\], the activation "
                                         r"\[2, 12, 4, 8\]"):
         run_with_hooks(params, _tokens(), {"h.1.attn.z": torch.zeros(2, 12, 32)})
+
+
+def test_the_documented_names_table_is_the_code_table():
+    """docs/09's table lists every block point with its TransformerLens name and shape."""
+    from pathlib import Path
+
+    from functional_gpt.hooks import BLOCK_POINTS
+
+    page = (Path(__file__).parents[1] / "docs" / "09-looking-inside.md").read_text()
+    rows = [line.split("|")[1:4] for line in page.splitlines() if line.startswith("| `h.i")]
+    documented = {}
+    for ours, tl, shape in rows:
+        names = [n.strip("` ") for n in ours.split(",")]
+        tls = [n.strip("` ") for n in tl.split(",")]
+        for n, t in zip(names, tls):
+            full = n if n.startswith("h.i") else names[0].rsplit(".", 1)[0] + n
+            prefix = tls[0].rsplit(".", 1)[0] + "." if "." in tls[0] and "." not in t else ""
+            documented[full.removeprefix("h.i").removeprefix(".")] = (prefix + t, shape.strip())
+    assert documented == {ours: (tl, shape) for ours, tl, shape in BLOCK_POINTS}
