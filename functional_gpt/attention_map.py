@@ -63,9 +63,9 @@ def plot_attention(probs: torch.Tensor, labels: list[str], path: str | os.PathLi
     plt.close(fig)
 
 
-def draw_attention(params: Params, prompt_text: str, config: GPTConfig, path: str | os.PathLike) -> int:
-    """`fgpt attention`: the attention maps of the prompt's tokens, written to `path`
-    (PNG). Returns the number of tokens drawn."""
+def prompt_ids(prompt_text: str, config: GPTConfig, path: str | os.PathLike) -> list[int]:
+    """The token ids of a picture's --prompt, after checking it fits the context and that
+    --out names a PNG."""
     ids = encode(prompt_text)
     if not ids:
         raise UserError("--prompt: empty")
@@ -73,6 +73,13 @@ def draw_attention(params: Params, prompt_text: str, config: GPTConfig, path: st
         raise UserError(f"--prompt: {len(ids)} tokens, more than the context of {config.n_positions}")
     if Path(path).suffix.lower() != ".png":
         raise UserError(f"--out {path}: must be a .png file")
+    return ids
+
+
+def draw_attention(params: Params, prompt_text: str, config: GPTConfig, path: str | os.PathLike) -> int:
+    """`fgpt attention`: the attention maps of the prompt's tokens, written to `path`
+    (PNG). Returns the number of tokens drawn."""
+    ids = prompt_ids(prompt_text, config, path)
     device = params["wte"]["weight"].device
     probs = attention_maps(params, torch.tensor(ids, device=device), config)
     labels = [token_label(decode([t])) for t in ids]

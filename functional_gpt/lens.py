@@ -11,11 +11,10 @@ piece plus ln_f's bias term.
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .attention_map import token_label
+from .attention_map import prompt_ids, token_label
 from .config import GPTConfig
 from .errors import UserError
 from .files import atomic_path
@@ -23,7 +22,7 @@ from .hooks import run_with_cache
 from .layers import layer_norm
 from .model import checked_config
 from .params import Params
-from .tokenizer import decode, encode
+from .tokenizer import decode
 
 
 def logit_lens(params: Params, tokens: torch.Tensor, config: GPTConfig | None = None) -> torch.Tensor:
@@ -92,13 +91,7 @@ def logit_attribution(params: Params, tokens: torch.Tensor, target: int, other: 
 def draw_lens(params: Params, prompt_text: str, config: GPTConfig, path: str | os.PathLike, *, top: int = 3) -> str:
     """`fgpt lens`: the logit lens of a prompt as a PNG grid (layers down, positions
     across; each cell the top token and its probability) -> the same as a text table."""
-    ids = encode(prompt_text)
-    if not ids:
-        raise UserError("--prompt: empty")
-    if len(ids) > config.n_positions:
-        raise UserError(f"--prompt: {len(ids)} tokens, more than the context of {config.n_positions}")
-    if Path(path).suffix.lower() != ".png":
-        raise UserError(f"--out {path}: must be a .png file")
+    ids = prompt_ids(prompt_text, config, path)
     device = params["wte"]["weight"].device
     with torch.no_grad():
         logprobs = logit_lens(params, torch.tensor(ids, device=device), config).float().cpu()
