@@ -314,19 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(ev)
     ev.set_defaults(run=_eval)
 
-    att = commands.add_parser("attention", help="draw the attention maps of a short prompt (PNG)")
-    att.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
-    att.add_argument("--prompt", required=True, metavar="TEXT")
-    att.add_argument("--out", required=True, metavar="FILE.png")
-    _device_flag(att)
-    att.set_defaults(run=_attention)
-
-    lens = commands.add_parser("lens", help="the logit lens of a prompt: each layer's top tokens (PNG and a table)")
-    lens.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
-    lens.add_argument("--prompt", required=True, metavar="TEXT")
-    lens.add_argument("--out", required=True, metavar="FILE.png")
-    _device_flag(lens)
-    lens.set_defaults(run=_lens)
+    pictures = {  # commands that draw a picture of one prompt
+        "attention": ("draw the attention maps of a short prompt (PNG)", _attention),
+        "lens": ("the logit lens of a prompt: each layer's top tokens (PNG and a table)", _lens),
+    }
+    for name, (help_text, run) in pictures.items():
+        picture = commands.add_parser(name, help=help_text)
+        picture.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
+        picture.add_argument("--prompt", required=True, metavar="TEXT")
+        picture.add_argument("--out", required=True, metavar="FILE.png")
+        _device_flag(picture)
+        picture.set_defaults(run=run)
 
     dtypes = ["float32", "float16", "bfloat16"]
     prompt = "Hello, I'm a language model,"
