@@ -9,8 +9,6 @@ once per example (torch's warning about it is silenced here: the cost is measure
 tools/bench_func.py).
 """
 
-_NO_SDPA_RULE = "There is a performance drop because we have not yet implemented the batching rule"
-
 import warnings
 
 import torch
@@ -21,6 +19,9 @@ from .config import GPTConfig
 from .errors import UserError
 from .model import _check_tokens, _head, _transformer, checked_config, no_tap
 from .params import Params, flatten, unflatten
+
+# the start of torch's warning about the missing batching rule (silenced below)
+_NO_SDPA_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 
 def _logits(params: Params, tokens: torch.Tensor, config: GPTConfig) -> torch.Tensor:
