@@ -40,13 +40,15 @@ def _tokens(B=2, T=12, seed=0):
 
 def _theirs(model, tokens):
     """transformers' intermediates under our names, from hooks and its own outputs."""
-    seen, handles = {}, []
+    seen = {}
 
     def keep(name, pre=False):
         def hook(module, args, output=None):
             seen[name] = (args[0] if pre else (output[0] if isinstance(output, tuple) else output)).detach()
         return hook
 
+    handles = [model.transformer.wte.register_forward_hook(keep("wte")),
+               model.transformer.wpe.register_forward_hook(keep("wpe"))]
     for i, block in enumerate(model.transformer.h):
         handles += [
             block.ln_1.register_forward_hook(keep(f"h.{i}.ln_1")),
@@ -73,7 +75,8 @@ def _theirs(model, tokens):
         for name, t in zip("qkv", seen.pop(f"h.{i}.qkv").split(TINY.n_embd, dim=-1)):
             seen[f"h.{i}.attn.{name}"] = t.reshape(B, T, H, D)
         seen[f"h.{i}.attn.z"] = seen[f"h.{i}.attn.z"].reshape(B, T, H, D)
-    seen["ln_f"], seen["logits"] = out.hidden_states[-1], out.logits
+    seen["wpe"] = seen["wpe"].expand(B, T, -1)
+    seen["embed"], seen["ln_f"], seen["logits"] = out.hidden_states[0], out.hidden_states[-1], out.logits
     return seen
 
 
@@ -84,7 +87,7 @@ def test_every_hook_point_equals_transformers_intermediate(pair):
     theirs = _theirs(model, tokens)
     assert list(cache) == hook_names(TINY.n_layer)
     compared = [n for n in cache if n in theirs]
-    assert len(compared) == 2 + 14 * TINY.n_layer, sorted(set(cache) - set(theirs))
+    assert len(compared) == 5 + 14 * TINY.n_layer, sorted(set(cache) - set(theirs))
     for name in compared:
         assert_rel_close(cache[name], theirs[name], 1e-5, name)
     assert_rel_close(logits, theirs["logits"], 1e-5, "logits")
