@@ -1,12 +1,20 @@
-"""functional-gpt: GPT-2 as pure functions over a nested dict of GPT-2-named tensors."""
+"""functional-gpt: GPT-2 as pure functions over a nested dict of GPT-2-named tensors.
 
-from .checkpoint import load_params, save_params
-from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
+The package's areas, each a subpackage whose `__init__` lists what users may call:
+`model` (config, params, layers, forward, KV cache, tokenizer, checkpoints),
+`generation` (sampling, generate, the batching engine, `fgpt serve`), `training` (data,
+loss, AdamW, `train_step`, runs, data parallel), `interp` (hooks, patching, lens,
+torch.func) and `reference` (transformers as the reference, dumps and diffs, export,
+perplexity). Imports run one way: model <- generation <- training; interp and reference
+sit on the model (reference's export also reads training runs). The model's names are
+re-exported here.
+"""
+
 from .errors import UserError
-from .model import KVCache, config_of, decode_step, forward, forward_cached, new_cache
-from .taps import no_tap, recorder
-from .params import count_params, flatten, init_params, param_spec, unflatten
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding
+from .model import (ENDOFTEXT, ENDOFTEXT_ID, PRESETS, GPTConfig, KVCache, config_of, count_params, decode,
+                    decode_step, encode, flatten, forward, forward_cached, gpt2_encoding, init_params, load_params,
+                    new_cache, no_tap, param_spec, preset, read_hf_config, recorder, save_params, unflatten,
+                    write_hf_config)
 
 __all__ = [
     "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "UserError",

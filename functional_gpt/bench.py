@@ -40,7 +40,7 @@ def bench(preset_name: str = "gpt2", *, batch: int = 1, seq: int | None = None, 
     """Run the benchmark -> the report (see `markdown`): per contender the medians over
     `rounds` of training tokens/s (median of `steps` timed steps after one warm-up),
     forward latency, peak RSS, MFU, and the per-round ratios against transformers fp32."""
-    from .config import preset
+    from .model.config import preset
     from .device import cpu_has_bf16
 
     config = preset(preset_name)
@@ -72,9 +72,9 @@ def bench(preset_name: str = "gpt2", *, batch: int = 1, seq: int | None = None, 
 
 
 def _write_weights(config, directory: Path) -> None:
-    from .config import write_hf_config
-    from .checkpoint import save_params
-    from .params import init_params
+    from .model.config import write_hf_config
+    from .model.checkpoint import save_params
+    from .model.params import init_params
 
     save_params(directory / "model.safetensors", init_params(config, seed=0), config)
     write_hf_config(config, directory / "config.json")
@@ -101,7 +101,7 @@ def _check_agreement(results: dict) -> None:
 
 
 def _report(preset_name, config, batch, seq, peaks, results) -> dict:
-    from .params import count_params
+    from .model.params import count_params
 
     n_params = count_params(config)
     flops_per_step = (6 * n_params + 12 * config.n_layer * config.n_embd * seq) * batch * seq
@@ -188,12 +188,12 @@ def _measure(job: dict) -> dict:
 
 
 def _ours(directory: Path, dtype, checkpoint: bool = False):
-    from .checkpoint import load_params
-    from .data import Position
-    from .model import forward
-    from .params import flatten, unflatten
-    from .step import Batch, StepSettings, new_state, train_step
-    from .train import keep_freed_memory
+    from .model.checkpoint import load_params
+    from .training.data import Position
+    from .model.transformer import forward
+    from .model.params import flatten, unflatten
+    from .training.step import Batch, StepSettings, new_state, train_step
+    from .training.loop import keep_freed_memory
 
     keep_freed_memory()  # as `fgpt train` does
     params, config = load_params(directory)
@@ -220,7 +220,7 @@ def _theirs(directory: Path, dtype):
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    from .optim import decays
+    from .training.optim import decays
 
     model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa")
     model.config.use_cache = False

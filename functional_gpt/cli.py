@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import PRESETS
+from .model.config import PRESETS
 from .errors import AgreedError, UserError
 
 
@@ -48,14 +48,14 @@ def stop_text(value: str) -> str:
 
 
 def _load(args):
-    from .checkpoint import load_params
+    from .model.checkpoint import load_params
     from .device import pick_device
 
     return load_params(args.weights, device=pick_device(args.device))
 
 
 def _serve(args) -> int:
-    from .serve import serve
+    from .generation.server import serve
 
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           device=args.device)
@@ -63,8 +63,8 @@ def _serve(args) -> int:
 
 
 def _generate(args) -> int:
-    from .generate import print_samples
-    from .sampling import Sampling
+    from .generation.decoding import print_samples
+    from .generation.sampling import Sampling
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                         repetition_penalty=args.repetition_penalty, greedy=args.greedy)
@@ -84,7 +84,7 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from .evaluate import evaluate, load_eval_data
+    from .reference.perplexity import evaluate, load_eval_data
 
     params, config = _load(args)
     texts, source = load_eval_data(args.data, args.weights)
@@ -101,7 +101,7 @@ def _eval(args) -> int:
 
 
 def _attention(args) -> int:
-    from .attention_map import draw_attention
+    from .interp.attention_map import draw_attention
 
     params, config = _load(args)
     n = draw_attention(params, _text("--prompt", args.prompt), config, args.out)
@@ -110,7 +110,7 @@ def _attention(args) -> int:
 
 
 def _lens(args) -> int:
-    from .lens import draw_lens
+    from .interp.lens import draw_lens
 
     params, config = _load(args)
     print(draw_lens(params, _text("--prompt", args.prompt), config, args.out))
@@ -119,7 +119,7 @@ def _lens(args) -> int:
 
 
 def _dump(args) -> int:
-    from .compare import dump
+    from .reference.diff import dump
 
     side = "transformers" if args.reference else "functional_gpt"
     print(dump(args.weights, _text("--prompt", args.prompt), args.out, side=side, grads=args.grads, dtype=args.dtype, device=args.device))
@@ -127,7 +127,7 @@ def _dump(args) -> int:
 
 
 def _diff(args) -> int:
-    from .compare import diff_files
+    from .reference.diff import diff_files
 
     report, ok = diff_files(args.a, args.b, atol=args.atol, rtol=args.rtol)
     print(report)
@@ -135,7 +135,7 @@ def _diff(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import compare
+    from .reference.diff import compare
 
     report, ok = compare(args.weights, _text("--prompt", args.prompt), grads=args.grads, dtype=args.dtype, device=args.device,
                          atol=args.atol, rtol=args.rtol)
@@ -144,8 +144,8 @@ def _compare(args) -> int:
 
 
 def _export(args) -> int:
-    from .compare import DTYPES
-    from .export import export_hf
+    from .reference.diff import DTYPES
+    from .reference.export import export_hf
 
     out = export_hf(args.weights, args.out, dtype=DTYPES.get(args.dtype))
     print(f"wrote {out}/config.json and {out}/model.safetensors (transformers: GPT2LMHeadModel.from_pretrained)")
@@ -153,7 +153,7 @@ def _export(args) -> int:
 
 
 def _download(args) -> int:
-    from .export import download
+    from .reference.export import download
 
     out = download(args.name, args.out)
     print(f"downloaded {args.name} into {out}/ (try: fgpt compare --weights {out})")
@@ -171,7 +171,7 @@ def _tolerance_flags(parser, *, default, default_text):
 
 
 def _prepare(args) -> int:
-    from .data import prepare
+    from .training.data import prepare
 
     meta = prepare(args.inputs, args.out, val_files=args.val_files)
     print(f"{args.out}: train.bin {meta['train_tokens']:,} tokens ({len(meta['train'])} files), "
@@ -180,7 +180,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import make_config, read_config_file, resume_config, train
+    from .training.loop import make_config, read_config_file, resume_config, train
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
     if args.resume is None and _restarted_by_torchrun(flags):
@@ -196,7 +196,7 @@ def _train(args) -> int:
 def _restarted_by_torchrun(flags: dict) -> bool:
     """Whether torchrun restarted this job (--max-restarts) after a rank failed, with the
     run's checkpoint already in --out: then the job resumes from it."""
-    from .runs import STATE
+    from .training.runs import STATE
 
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     out = flags.get("out")
@@ -208,7 +208,7 @@ def _restarted_by_torchrun(flags: dict) -> bool:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .training.loop import TrainConfig
 
     defaults = TrainConfig()
     helps = {

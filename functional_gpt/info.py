@@ -5,11 +5,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_params
-from .config import preset
+from .model.checkpoint import load_params
+from .model.config import preset
 from .device import pick_device
-from .params import count_params, init_params
-from .model import forward
+from .model.params import count_params, init_params
+from .model.transformer import forward
 
 
 def info_report(*, preset_name: str | None = None, weights: str | None = None,

@@ -140,7 +140,7 @@ def reference_training(start: dict, config, batches, *, lrs, weight_decay: float
     -> ({GPT-2 key: param after the last step}, [loss per step], [pre-clip norm per step])."""
     import torch.nn.functional as F
 
-    from functional_gpt.optim import decays
+    from functional_gpt.training.optim import decays
 
     model = hf_from(start, config)
     named = [(k.removeprefix("transformer."), p) for k, p in model.named_parameters()]

@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_rel_close
 from functional_gpt import UserError, init_params, load_params, preset
-from functional_gpt.attention_map import attention_maps, draw_attention, plot_attention
+from functional_gpt.interp.attention_map import attention_maps, draw_attention, plot_attention
 
 
 def test_attention_maps_equal_transformers_attentions(hf_tiny):

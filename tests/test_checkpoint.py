@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY, published_layout
 from functional_gpt import UserError, flatten, forward, load_params, save_params, write_hf_config
-from functional_gpt.checkpoint import CONFIG_METADATA_KEY, weight_files
+from functional_gpt.model.checkpoint import CONFIG_METADATA_KEY, weight_files
 
 
 def _tokens(T=16):
@@ -82,7 +82,7 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, tiny_params, tiny_conf
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("functional_gpt.checkpoint.save_file", crash_half_way)
+    monkeypatch.setattr("functional_gpt.model.checkpoint.save_file", crash_half_way)
     with pytest.raises(UserError, match=r"m.safetensors: cannot write \(disk full\)"):
         save_params(path, tiny_params, tiny_config)
     assert path.read_bytes() == before

@@ -1,4 +1,4 @@
-"""compare.py and reference.py: functional_gpt against transformers' GPT2LMHeadModel,
+"""reference/diff.py and reference/hf_model.py: functional_gpt against transformers' GPT2LMHeadModel,
 activation by activation and gradient by gradient, and the diff that reports it."""
 
 import json
@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from functional_gpt import GPTConfig, UserError, decode, encode, flatten, init_params, preset, save_params, unflatten
 from functional_gpt.cli import main
-from functional_gpt.compare import capture, diff_tensors, format_diff, read_dump, write_dump
-from functional_gpt.reference import capture_reference, reference_model
+from functional_gpt.reference.diff import capture, diff_tensors, format_diff, read_dump, write_dump
+from functional_gpt.reference.hf_model import capture_reference, reference_model
 
 from conftest import hf_model
 

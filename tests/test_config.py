@@ -3,7 +3,7 @@ import json
 import pytest
 
 from functional_gpt import PRESETS, GPTConfig, UserError, preset, read_hf_config, write_hf_config
-from functional_gpt.config import hf_config_dict
+from functional_gpt.model.config import hf_config_dict
 
 
 def test_presets_match_published_gpt2_sizes():

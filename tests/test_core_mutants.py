@@ -1,4 +1,4 @@
-"""Tests of model.py and generate.py (and a few of layers.py and evaluate.py) written to
+"""Tests of model/transformer.py and generation/decoding.py (and a few of layers.py and perplexity.py) written to
 kill mutants that the module tests let survive (`mutmut run`, README's maintainers'
 section): each names the behaviour it pins. Most layer-level ones are in test_layers.py.
 """
@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import functional_gpt.generate as generate_module
+import functional_gpt.generation.decoding as generate_module
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from test_generate import greedy_without_cache
 from functional_gpt import (UserError, config_of, decode_step, flatten, forward, forward_cached, new_cache, no_tap,
                             recorder, unflatten)
-from functional_gpt.evaluate import evaluate
-from functional_gpt.generate import MAX_SEED, _summary, encode_prompt, generate, prefill, print_samples, stream_text
-from functional_gpt.layers import CacheRows, self_attention, transformer_block
-from functional_gpt.sampling import Sampling
-from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
+from functional_gpt.reference.perplexity import evaluate
+from functional_gpt.generation.decoding import MAX_SEED, _summary, encode_prompt, generate, prefill, print_samples, stream_text
+from functional_gpt.model.layers import CacheRows, self_attention, transformer_block
+from functional_gpt.generation.sampling import Sampling
+from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 
 @pytest.mark.parametrize("params", [{}, {"wte": {"weight": None}}, {"wte": {}, "wpe": {}, "h": []}])
@@ -276,7 +276,7 @@ def test_stream_text_times_the_prefill_and_the_decode_apart(trained_params):
     assert stats["prefill_s"] + stats["decode_s"] <= total
 
 
-# --- model.py: the entry points' checks (each message whole), the cache, the devices ----
+# --- model/transformer.py: the entry points' checks (each message whole), the cache, the devices ----
 
 
 def _ids(B, T, seed=0):
@@ -474,7 +474,7 @@ def test_an_empty_cache_is_filled_from_position_0(trained_params, layer):
     assert k_buf[:, :, :3].ne(0).all() and k_buf[:, :, 3:].eq(0).all()
 
 
-# --- generate.py: the checks of generate, its window, its decode steps --------------------
+# --- generation/decoding.py: the checks of generate, its window, its decode steps --------------------
 
 
 @pytest.mark.parametrize(
@@ -521,7 +521,7 @@ def test_generate_makes_n_tokens_with_one_prefill_per_row_and_n_minus_1_decode_s
     assert calls == ["prefill"] * 2 + ["decode"] * 3
 
 
-# --- evaluate.py ---------------------------------------------------------------------------
+# --- reference/perplexity.py -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from functional_gpt import flatten, unflatten
-from functional_gpt.evaluate import evaluate
-from functional_gpt.generate import generate, print_samples
-from functional_gpt.sampling import Sampling
-from functional_gpt.step import Batch, StepSettings, new_state, train_step
-from functional_gpt.data import Position
+from functional_gpt.reference.perplexity import evaluate
+from functional_gpt.generation.decoding import generate, print_samples
+from functional_gpt.generation.sampling import Sampling
+from functional_gpt.training.step import Batch, StepSettings, new_state, train_step
+from functional_gpt.training.data import Position
 
 from conftest import TINY, hf_model, params_of
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from functional_gpt import UserError
-from functional_gpt.data import (
+from functional_gpt.training.data import (
     Position, check_fits, epoch_order, eval_starts, load_tokens, markdown_to_text, next_batch,
     prepare, window_starts,
 )
-from functional_gpt.tokenizer import ENDOFTEXT_ID, gpt2_encoding
+from functional_gpt.model.tokenizer import ENDOFTEXT_ID, gpt2_encoding
 
 
 def test_markdown_to_text_strips_play_markup():

@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-import functional_gpt.train as train_module
+import functional_gpt.training.loop as train_module
 from functional_gpt import flatten, init_params, load_params, save_params
-from functional_gpt.data import Position, next_batch
-from functional_gpt.distributed import World, GradientReducer, my_share, owners, world_from_env
+from functional_gpt.training.data import Position, next_batch
+from functional_gpt.training.distributed import World, GradientReducer, my_share, owners, world_from_env
 from functional_gpt.errors import UserError
-from functional_gpt.optim import lr_at
-from functional_gpt.step import loss_and_grads
-from functional_gpt.train import make_config, resume_config, train
+from functional_gpt.training.optim import lr_at
+from functional_gpt.training.step import loss_and_grads
+from functional_gpt.training.loop import make_config, resume_config, train
 
 from conftest import TINY, hf_model, params_of, random_token_data, reference_training, without_key_bias
 
@@ -423,7 +423,7 @@ def test_each_rank_draws_its_own_dropout_masks_from_the_one_state():
     """In a world of 2 the ranks' dropout streams differ, the state after the step is the
     same on both (one value to save) and differs from the one before; one process draws
     from the state itself, as before data parallelism existed."""
-    from functional_gpt.step import _dropout_rng
+    from functional_gpt.training.step import _dropout_rng
 
     rng = {"torch": torch.Generator().manual_seed(3).get_state()}
     draws, afters = [], []

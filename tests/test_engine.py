@@ -4,9 +4,9 @@ rows, retirement, cancellation, OpenAI's penalties against their closed form, id
 import torch
 
 from functional_gpt import decode_step, forward, forward_cached, new_cache
-from functional_gpt.engine import Done, Engine, Request, Token
-from functional_gpt.generate import generate
-from functional_gpt.sampling import Sampling
+from functional_gpt.generation.engine import Done, Engine, Request, Token
+from functional_gpt.generation.decoding import generate
+from functional_gpt.generation.sampling import Sampling
 
 from conftest import TINY, hf_model, params_of
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import functional_gpt.evaluate as evaluate_module
+import functional_gpt.reference.perplexity as evaluate_module
 from functional_gpt import UserError, forward, load_params, save_params
-from functional_gpt.evaluate import EvalResult, evaluate, load_eval_data, windows
-from functional_gpt.tokenizer import encode, gpt2_encoding
+from functional_gpt.reference.perplexity import EvalResult, evaluate, load_eval_data, windows
+from functional_gpt.model.tokenizer import encode, gpt2_encoding
 
 
 def transformers_nats(model, ids, max_length, stride):

@@ -11,7 +11,7 @@ import torch
 
 from functional_gpt import UserError, flatten, forward, init_params, load_params, save_params
 from functional_gpt.cli import main
-from functional_gpt.export import download
+from functional_gpt.reference.export import download
 
 
 ROOT = Path(__file__).resolve().parent.parent

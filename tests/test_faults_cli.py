@@ -19,10 +19,10 @@ import torch
 
 from functional_gpt import GPTConfig, UserError, flatten, init_params, load_params, save_params, unflatten
 from functional_gpt.cli import main, stop_text
-from functional_gpt.data import Position, load_tokens, next_batch, prepare
-from functional_gpt.evaluate import evaluate
-from functional_gpt.generate import generate
-from functional_gpt.sampling import Sampling
+from functional_gpt.training.data import Position, load_tokens, next_batch, prepare
+from functional_gpt.reference.perplexity import evaluate
+from functional_gpt.generation.decoding import generate
+from functional_gpt.generation.sampling import Sampling
 
 TINY = GPTConfig(vocab_size=50257, n_positions=32, n_embd=8, n_layer=1, n_head=2,
                  embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -348,7 +348,7 @@ def test_generate_edges_that_are_fine(fixtures, capsys, flags):
 
 def test_temperature_floor_keeps_the_draw_finite():
     logits = torch.tensor([[1e4, -1e4, 0.0]])
-    from functional_gpt.sampling import MIN_TEMPERATURE, sample
+    from functional_gpt.generation.sampling import MIN_TEMPERATURE, sample
 
     draws = sample(logits.expand(50, 3), Sampling(temperature=MIN_TEMPERATURE), generator=torch.Generator().manual_seed(0))
     assert draws.tolist() == [0] * 50

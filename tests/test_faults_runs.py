@@ -24,7 +24,7 @@ from conftest import TINY, hf_model, params_of
 import dataclasses
 
 from functional_gpt import load_params, save_params
-from functional_gpt.runs import load_checkpoint
+from functional_gpt.training.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DROPOUT = dataclasses.replace(TINY, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
@@ -50,7 +50,7 @@ def killed_at_call(real):
 if mode == "replace":
     os.replace = killed_at_call(os.replace)
 else:
-    import functional_gpt.checkpoint as checkpoint
+    import functional_gpt.model.checkpoint as checkpoint
     checkpoint.save_file = killed_at_call(checkpoint.save_file)
 from functional_gpt.cli import main
 sys.exit(main(sys.argv[3:]))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from functional_gpt import UserError, flatten, forward, unflatten
-from functional_gpt.func import ensemble_logits, per_example_grads, stack_params
+from functional_gpt.interp.func import ensemble_logits, per_example_grads, stack_params
 
 from conftest import TINY, hf_model, params_of
 

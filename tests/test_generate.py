@@ -8,9 +8,9 @@ import torch
 
 from functional_gpt import UserError, forward, forward_cached, init_params, load_params, new_cache, preset, save_params
 from functional_gpt.cli import main
-from functional_gpt.generate import encode_prompt, generate, prefill, stream_text
-from functional_gpt.sampling import Sampling
-from functional_gpt.tokenizer import ENDOFTEXT_ID, decode, encode
+from functional_gpt.generation.decoding import encode_prompt, generate, prefill, stream_text
+from functional_gpt.generation.sampling import Sampling
+from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
 

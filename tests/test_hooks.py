@@ -11,9 +11,9 @@ import torch
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import UserError, forward
-from functional_gpt.generate import generate
-from functional_gpt import hooks
-from functional_gpt.hooks import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
+from functional_gpt.generation.decoding import generate
+from functional_gpt.interp import hooks
+from functional_gpt.interp.hooks import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
 
 transformers = pytest.importorskip("transformers")
 H, D = TINY.n_head, TINY.head_dim
@@ -230,7 +230,7 @@ def test_the_documented_names_table_is_the_code_table():
     """docs/09's table lists every block point with its TransformerLens name and shape."""
     from pathlib import Path
 
-    from functional_gpt.hooks import BLOCK_POINTS
+    from functional_gpt.interp.hooks import BLOCK_POINTS
 
     page = (Path(__file__).parents[1] / "docs" / "09-looking-inside.md").read_text()
     rows = [line.split("|")[1:4] for line in page.splitlines() if line.startswith("| `h.i")]

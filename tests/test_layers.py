@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
-from functional_gpt.hooks import BLOCK_POINTS
-from functional_gpt.layers import (
+from functional_gpt.interp.hooks import BLOCK_POINTS
+from functional_gpt.model.layers import (
     CacheRows,
     attention_probs,
     dropout,

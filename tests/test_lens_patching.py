@@ -8,9 +8,9 @@ import torch
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import GPTConfig, UserError, forward, init_params, save_params
 from functional_gpt.cli import main
-from functional_gpt.hooks import run_with_hooks
-from functional_gpt.lens import logit_attribution, logit_lens
-from functional_gpt.patching import ablate_heads, patch_sweep, plot_sweep
+from functional_gpt.interp.hooks import run_with_hooks
+from functional_gpt.interp.lens import logit_attribution, logit_lens
+from functional_gpt.interp.patching import ablate_heads, patch_sweep, plot_sweep
 
 transformers = pytest.importorskip("transformers")
 D = TINY.head_dim

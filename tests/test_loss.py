@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional_gpt.loss import lm_head_loss
+from functional_gpt.training.loss import lm_head_loss
 
 from conftest import assert_rel_close
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from functional_gpt import flatten, init_params
-from functional_gpt.optim import adamw_init, adamw_step, clip_grad_norm, decays, lr_at
+from functional_gpt.training.optim import adamw_init, adamw_step, clip_grad_norm, decays, lr_at
 
 
 def test_decay_applies_to_block_matrices_only(tiny_config):

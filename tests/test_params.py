@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from functional_gpt import PRESETS, count_params, flatten, init_params, param_spec, unflatten
-from functional_gpt.params import check_shapes
+from functional_gpt.model.params import check_shapes
 from functional_gpt.errors import UserError
 
 

@@ -12,8 +12,8 @@ import torch
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import GPTConfig, decode_step, forward_cached, new_cache
-from functional_gpt.generate import generate, prefill
-from functional_gpt.sampling import Sampling, process_logits, sample
+from functional_gpt.generation.decoding import generate, prefill
+from functional_gpt.generation.sampling import Sampling, process_logits, sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +142,7 @@ def test_batched_greedy_generate_matches_transformers_generate_per_prompt(tiny, 
 
 
 def _greedy_over_windows(model, config, prompt, n, window, penalty):
-    """generate.py's definition of the window, on transformers: before each token, if the
+    """decoding.py's definition of the window, on transformers: before each token, if the
     context (tokens since `start`) is longer than n_positions, start = len - window; the
     next token is the argmax of transformers' logits over seq[start:], penalised (as
     transformers' generate does) for every token of the whole sequence."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from functional_gpt import UserError
-from functional_gpt.sampling import (
+from functional_gpt.generation.sampling import (
     MIN_TEMPERATURE,
     Sampling,
     apply_repetition_penalty,

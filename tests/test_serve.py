@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from functional_gpt import GPTConfig, save_params
-from functional_gpt.generate import print_samples
-from functional_gpt.sampling import Sampling
-from functional_gpt.tokenizer import decode
+from functional_gpt.generation.decoding import print_samples
+from functional_gpt.generation.sampling import Sampling
+from functional_gpt.model.tokenizer import decode
 
 from conftest import hf_model, params_of
 

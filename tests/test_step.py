@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import functional_gpt.step as step_module
+import functional_gpt.training.step as step_module
 from functional_gpt import flatten, unflatten
-from functional_gpt.data import Position
-from functional_gpt.model import forward_hidden
-from functional_gpt.optim import adamw_init, adamw_step, clip_grad_norm, lr_at
-from functional_gpt.step import (Batch, Diverged, LossScale, StepSettings, loss_and_grads, new_state,
+from functional_gpt.training.data import Position
+from functional_gpt.model.transformer import forward_hidden
+from functional_gpt.training.optim import adamw_init, adamw_step, clip_grad_norm, lr_at
+from functional_gpt.training.step import (Batch, Diverged, LossScale, StepSettings, loss_and_grads, new_state,
                                  train_step)
 
 from conftest import TINY, assert_rel_close, hf_model, params_of

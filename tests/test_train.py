@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import functional_gpt.runs as runs_module
-import functional_gpt.step as step_module
-import functional_gpt.train as train_module
+import functional_gpt.training.runs as runs_module
+import functional_gpt.training.step as step_module
+import functional_gpt.training.loop as train_module
 from functional_gpt import UserError, flatten, init_params, load_params, save_params
 from functional_gpt.cli import main
-from functional_gpt.runs import load_checkpoint
-from functional_gpt.step import loss_and_grads
-from functional_gpt.train import make_config, read_config_file, resume_config, train
+from functional_gpt.training.runs import load_checkpoint
+from functional_gpt.training.step import loss_and_grads
+from functional_gpt.training.loop import make_config, read_config_file, resume_config, train
 
 from conftest import hf_model, random_token_data
 

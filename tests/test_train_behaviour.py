@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import functional_gpt.train as train_module
+import functional_gpt.training.loop as train_module
 from functional_gpt import flatten, init_params, load_params, preset, save_params
 from functional_gpt.cli import main
-from functional_gpt.data import Position, next_batch
-from functional_gpt.optim import lr_at
-from functional_gpt.train import make_config, resume_config, train
+from functional_gpt.training.data import Position, next_batch
+from functional_gpt.training.optim import lr_at
+from functional_gpt.training.loop import make_config, resume_config, train
 
 from conftest import TINY, hf_from, hf_model, params_of, reference_training, without_key_bias
 

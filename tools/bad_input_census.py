@@ -148,7 +148,7 @@ def make_fixtures(F: Path) -> None:
     texts.mkdir()
     for i, name in enumerate(("a.txt", "b.txt", "c.txt")):
         (texts / name).write_text(f"File {i}. " + TEXT, encoding="utf-8")
-    from functional_gpt.data import prepare
+    from functional_gpt.training.data import prepare
 
     prepare([texts], F / "data", progress=False)
     _quiet(main, TRAIN_ARGS(F, F / "run"))
@@ -808,12 +808,12 @@ def cli_cases() -> list[Case]:
 
 
 def api_cases() -> list[Case]:
-    from functional_gpt.data import Position, load_tokens, next_batch, prepare
-    from functional_gpt.evaluate import evaluate
-    from functional_gpt.generate import generate
+    from functional_gpt.training.data import Position, load_tokens, next_batch, prepare
+    from functional_gpt.reference.perplexity import evaluate
+    from functional_gpt.generation.decoding import generate
     from functional_gpt.info import info_report
-    from functional_gpt.sampling import Sampling
-    from functional_gpt.train import make_config
+    from functional_gpt.generation.sampling import Sampling
+    from functional_gpt.training.loop import make_config
 
     cases = []
 

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from functional_gpt import flatten, init_params, preset
-from functional_gpt.generate import generate
+from functional_gpt.generation.decoding import generate
 
 
 class _Clock:  # a transformers streamer: put() gets the prompt, then each new token

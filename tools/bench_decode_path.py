@@ -32,7 +32,10 @@ def load_baseline(tree: Path):
     copy = Path(tempfile.mkdtemp(prefix="fgpt-baseline-"))
     shutil.copytree(tree / "functional_gpt", copy / "functional_gpt_baseline")
     sys.path.insert(0, str(copy))
-    return tuple(importlib.import_module(f"functional_gpt_baseline.{m}") for m in ("generate", "config", "model"))
+    # the layout of subpackages, or the flat one before it (commits up to 3826f04)
+    layout = (copy / "functional_gpt_baseline" / "model").is_dir()
+    paths = ("generation.decoding", "model.config", "model.transformer") if layout else ("generate", "config", "model")
+    return tuple(importlib.import_module(f"functional_gpt_baseline.{m}") for m in paths)
 
 
 def ms_per_forward(forward, params, tokens, config, backward: bool) -> float:
@@ -60,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.baseline / "functional_gpt").is_dir():
         sys.exit(f"bench_decode_path: --baseline {args.baseline} holds no functional_gpt/")
-    from functional_gpt import config as this_config, flatten, generate as this, init_params, model as this_model, preset
+    from functional_gpt import flatten, init_params, preset
+    from functional_gpt.generation import decoding as this
+    from functional_gpt.model import config as this_config, transformer as this_model
 
     versions = {"this": (this, this_config, this_model), "baseline": load_baseline(args.baseline)}
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 import torch.nn.functional as F
 from functional_gpt import flatten, forward, init_params, preset, unflatten
-from functional_gpt.func import ensemble_logits, per_example_grads, stack_params
+from functional_gpt.interp.func import ensemble_logits, per_example_grads, stack_params
 what, config_name, batch, context, members = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 config = preset(config_name)
 params = init_params(config, seed=0)

@@ -124,7 +124,7 @@ def allreduce_worker(out: str) -> None:
     import torch.distributed as dist
 
     from functional_gpt import count_params, preset
-    from functional_gpt.distributed import BUCKET_BYTES
+    from functional_gpt.training.distributed import BUCKET_BYTES
 
     dist.init_process_group("gloo")
     n = count_params(preset("cpu-small"))
@@ -183,7 +183,7 @@ def checkpoint_gradient_gap() -> float:
     import torch
 
     from functional_gpt import flatten, init_params, preset
-    from functional_gpt.step import loss_and_grads
+    from functional_gpt.training.step import loss_and_grads
 
     config = preset("gpt2")
     flat = flatten(init_params(config, seed=0))

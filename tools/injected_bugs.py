@@ -15,18 +15,18 @@ TESTS = ["tests/test_layers.py", "tests/test_model.py", "tests/test_reference.py
          "tests/test_train.py", "tests/test_train_behaviour.py", "tests/test_step.py", "tests/test_optim.py",
          "tests/test_export.py", "tests/test_compare.py"]
 BUGS = [
-    ("the block uses ln_1 for ln_2", "functional_gpt/layers.py",
+    ("the block uses ln_1 for ln_2", "functional_gpt/model/layers.py",
      "layer_norm(x, **ln_2, eps=eps)", "layer_norm(x, **ln_1, eps=eps)"),
-    ("cached attention drops its end-aligned mask", "functional_gpt/layers.py",
+    ("cached attention drops its end-aligned mask", "functional_gpt/model/layers.py",
      "attn_mask=mask,\n", "attn_mask=None,\n"),
-    ("gradient ascent (lr sign flipped)", "functional_gpt/step.py",
+    ("gradient ascent (lr sign flipped)", "functional_gpt/training/step.py",
      "opt = adamw_step(flat, grads, state.opt, lr=lr,", "opt = adamw_step(flat, grads, state.opt, lr=-lr,"),
-    ("resume without restoring the RNG", "functional_gpt/step.py", "    _set_rng(state.rng)\n", "    pass\n"),
-    ("no gradient clipping in the step", "functional_gpt/step.py",
+    ("resume without restoring the RNG", "functional_gpt/training/step.py", "    _set_rng(state.rng)\n", "    pass\n"),
+    ("no gradient clipping in the step", "functional_gpt/training/step.py",
      "norm = clip_grad_norm(grads, settings.grad_clip)", "norm = clip_grad_norm(grads, None)"),
-    ("constant lr in the step", "functional_gpt/step.py",
+    ("constant lr in the step", "functional_gpt/training/step.py",
      "    lr = lr_at(state.step, lr=settings.lr,", "    lr = settings.lr or lr_at(state.step, lr=settings.lr,"),
-    ("exact-erf GELU", "functional_gpt/layers.py", 'F.gelu(x, approximate="tanh")', "F.gelu(x)"),
+    ("exact-erf GELU", "functional_gpt/model/layers.py", 'F.gelu(x, approximate="tanh")', "F.gelu(x)"),
 ]
 shutil.rmtree(COPY, ignore_errors=True)
 shutil.copytree(SRC, COPY, ignore=shutil.ignore_patterns(".venv", ".git", "mutants", "runs", "data", "__pycache__"))

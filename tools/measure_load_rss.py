@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from functional_gpt import load_params, param_spec, preset, write_hf_config  # noqa: E402
-from functional_gpt.params import flatten  # noqa: E402
+from functional_gpt.model.params import flatten  # noqa: E402
 
 GIB = 2**30
 

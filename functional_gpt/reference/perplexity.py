@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import GPTConfig
-from .errors import UserError
-from .model import forward
-from .params import Params
-from .tokenizer import encode, gpt2_encoding
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..model.transformer import forward
+from ..model.params import Params
+from ..model.tokenizer import encode, gpt2_encoding
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import GPTConfig, read_hf_config
-from .errors import UserError
-from .files import atomic_path
+from ..errors import UserError
+from ..files import atomic_path
 from .params import Params, check_finite, check_params, check_shapes, config_from_shapes, flatten, param_spec, unflatten
 
 CONFIG_METADATA_KEY = "functional_gpt.config"

@@ -197,7 +197,7 @@ def transformer_block(
     The one block of every path: training and `forward` (no cache), a prefill and a decode
     step (a cache, see self_attention). `tap(f"{name}.ln_1", ...)` and so on see each
     intermediate (f"{name}.resid_pre", ".ln_1", ".attn.*", ".attn", ".resid_mid", ".ln_2",
-    ".mlp.pre", ".mlp.post", ".mlp", and the output as `name`); see hooks.py.
+    ".mlp.pre", ".mlp.post", ".mlp", and the output as `name`); see interp/hooks.py.
     """
     x = tap(f"{name}.resid_pre", x)
     a = self_attention(

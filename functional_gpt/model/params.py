@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .config import GPTConfig
-from .errors import UserError
+from ..errors import UserError
 
 Params = dict  # nested: {"wte": {"weight": T}, "h": [{"ln_1": {...}, ...}, ...], ...}
 

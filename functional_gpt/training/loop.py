@@ -22,22 +22,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_params
-from .config import GPTConfig, preset
+from ..model.checkpoint import load_params
+from ..model.config import GPTConfig, preset
 from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
 from . import distributed
-from .device import DTYPES, pick_device, pick_dtype
+from ..device import DTYPES, pick_device, pick_dtype
 from .distributed import SINGLE, World
-from .errors import AgreedError, UserError
-from .files import atomic_path, make_dir
-from .generate import generate
+from ..errors import AgreedError, UserError
+from ..files import atomic_path, make_dir
+from ..generation.decoding import generate
 from .loss import lm_head_loss
-from .model import forward_hidden
-from .params import Params, flatten, init_params
+from ..model.transformer import forward_hidden
+from ..model.params import Params, flatten, init_params
 from .runs import STATE, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
-from .sampling import Sampling
+from ..generation.sampling import Sampling
 from .step import Batch, Diverged, LossScale, StepSettings, new_state, train_step
-from .tokenizer import ENDOFTEXT_ID, decode
+from ..model.tokenizer import ENDOFTEXT_ID, decode
 
 
 

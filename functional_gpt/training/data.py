@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
-from .files import os_error
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
+from ..errors import UserError
+from ..files import os_error
+from ..model.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
 
 DEFAULT_DATA_DIR = "data/shakespeare"
 TOKEN_DTYPE = np.dtype("<u2")  # GPT-2 ids < 2**16

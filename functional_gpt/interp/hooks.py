@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GPTConfig
-from .errors import UserError
-from .model import checked_config, forward
-from .params import Params
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..model.transformer import checked_config, forward
+from ..model.params import Params
 
 # (our name within block i, as "h.i.<name>"; TransformerLens's within "blocks.i."; shape)
 BLOCK_POINTS = (

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import write_json
+from ..errors import UserError
+from ..files import write_json
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ import os
 
 import torch
 
-from .config import GPTConfig
-from .errors import UserError
-from .files import atomic_path
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..files import atomic_path
 from .hooks import run_with_cache, run_with_hooks
-from .model import checked_config
-from .params import Params
+from ..model.transformer import checked_config
+from ..model.params import Params
 
 
 def ablate_heads(layer: int, heads, how: str = "zero"):

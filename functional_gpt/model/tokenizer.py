@@ -9,7 +9,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from .errors import UserError
+from ..errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256

@@ -1,4 +1,4 @@
-"""Generation with an explicit KV cache: `prefill` each prompt, then one `decode_step` (model.py)
+"""Generation with an explicit KV cache: `prefill` each prompt, then one `decode_step` (transformer.py)
 per token for all rows together; `generate` yields the new tokens step by step (streaming), `stream_text` turns
 one prompt's tokens into text pieces with stop strings.
 
@@ -26,13 +26,13 @@ from typing import Iterator
 
 import torch
 
-from .config import GPTConfig
-from .errors import UserError
-from .model import KVCache, decode_step, forward_cached, new_cache
-from .params import Params
-from .taps import no_tap
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..model.transformer import KVCache, decode_step, forward_cached, new_cache
+from ..model.params import Params
+from ..model.taps import no_tap
 from .sampling import Sampling, sample_rows
-from .tokenizer import ENDOFTEXT_ID, decode, encode
+from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
 
@@ -67,7 +67,7 @@ def generate(
     token in `stop_tokens` (that token is yielded; later steps repeat it for that row);
     the generator ends when every row has stopped or after max_new_tokens steps. window:
     see the module doc. generators: one per row (each row draws from its own); else every
-    row draws from `generator`. tap: sees each call's activations (hooks.py names): a
+    row draws from `generator`. tap: sees each call's activations (interp/hooks.py names): a
     row's prefill [1, T, ...], then each decode step [B, 1, ...]; each equals what a full
     forward over the row's context computes at those positions. Runs under
     torch.inference_mode.

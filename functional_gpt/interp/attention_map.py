@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .config import GPTConfig
-from .errors import UserError
-from .files import atomic_path
-from .model import forward
-from .taps import recorder
-from .params import Params
-from .tokenizer import decode, encode
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..files import atomic_path
+from ..model.transformer import forward
+from ..model.taps import recorder
+from ..model.params import Params
+from ..model.tokenizer import decode, encode
 
 
 def attention_maps(params: Params, tokens: torch.Tensor, config: GPTConfig) -> torch.Tensor:

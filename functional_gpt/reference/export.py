@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_params, save_params
-from .config import write_hf_config
-from .errors import UserError
-from .files import os_error
-from .runs import OPTIMIZER, STATE
+from ..model.checkpoint import load_params, save_params
+from ..model.config import write_hf_config
+from ..errors import UserError
+from ..files import os_error
+from ..training.runs import OPTIMIZER, STATE
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_FILES = ("config.json", "model.safetensors")

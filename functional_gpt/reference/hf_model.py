@@ -9,10 +9,10 @@ import re
 
 import torch
 
-from .config import GPTConfig, hf_config_dict
-from .errors import UserError
-from .hooks import hook_names
-from .params import Params, flatten
+from ..model.config import GPTConfig, hf_config_dict
+from ..errors import UserError
+from ..interp.hooks import hook_names
+from ..model.params import Params, flatten
 
 # transformers' module names, less the `transformer.` prefix, are our tap names except two.
 _RENAMED = {"drop": "embed", "lm_head": "logits"}

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import load_params
-from .config import GPTConfig
-from .device import pick_device
-from .errors import UserError
-from .files import atomic_path
-from .model import forward
-from .taps import recorder
-from .params import Params, flatten, unflatten
-from .reference import capture_reference, reference_model, reference_names
-from .tokenizer import decode, encode
+from ..model.checkpoint import load_params
+from ..model.config import GPTConfig
+from ..device import pick_device
+from ..errors import UserError
+from ..files import atomic_path
+from ..model.transformer import forward
+from ..model.taps import recorder
+from ..model.params import Params, flatten, unflatten
+from .hf_model import capture_reference, reference_model, reference_names
+from ..model.tokenizer import decode, encode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (atol, rtol) per compute dtype: fp32 agrees to rounding; half precisions differ by

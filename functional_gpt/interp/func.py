@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from .config import GPTConfig
-from .errors import UserError
-from .model import _check_tokens, _head, _transformer, checked_config, no_tap
-from .params import Params, flatten, unflatten
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..model.transformer import _check_tokens, _head, _transformer, checked_config, no_tap
+from ..model.params import Params, flatten, unflatten
 
 # the start of torch's warning about the missing batching rule (silenced below)
 _NO_SDPA_RULE = "There is a performance drop because we have not yet implemented the batching rule"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import AgreedError, UserError
+from ..errors import AgreedError, UserError
 from .optim import AdamWState
 
 # As DDP's default bucket_cap_mb: big enough that a gpt2 step makes about 20 calls, small

@@ -6,7 +6,7 @@ an explicit KV cache (a value passed in and returned) for generation.
 Activations are seen through `tap(name, x) -> x` (taps.py), called on every
 intermediate with a name that follows the param keys: "wte", "wpe", "embed" (their sum,
 the input to block 0), per block i "h.i.resid_pre", "h.i.ln_1", "h.i.attn.q" ...
-"h.i.mlp", "h.i" (its output), then "ln_f" and "logits"; hooks.py lists them all. A
+"h.i.mlp", "h.i" (its output), then "ln_f" and "logits"; interp/hooks.py lists them all. A
 recording tap fills a dict (`recorder`), the default tap changes nothing, a tap that
 returns another tensor patches the activation.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
-from .errors import UserError
+from ..errors import UserError
 from .layers import CacheRows, layer_norm, transformer_block
 from .params import Params, check_params, config_from_shapes
 from .taps import no_tap

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from .attention_map import prompt_ids, token_label
-from .config import GPTConfig
-from .errors import UserError
-from .files import atomic_path
+from ..model.config import GPTConfig
+from ..errors import UserError
+from ..files import atomic_path
 from .hooks import run_with_cache
-from .layers import layer_norm
-from .model import checked_config
-from .params import Params
-from .tokenizer import decode
+from ..model.layers import layer_norm
+from ..model.transformer import checked_config
+from ..model.params import Params
+from ..model.tokenizer import decode
 
 
 def logit_lens(params: Params, tokens: torch.Tensor, config: GPTConfig | None = None) -> torch.Tensor:

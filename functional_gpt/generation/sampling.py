@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 MIN_TEMPERATURE = 1e-6  # logits / 1e-6 stays finite for any |logit| < 3e32
 

@@ -30,11 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from .config import GPTConfig
+from ..model.config import GPTConfig
 from .engine import MAX_LOGPROBS, Done, Engine, QueueFull, Request, Token, token_text
-from .errors import UserError
+from ..errors import UserError
 from .sampling import Sampling
-from .tokenizer import ENDOFTEXT_ID, decode, encode
+from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 Number = Union[StrictInt, StrictFloat]
 CHAT_STOP = "\nUser:"
@@ -411,8 +411,8 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
 
     import uvicorn
 
-    from .checkpoint import load_params
-    from .device import pick_device
+    from ..model.checkpoint import load_params
+    from ..device import pick_device
     from .engine import check_sizes
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:

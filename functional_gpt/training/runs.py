@@ -21,13 +21,13 @@ import torch
 
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import load_params, save_params
-from .config import GPTConfig
-from .errors import UserError
+from ..model.checkpoint import load_params, save_params
+from ..model.config import GPTConfig
+from ..errors import UserError
 from .data import Position
-from .files import atomic_path, write_json
+from ..files import atomic_path, write_json
 from .optim import AdamWState
-from .params import check_finite, flatten
+from ..model.params import check_finite, flatten
 from .step import LossScale, TrainState
 
 MODEL, OPTIMIZER, STATE, METRICS, BEST = "model.safetensors", "optimizer.safetensors", "state.json", "metrics.jsonl", "best"

@@ -2,7 +2,7 @@
 settings) -> (state, metrics)`.
 
 The state is one value (params, AdamW's moments, step, data position, RNG state); the
-loop in train.py only draws batches, shows progress, evaluates and saves. Mixed precision
+loop in loop.py only draws batches, shows progress, evaluates and saves. Mixed precision
 lives here: the float32 master weights are cast once per step to the compute dtype
 (bfloat16, or float16 with a dynamic loss scale), the model and the chunked LM-head loss
 run in it, and the gradients update the float32 weights and moments.
@@ -15,14 +15,14 @@ from typing import NamedTuple
 
 import torch
 
-from .config import GPTConfig
+from ..model.config import GPTConfig
 from .data import Position
-from .errors import UserError
+from ..errors import UserError
 from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
-from .model import forward_hidden
+from ..model.transformer import forward_hidden
 from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
-from .params import Params, flatten, unflatten
+from ..model.params import Params, flatten, unflatten
 
 
 class LossScale(NamedTuple):

@@ -27,13 +27,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import GPTConfig
-from .errors import UserError
-from .generate import TextStream
-from .model import decode_step, forward_cached, new_cache
-from .params import Params
+from ..model.config import GPTConfig
+from ..errors import UserError
+from .decoding import TextStream
+from ..model.transformer import decode_step, forward_cached, new_cache
+from ..model.params import Params
 from .sampling import Sampling, process_logits
-from .tokenizer import ENDOFTEXT_ID, decode
+from ..model.tokenizer import ENDOFTEXT_ID, decode
 
 MAX_LOGPROBS = 5
 

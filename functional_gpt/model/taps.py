@@ -1,7 +1,7 @@
 """Taps: how the model's intermediates are seen and changed.
 
 A tap is any callable `tap(name, x) -> tensor`. The model calls it on every intermediate
-(names in hooks.py) and goes on with what it returns: `x` itself to only look, another
+(names in interp/hooks.py) and goes on with what it returns: `x` itself to only look, another
 tensor of the same shape to patch. A tap may carry an attribute `names` (a set of
 names): the points that cost work of their own (the attention scores and pattern, which
 the fused kernel never forms, and each head's contribution to the residual stream) are
