@@ -11,11 +11,21 @@ the logits by 2e-4 of their scale and a layer-norm epsilon of 1e-6 instead of 1e
 """
 
 import math
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from functional_gpt import GPTConfig, init_params, unflatten
+
+# Hypothesis: CI's budget is bounded and derandomized (the same examples every run); a
+# maintainer digs deeper with HYPOTHESIS_PROFILE=deep (README, maintainers).
+settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("deep", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY = GPTConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 MACHINE_THREADS = torch.get_num_threads()
