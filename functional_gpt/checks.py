@@ -28,7 +28,7 @@ def describe(value) -> str:
         return "None"
     if isinstance(value, torch.Tensor):
         where = "" if value.device.type == "cpu" else f" on {value.device}"
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor {list(value.shape)}{where}"
+        return f"{_a(str(value.dtype).removeprefix('torch.'))} tensor {list(value.shape)}{where}"
     if isinstance(value, (bool, int, float, str)):
         text = repr(value)
         return f"{text[:60]}{'...' if len(text) > 60 else ''} ({_a(type(value).__name__)})"
@@ -109,6 +109,13 @@ def check_str(name: str, value, *, empty: bool = False) -> str:
 def check_callable(name: str, value, what: str = "a function"):
     if not callable(value):
         raise UserError(f"{name}: expected {what}, got {describe(value)}")
+    return value
+
+
+def check_float_dtype(name: str, value) -> torch.dtype:
+    """value, a floating-point torch.dtype (torch.float32, torch.bfloat16, ...)."""
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise UserError(f"{name}: expected a floating-point torch.dtype such as torch.float32, got {describe(value)}")
     return value
 
 

@@ -7,11 +7,12 @@ from .errors import UserError
 KINDS = ("cpu", "cuda", "mps")
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """The named device ("cpu", "cuda", "cuda:1", "mps"), or the best available when None:
-    CUDA, then Apple's MPS, then the CPU. A name torch does not know, a kind this project
-    does not run on (xpu, meta, ...), an absent GPU or a GPU index past the last one is a
-    one-line UserError naming the flag's value."""
+def pick_device(name: str | torch.device | None = None, *, flag: str = "--device") -> torch.device:
+    """The named device ("cpu", "cuda", "cuda:1", "mps", or a torch.device), or the best
+    available when None: CUDA, then Apple's MPS, then the CPU. A name torch does not know,
+    a kind this project does not run on (xpu, meta, ...), an absent GPU or a GPU index
+    past the last one is a one-line UserError naming `flag` (the CLI's flag, or the Python
+    argument) and the value."""
     if name is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -21,20 +22,30 @@ def pick_device(name: str | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise UserError(f"--device {name!r}: unknown device (try {', '.join(KINDS)} or cuda:0)") from None
+        raise UserError(f"{flag} {name!r}: unknown device (try {', '.join(KINDS)} or cuda:0)") from None
     if device.type not in KINDS:
-        raise UserError(f"--device {name}: not supported; use one of {', '.join(KINDS)} (or cuda:N)")
+        raise UserError(f"{flag} {device}: not supported; use one of {', '.join(KINDS)} (or cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
+            raise UserError(f"{flag} {device}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine")
+        raise UserError(f"{flag} {device}: MPS is not available on this machine")
     if device.type in ("cpu", "mps") and device.index not in (None, 0):
-        raise UserError(f"--device {name}: there is one {device.type} device ({device.type} or {device.type}:0)")
+        raise UserError(f"{flag} {device}: there is one {device.type} device ({device.type} or {device.type}:0)")
     return device
+
+
+def check_device(name: str, value, *, meta: bool = False) -> torch.device:
+    """A Python argument naming a device this machine has (a string or a torch.device;
+    see pick_device) -> the torch.device. meta: "meta" (shapes without values) is allowed."""
+    if not isinstance(value, (str, torch.device)):
+        raise UserError(f"{name}: expected a device such as 'cpu' or 'cuda', got a {type(value).__name__}")
+    if meta and str(value) == "meta":
+        return torch.device("meta")
+    return pick_device(value, flag=name)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

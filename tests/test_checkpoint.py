@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY, published_layout
-from functional_gpt import UserError, flatten, forward, load_params, save_params, write_hf_config
+from conftest import TINY, assert_rel_close, hf_model, published_layout
+from functional_gpt import GPTConfig, UserError, flatten, forward, load_params, save_params, unflatten, write_hf_config
+from functional_gpt.interp import run_with_cache
 from functional_gpt.model.checkpoint import CONFIG_METADATA_KEY, weight_files
 
 
@@ -252,3 +253,38 @@ def test_write_errors_name_the_path(tmp_path, tiny_params, tiny_config):
         save_params(tmp_path / "file" / "m.safetensors", tiny_params, tiny_config)
     with pytest.raises(UserError, match="is a directory, not a file"):
         save_params(tmp_path, tiny_params, tiny_config)
+
+
+# ------------------------------------------------------ the head count is never guessed
+
+
+def test_params_loaded_from_a_transformers_directory_run_with_its_head_count(tmp_path):
+    """4 heads of 32 (d_model 128), not GPT-2's 64 per head: `forward(params, tokens)` and
+    `run_with_cache` without a config run the loaded params as transformers runs them."""
+    config = GPTConfig(vocab_size=300, n_positions=32, n_embd=128, n_layer=2, n_head=4)
+    model = hf_model(config)
+    model.save_pretrained(tmp_path)
+    params, loaded = load_params(tmp_path)
+    assert loaded.n_head == 4 and params.config == loaded
+    tokens = torch.randint(300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert_rel_close(forward(params, tokens), expected, 1e-5)
+    assert_rel_close(run_with_cache(params, tokens, ["h.1"])[0], expected, 1e-5)
+
+
+def test_weights_without_any_config_are_refused_not_guessed(tmp_path, hf_tiny):
+    """A model.safetensors with neither our metadata nor a config.json beside it: the shapes
+    give no head count, so loading asks for one (and takes it when given)."""
+    _, directory = hf_tiny
+    (directory / "config.json").unlink()
+    with pytest.raises(UserError, match=r"holds no config .* do not tell n_head or layer_norm_epsilon; write the "
+                                        r"model's config.json beside it"):
+        load_params(directory)
+    params, config = load_params(directory, config=TINY)
+    assert config == TINY and params.config == TINY
+
+
+def test_plain_dict_params_are_refused_without_a_config(tiny_params):
+    with pytest.raises(UserError, match="these params do not carry their config"):
+        forward(unflatten(flatten(tiny_params)), torch.zeros(1, 3, dtype=torch.long))

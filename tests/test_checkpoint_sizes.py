@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from functional_gpt import count_params, flatten, load_params, param_spec, preset
+from functional_gpt import count_params, flatten, load_params, param_spec, preset, write_hf_config
 
 from conftest import hf_model, published_layout
 
@@ -51,6 +51,7 @@ def test_gpt2_written_by_save_pretrained_loads_exactly(tmp_path, gpt2_model):
 @pytest.mark.slow
 def test_gpt2_in_the_published_layout_loads_exactly(tmp_path, gpt2_model):
     """No `transformer.` prefix, h.N.attn.bias / masked_bias buffers, lm_head.weight, and
-    no config anywhere: the config is read off the shapes."""
+    the config in a config.json beside the file (as the hub's gpt2 has it)."""
     save_file(published_layout(gpt2_model), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_hf_config(preset("gpt2"), tmp_path / "config.json")
     assert_loads_exactly(tmp_path / "model.safetensors", gpt2_model)

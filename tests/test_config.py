@@ -1,9 +1,12 @@
 import json
 
 import pytest
+import torch
 
-from functional_gpt import PRESETS, GPTConfig, UserError, preset, read_hf_config, write_hf_config
+from functional_gpt import PRESETS, GPTConfig, UserError, forward, load_params, preset, read_hf_config, write_hf_config
 from functional_gpt.model.config import hf_config_dict
+
+from conftest import TINY, assert_rel_close, make_trained_like
 
 
 def test_presets_match_published_gpt2_sizes():
@@ -87,3 +90,36 @@ def test_integral_floats_are_integers_and_unknown_keys_are_ignored():
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_hf_config(tmp_path / "missing.json")
+
+
+# ---------------------------------------- config.json fields that change the computation
+
+
+@pytest.mark.parametrize("field, value", [
+    ("activation_function", "relu"), ("activation_function", "gelu"), ("scale_attn_weights", False),
+    ("scale_attn_by_inverse_layer_idx", True), ("add_cross_attention", True), ("tie_word_embeddings", False),
+    ("model_type", "gpt_neo"), ("n_inner", 100), ("scale_attn_weights", 1),
+])
+def test_a_config_json_asking_for_what_is_not_implemented_is_refused_by_name(tmp_path, field, value):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(preset("cpu-tiny")) | {field: value}))
+    with pytest.raises(UserError, match=rf"config\.json: config: {field}={json.dumps(value)} is not implemented"):
+        read_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    {"activation_function": "gelu_pytorch_tanh"}, {"activation_function": "gelu_fast"},
+    {"reorder_and_upcast_attn": True}, {"n_inner": 128},
+])
+def test_the_config_json_variants_taken_compute_what_transformers_computes(tmp_path, change):
+    """Each accepted variant, loaded from the directory transformers saved, runs as
+    transformers runs that very directory (4 heads of 8, so a guessed n_head would show)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY.to_dict(), **change)).eval()
+    make_trained_like([(n, p) for n, p in model.named_parameters() if n != "lm_head.weight"],
+                      torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    params, config = load_params(tmp_path)
+    tokens = torch.randint(TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_rel_close(forward(params, tokens), model(tokens).logits, 1e-5, str(change))

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import functional_gpt.generation.decoding as generate_module
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from test_generate import greedy_without_cache
-from functional_gpt import (UserError, config_of, decode_step, flatten, forward, forward_cached, new_cache, no_tap,
-                            recorder, unflatten)
+from functional_gpt import (UserError, config_of, decode_step, flatten, forward, forward_cached, init_params,
+                            new_cache, no_tap, recorder, unflatten)
 from functional_gpt.reference.perplexity import evaluate
 from functional_gpt.generation.decoding import MAX_SEED, _summary, encode_prompt, generate, prefill, print_samples, stream_text
 from functional_gpt.model.layers import CacheRows, self_attention, transformer_block
@@ -24,11 +24,17 @@ from functional_gpt.generation.sampling import Sampling
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 
-@pytest.mark.parametrize("params", [{}, {"wte": {"weight": None}}, {"wte": {}, "wpe": {}, "h": []}])
-def test_config_of_params_without_the_needed_shapes_says_what_is_needed(params):
-    with pytest.raises(UserError, match=r"^params: cannot read the config off the shapes \(wte\.weight, "
-                                        r"wpe\.weight and h are needed\); pass the config$"):
+@pytest.mark.parametrize("params", [{}, {"wte": {"weight": None}}, unflatten(flatten(init_params(TINY)))])
+def test_config_of_params_that_do_not_carry_it_says_what_to_do(params):
+    """The head count is never read off shapes: a plain dict gets this whole message."""
+    with pytest.raises(UserError, match=r"^config: these params do not carry their config \(a dict\), and n_head "
+                                        r"and layer_norm_epsilon cannot be read off shapes; pass config=, or make "
+                                        r"them with init_params / load_params / with_config\(params, config\)$"):
         config_of(params)
+
+
+def test_config_of_params_that_carry_it_is_theirs():
+    assert config_of(init_params(TINY)) is TINY
 
 
 # --- generate.print_samples (`fgpt generate`), stream_text, encode_prompt, the summary --
@@ -291,8 +297,8 @@ def test_a_config_that_is_not_a_gptconfig_is_named(tiny_params):
 @pytest.mark.parametrize(
     "tokens, message",
     [
-        ([[1, 2]], r"tokens must be an int64 torch\.Tensor \[B, T\], got list"),
-        (torch.tensor(5), r"tokens must be an int64 tensor \[B, T\], got torch\.int64 \[\]"),
+        ([[1, 2]], r"tokens: expected an integer tensor \[B, T\], got a list of 1"),
+        (torch.tensor(5), r"tokens: expected an integer tensor \[B, T\], got an int64 tensor \[\]"),
         (torch.zeros(0, 3, dtype=torch.long), r"tokens: empty batch or sequence \(shape \[0, 3\]\)"),
         (torch.zeros(2, 0, dtype=torch.long), r"tokens: empty batch or sequence \(shape \[2, 0\]\)"),
         (torch.tensor([[0, 128]]), r"token id 128 is out of range for vocab_size=128"),  # the high one, not 0
@@ -304,21 +310,32 @@ def test_bad_tokens_get_their_whole_message(tiny_params, tokens, message):
 
 
 def test_tokens_on_another_device_than_the_params_are_named(tiny_params):
+    class Elsewhere(torch.Tensor):  # a CPU tensor reporting another device: the check reads .device alone
+        @property
+        def device(self):
+            return torch.device("cuda:0")
+
+    on_gpu = torch.zeros(1, 2, dtype=torch.long).as_subclass(Elsewhere)
+    with pytest.raises(UserError, match="^tokens are on cuda:0, the params on cpu; move one of them$"):
+        forward(tiny_params, on_gpu, TINY)
+
+
+def test_params_on_the_meta_device_are_named(tiny_params):
     on_meta = unflatten({k: v.to("meta") for k, v in flatten(tiny_params).items()})
-    with pytest.raises(UserError, match="^tokens are on cpu, the params on meta; move one of them$"):
+    with pytest.raises(UserError, match="^params: the tensors are on the meta device, which holds no values"):
         forward(on_meta, _ids(1, 2), TINY)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_len=0), "cache length 0 must be an integer in 1..n_positions=32"),
-        (dict(max_len=33), "cache length 33 must be an integer in 1..n_positions=32"),
-        (dict(max_len=2.5), "cache length 2.5 must be an integer in 1..n_positions=32"),
-        (dict(max_len=True), "cache length True must be an integer in 1..n_positions=32"),
-        (dict(batch_size=0), "cache batch_size must be an integer >= 1, got 0"),
-        (dict(batch_size=1.5), "cache batch_size must be an integer >= 1, got 1.5"),
-        (dict(batch_size=True), "cache batch_size must be an integer >= 1, got True"),
+        (dict(max_len=0), "max_len: expected an integer in 1..32, got 0 (an int)"),
+        (dict(max_len=33), "max_len: expected an integer in 1..32, got 33 (an int)"),
+        (dict(max_len=2.5), "max_len: expected an integer in 1..32, got 2.5 (a float)"),
+        (dict(max_len=True), "max_len: expected an integer in 1..32, got True (a bool)"),
+        (dict(batch_size=0), "batch_size: expected an integer >= 1, got 0 (an int)"),
+        (dict(batch_size=1.5), "batch_size: expected an integer >= 1, got 1.5 (a float)"),
+        (dict(batch_size=True), "batch_size: expected an integer >= 1, got True (a bool)"),
     ],
 )
 def test_bad_cache_sizes_are_named(kwargs, message):
@@ -332,7 +349,7 @@ def test_a_cache_of_one_row_and_one_position_runs(tiny_params):
 
 
 def test_a_cache_that_is_not_a_kvcache_is_named(tiny_params):
-    with pytest.raises(UserError, match=r"^cache: expected a KVCache \(new_cache\), got dict$"):
+    with pytest.raises(UserError, match=r"^cache: expected a KVCache \(new_cache\), got a dict$"):
         forward_cached(tiny_params, _ids(1, 3), {}, TINY)
 
 
@@ -348,17 +365,25 @@ def test_a_cache_whose_buffers_do_not_fit_the_params_is_named(tiny_params):
         forward_cached(tiny_params, _ids(1, 3), cache, TINY)
 
 
-@pytest.mark.parametrize("counts", [(1, 2), (0,), (4,), (1.0,), (True,)])
-def test_bad_counts_are_named(tiny_params, counts):
-    with pytest.raises(UserError, match=r"^counts: expected 1 integers in 1..3 \(the real tokens of each row\), "
-                                        f"got {re.escape(repr(counts))}$"):
+@pytest.mark.parametrize("counts, message", [
+    ((1, 2), "counts: expected 1 values, one per row of the cache, got a tuple of 2"),
+    ((0,), "counts[0]: expected an integer in 1..3, got 0 (an int)"),
+    ((4,), "counts[0]: expected an integer in 1..3, got 4 (an int)"),
+    ((1.0,), "counts[0]: expected an integer in 1..3, got 1.0 (a float)"),
+    ((True,), "counts[0]: expected an integer in 1..3, got True (a bool)"),
+    (3, "counts: expected 1 values, one per row of the cache, got 3 (an int)"),
+])
+def test_bad_counts_are_named(tiny_params, counts, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         forward_cached(tiny_params, _ids(1, 3), new_cache(TINY, 1), TINY, counts=counts)
 
 
-@pytest.mark.parametrize("tokens", [torch.zeros(2, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long)])
-def test_decode_step_names_tokens_that_are_not_one_per_cache_row(tiny_params, tokens):
+@pytest.mark.parametrize("tokens, message", [
+    (torch.zeros(2, 1, dtype=torch.long), "tokens: expected an integer tensor [B], got an int64 tensor [2, 1]"),
+    (torch.zeros(3, dtype=torch.long), "tokens: 3 rows for a cache of 2 rows (new_cache(config, 3))"),
+])
+def test_decode_step_names_tokens_that_are_not_one_per_cache_row(tiny_params, tokens, message):
     """B=2 rows (n_head is 4): the message gives the cache's rows and the tokens' shape."""
-    message = f"decode_step: tokens must be int64 [B] for the cache's B=2 rows, got {list(tokens.shape)}"
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         decode_step(tiny_params, tokens, new_cache(TINY, 2), TINY)
 

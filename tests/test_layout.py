@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "functional_gpt"
-HELPERS = {"errors", "files", "device"}
+HELPERS = {"errors", "files", "device", "checks"}
 # Which areas each area may import from (besides itself); the top-level commands may import any.
 ALLOWED = {
     "errors": set(),
     "files": {"errors"},
     "device": {"errors"},
+    "checks": {"errors"},
     "model": HELPERS,
     "generation": HELPERS | {"model"},
     "interp": HELPERS | {"model"},

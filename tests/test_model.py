@@ -54,7 +54,7 @@ def test_gpt2_124m_logits_match_transformers_on_1024_tokens(tmp_path):
     tokens = _tokens(config, 1, 1024)
     with torch.inference_mode():
         expected = reference(tokens).logits
-        got = forward(params, tokens)  # config read off the shapes
+        got = forward(params, tokens)  # the config the loaded params carry
     assert got.shape == (1, 1024, 50257)
     assert (got - expected).abs().max().item() < 1e-4
 
@@ -204,8 +204,9 @@ def test_one_row_of_a_cache_prefills_alone_into_the_shared_buffers(trained, tiny
         (torch.tensor([[1, 2, 128]]), "token id 128 is out of range for vocab_size=128"),
         (torch.tensor([[-1, 2]]), "token id -1 is out of range"),
         (torch.zeros(1, 33, dtype=torch.long), "33 tokens is longer than the context of 32 positions"),
-        (torch.zeros(1, 4), "must be an int64 tensor"),
-        (torch.zeros(4, dtype=torch.long), "must be an int64 tensor"),
+        (torch.zeros(1, 4), r"tokens: expected an integer tensor \[B, T\], got a float32 tensor \[1, 4\]"),
+        (torch.zeros(4, dtype=torch.long), r"tokens: expected an integer tensor \[B, T\], got an int64 tensor \[4\]"),
+        (torch.zeros(1, 4, dtype=torch.int16), r"tokens: expected an int64 tensor \[B, T\], got an int16 tensor"),
     ],
 )
 def test_bad_tokens_are_named(tiny_params, tiny_config, tokens, message):

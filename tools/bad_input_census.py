@@ -969,7 +969,7 @@ def api_cases() -> list[Case]:
                                                           base), "ln_f.bias")
     file_case("lm_head differs from wte", lambda ws: tensors_file(ws / "m.safetensors", dict(flat, **{
         "lm_head.weight": torch.zeros(50257, 8)}), base), "lm_head.weight")
-    file_case("no config, no config.json", lambda ws: tensors_file(ws / "m.safetensors", flat), "n_embd")
+    file_case("no config, no config.json", lambda ws: tensors_file(ws / "m.safetensors", flat), "n_head")
     add("load_params sharded index garbled", lambda ws: fg.load_params(ws / "hf"), E("index"), "checkpoint.py",
         setup=files(**{"hf__model.safetensors.index.json": "{"}))
     add("load_params index naming a missing shard", lambda ws: fg.load_params(ws / "hf"), E("shard.safetensors"),

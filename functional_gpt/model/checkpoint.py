@@ -23,9 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import GPTConfig, read_hf_config
+from ..checks import check_float_dtype, describe
+from ..device import check_device
 from ..errors import UserError
 from ..files import atomic_path
-from .params import Params, check_finite, check_params, check_shapes, config_from_shapes, flatten, param_spec, unflatten
+from .params import Params, check_finite, check_params, check_shapes, flatten, param_spec, unflatten
 
 CONFIG_METADATA_KEY = "functional_gpt.config"
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
@@ -34,11 +36,12 @@ _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> None:
     """Write params (GPT-2 keys) + config (metadata) to one safetensors file, atomically.
     Params that do not match the config, or hold NaN or infinity, are refused (UserError
-    naming the key) and nothing is written."""
+    naming the key) and nothing is written. Tensors that share memory (one tensor under two
+    keys, views of one buffer) are written as copies each."""
     if not isinstance(config, GPTConfig):
         raise UserError(f"config: expected a GPTConfig, got {type(config).__name__}")
     check_params(params, config)
-    tensors = {k: t.detach().contiguous() for k, t in flatten(params).items()}
+    tensors = _unshared({k: t.detach().contiguous() for k, t in flatten(params).items()})
     check_finite(tensors, f"{path}: refusing to save")
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     with atomic_path(path) as tmp:
@@ -48,9 +51,22 @@ def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> N
             raise UserError(f"{path}: cannot write ({e})") from None
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, those whose memory another one already uses cloned (safetensors refuses
+    to write shared memory)."""
+    seen, out = set(), {}
+    for key, t in tensors.items():
+        storage = (t.device, t.untyped_storage().data_ptr())
+        out[key] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
+
+
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) behind `path`: a file, or a directory (a run directory or a
     Hugging Face checkpoint) holding `model.safetensors` or a sharded index."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise UserError(f"path: expected a checkpoint file or directory, got {describe(path)}")
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
@@ -60,14 +76,26 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({e})") from None
-        return [path / name for name in dict.fromkeys(weight_map.values())]
+        return [path / name for name in _shard_names(index)]
     if any((path / n).exists() for n in ("pytorch_model.bin", "model.pt", "model.ckpt")):
         raise UserError(f"{path}: holds only pickled weights, which are never loaded; convert them to model.safetensors")
     raise UserError(f"{path}: holds no checkpoint (model.safetensors)")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names, in order of first mention:
+    {"weight_map": {tensor key: file name in this directory}}."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except OSError as e:
+        raise UserError(f"{index}: cannot read ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise UserError(f"{index}: weight_map must map each tensor to a file name in this directory, got "
+                        f"{weight_map!r:.80}")
+    return list(dict.fromkeys(names))
 
 
 def load_params(
@@ -75,6 +103,7 @@ def load_params(
     *,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    config: GPTConfig | None = None,
 ) -> tuple[Params, GPTConfig]:
     """Load a checkpoint (see the module doc) -> (nested params, config).
 
@@ -84,11 +113,17 @@ def load_params(
     tensor's bytes are then read from disk straight into a freshly allocated tensor
     (no memory map, no intermediate copy), so loading needs about one copy of the
     weights in memory. Tensors are converted to `dtype` (None keeps the file's) one at
-    a time. The config comes from the file's metadata, else `config.json` beside it,
-    else the shapes. Any problem is a one-line UserError naming the file and the key.
+    a time. The config comes from the file's metadata, else `config.json` beside it (a
+    field that changes the computation and is not implemented is refused by name), else
+    `config`; the shapes alone never tell the head count, so with none of them it is a
+    UserError, never a guess. `config`, when given, overrides what the file says. Any
+    problem is a one-line UserError naming the file and the key.
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise UserError(f"dtype: parameters load as a floating-point torch.dtype, got {dtype!r}")
+    if dtype is not None:
+        check_float_dtype("dtype", dtype)
+    device = check_device("device", device)
+    if config is not None and not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig or None, got {describe(config)}")
     files = weight_files(path)
     source = str(files[0] if len(files) == 1 else path)
     located = {}  # GPT-2 key -> (file, header entry)
@@ -112,7 +147,7 @@ def load_params(
             else:
                 located[name] = (file, key, entry)
     shapes = {name: entry.shape for name, (_, _, entry) in located.items()}
-    config = _config_for(files[0], metadata, shapes)
+    config = config or _config_for(files[0], metadata, shapes)
     check_shapes(shapes, config, source)
     with ExitStack() as stack:
         handles = {file: stack.enter_context(open(file, "rb", buffering=0)) for file in files}
@@ -127,7 +162,7 @@ def load_params(
             head = _read(handles[file], key, entry, source).to(device=device, dtype=flat["wte.weight"].dtype)
             if not torch.equal(head, flat["wte.weight"]):
                 raise UserError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
-    return unflatten(flat), config
+    return Params(unflatten(flat), config), config
 
 
 class _Entry(NamedTuple):
@@ -218,4 +253,7 @@ def _config_for(file: Path, metadata: dict, shapes: dict) -> GPTConfig:
             raise UserError(f"{file}: metadata {CONFIG_METADATA_KEY}: {e}") from None
     if (file.parent / "config.json").is_file():
         return read_hf_config(file.parent / "config.json")
-    return config_from_shapes(shapes)
+    size = ", ".join(f"{k} {list(shapes[k])}" for k in ("wte.weight", "wpe.weight") if k in shapes)
+    raise UserError(f"{file}: holds no config ({CONFIG_METADATA_KEY} metadata or a config.json beside it), and "
+                    f"the shapes ({size or 'none'}) do not tell n_head or layer_norm_epsilon; write the model's "
+                    f"config.json beside it (functional_gpt.write_hf_config), or pass load_params(..., config=)")

@@ -108,9 +108,40 @@ def read_hf_config(path: str | os.PathLike) -> GPTConfig:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a JSON config ({e})") from None
     try:
-        return GPTConfig.from_dict(d)
+        config = GPTConfig.from_dict(d)
+        check_computation(d, config)
+        return config
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+# config.json fields that change what transformers computes, and the values that compute
+# what this model does. gelu_new, gelu_fast and gelu_pytorch_tanh are one formula, GELU's
+# tanh approximation; reorder_and_upcast_attn only moves the attention scores to float32
+# in half precision (in float32 it computes the same, tested against transformers).
+IMPLEMENTED = {
+    "model_type": ("gpt2",),
+    "activation_function": ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+    "tie_word_embeddings": (True,),
+    "reorder_and_upcast_attn": (False, True),
+}
+
+
+def check_computation(d: dict, config: GPTConfig) -> None:
+    """A UserError naming the first field of a Hugging Face config (a config.json's dict,
+    read as `config`) that asks for a computation this model does not implement
+    (IMPLEMENTED); n_inner, the MLP's width, must be absent, null or 4 * n_embd."""
+    for field, allowed in IMPLEMENTED.items():
+        if field in d and not any(type(d[field]) is type(a) and d[field] == a for a in allowed):
+            raise UserError(f"config: {field}={json.dumps(d[field])} is not implemented (this model computes "
+                            f"{' or '.join(json.dumps(a) for a in allowed)})")
+    n_inner = d.get("n_inner")
+    if n_inner is not None and not (type(n_inner) is int and n_inner == 4 * config.n_embd):
+        raise UserError(f"config: n_inner={json.dumps(n_inner)} is not implemented (the MLP is 4 * n_embd = "
+                        f"{4 * config.n_embd} wide, or n_inner null)")
 
 
 def hf_config_dict(config: GPTConfig) -> dict:

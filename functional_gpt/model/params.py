@@ -1,19 +1,47 @@
 """The one description of GPT-2's parameters, and everything derived from it.
 
 `param_spec` lists every key (GPT-2's safetensors names), its shape and its init rule.
-`init_params`, `check_flat_params` (used by the loader), `count_params` and the tests
-all read it, so they cannot disagree. Only `flatten` / `unflatten` handle dotted keys.
+`init_params`, `check_params` and `check_shapes` (used by the loader), `count_params` and
+the tests all read it, so they cannot disagree. Only `flatten` / `unflatten` handle
+dotted keys. `Params` is the nested dict that carries its config.
 """
 
 import math
 from typing import NamedTuple
 
 import torch
+from torch.utils import _pytree
 
+from ..checks import check_float_dtype, check_int, describe
+from ..device import check_device
 from .config import GPTConfig
 from ..errors import UserError
 
-Params = dict  # nested: {"wte": {"weight": T}, "h": [{"ln_1": {...}, ...}, ...], ...}
+
+class Params(dict):
+    """The nested params under GPT-2's keys, a plain dict ({"wte": {"weight": T}, "h":
+    [{"ln_1": {...}, "attn": {...}, ...}, ...], "ln_f": {...}}) that also carries `config`,
+    the GPTConfig they were made for.
+
+    The head count and the layer-norm epsilon cannot be read off the shapes, so
+    `forward(params, tokens)` takes them from here and never guesses. `init_params`,
+    `load_params` and `load_checkpoint` return one; `with_config` makes one of any nested
+    dict. torch.func sees it as the dict it is (a pytree node that keeps the config), so
+    `grad` and `vmap` over params give params back.
+    """
+
+    def __init__(self, tree: dict, config: GPTConfig):
+        super().__init__(tree)
+        self.config = config
+
+
+_pytree.register_pytree_node(
+    Params,
+    lambda p: (list(p.values()), (list(p), p.config)),
+    lambda values, context: Params(dict(zip(context[0], values)), context[1]),
+    serialized_type_name="functional_gpt.Params",
+    flatten_with_keys_fn=lambda p: ([(_pytree.MappingKey(k), v) for k, v in p.items()], (list(p), p.config)),
+)
 
 
 class ParamSpec(NamedTuple):
@@ -27,6 +55,7 @@ def param_spec(config: GPTConfig) -> dict[str, ParamSpec]:
     Weights are stored [in, out] as GPT-2's Conv1D stores them (`y = x @ w + b`).
     The LM head is tied to `wte.weight` and has no key of its own.
     """
+    _check_config(config)
     V, P, C = config.vocab_size, config.n_positions, config.n_embd
     spec = {"wte.weight": ParamSpec((V, C), "normal"), "wpe.weight": ParamSpec((P, C), "normal")}
     for i in range(config.n_layer):
@@ -60,7 +89,9 @@ def init_params(
     embeddings, residual output projections scaled by 1/sqrt(2 * n_layer), layer norms
     at (1, 0), biases zero. Tensors are drawn in `param_spec` order on the CPU, so the
     same seed gives the same values on every device."""
-    generator = torch.Generator().manual_seed(seed)
+    _check_config(config)
+    generator = torch.Generator().manual_seed(check_int("seed", seed, -2**63, 2**64 - 1))
+    dtype, device = check_float_dtype("dtype", dtype), check_device("device", device, meta=True)
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     flat = {}
     for key, (shape, rule) in param_spec(config).items():
@@ -72,11 +103,28 @@ def init_params(
             std = residual_std if rule == "residual" else 0.02
             t = torch.empty(shape).normal_(0.0, std, generator=generator)
         flat[key] = t.to(device=device, dtype=dtype)
-    return unflatten(flat)
+    return Params(unflatten(flat), config)
+
+
+def with_config(params: dict, config: GPTConfig) -> Params:
+    """`params` (any nested dict of GPT-2 tensors, e.g. built with `unflatten`) as Params
+    that carry `config`, after checking that they are what it describes (the tensors are
+    shared, not copied)."""
+    _check_config(config)
+    check_params(params, config)
+    return Params(params, config)
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig (functional_gpt.preset('gpt2'), GPTConfig(...)), got "
+                        f"{describe(config)}")
 
 
 def flatten(params: Params, prefix: str = "") -> dict[str, torch.Tensor]:
     """Nested params -> {dotted GPT-2 key: tensor}; list items become their index."""
+    if not isinstance(params, (dict, list)):
+        raise UserError(f"params: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     items = enumerate(params) if isinstance(params, list) else params.items()
     flat = {}
     for name, value in items:
@@ -88,15 +136,23 @@ def flatten(params: Params, prefix: str = "") -> dict[str, torch.Tensor]:
     return flat
 
 
-def unflatten(flat: dict[str, torch.Tensor]) -> Params:
+def unflatten(flat: dict[str, torch.Tensor]) -> dict:
     """{dotted key: tensor} -> nested params; a level whose keys are all digits becomes
     a list (so `params["h"][3]` is block 3)."""
+    if not isinstance(flat, dict):
+        raise UserError(f"flat: expected a dict of dotted keys to tensors, got {describe(flat)}")
     tree: dict = {}
     for key, value in flat.items():
+        if not isinstance(key, str) or not all(key.split(".")):
+            raise UserError(f"flat: key {key!r} is not a dotted name such as 'h.0.attn.c_attn.weight'")
         node = tree
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"flat: {'.'.join(parents[:depth + 1])} is both a tensor and a prefix of {key}")
+        if isinstance(node.get(leaf), dict):
+            raise UserError(f"flat: {key} is both a tensor and a prefix of other keys")
         node[leaf] = value
     return _lists_from_digit_dicts(tree)
 
@@ -105,13 +161,14 @@ def _lists_from_digit_dicts(node):
     if not isinstance(node, dict):
         return node
     node = {k: _lists_from_digit_dicts(v) for k, v in node.items()}
-    if node and all(k.isdigit() for k in node):
+    if node and all(k.isdigit() for k in node) and set(node) == {str(i) for i in range(len(node))}:
         return [node[str(i)] for i in range(len(node))]
     return node
 
 
 def count_params(config: GPTConfig) -> int:
     """Number of parameters (the tied LM head counted once)."""
+    _check_config(config)
     return sum(math.prod(s.shape) for s in param_spec(config).values())
 
 
@@ -135,23 +192,36 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: 
 
 def check_params(params: Params, config: GPTConfig, source: str = "params") -> None:
     """Raise a one-line UserError unless `params` is the nested GPT-2 dict that `config`
-    describes: every key present (no others), each a floating-point torch.Tensor of the
-    spec's shape, all on one device. For public entry points (`forward`, `generate`);
-    costs about a microsecond per key, nothing per element."""
+    describes: every key present (no others), the blocks a list under "h", each a
+    floating-point torch.Tensor of the spec's shape, all of one dtype on one device that
+    holds values (not "meta"). For public entry points (`forward`, `generate`); costs
+    about a microsecond per key, nothing per element."""
     if not isinstance(params, dict):
-        raise UserError(f"{source}: expected the nested dict of GPT-2 tensors, got {type(params).__name__}")
+        raise UserError(f"{source}: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     flat = flatten(params)
     bad = next(((k, v) for k, v in flat.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise UserError(f"{source}: {bad[0]} is a {type(bad[1]).__name__}, not a torch.Tensor")
+        raise UserError(f"{source}: {bad[0]} is {describe(bad[1])}, not a torch.Tensor")
     check_shapes({k: tuple(v.shape) for k, v in flat.items()}, config, f"{source} (for {config.n_layer} layers "
                  f"x {config.n_embd}, vocab {config.vocab_size}, {config.n_positions} positions)")
+    if not isinstance(params["h"], list):  # a dict keyed "0", "1", ... has the right keys but no order
+        raise UserError(f"{source}['h']: expected a list of the {config.n_layer} blocks (params['h'][i] is block "
+                        f"i), got {describe(params['h'])}")
     devices = {v.device for v in flat.values()}
     if len(devices) > 1:
         raise UserError(f"{source}: tensors on several devices ({', '.join(sorted(map(str, devices)))})")
+    if next(iter(devices)).type == "meta":
+        raise UserError(f"{source}: the tensors are on the meta device, which holds no values; load or "
+                        f"initialise real ones (load_params, init_params)")
     key, t = next(((k, v) for k, v in flat.items() if not v.is_floating_point()), (None, None))
     if key is not None:
         raise UserError(f"{source}: {key} has dtype {t.dtype}; parameters must be floating point")
+    dtypes = {}
+    for k, v in flat.items():
+        dtypes.setdefault(v.dtype, k)
+    if len(dtypes) > 1:
+        seen = ", ".join(f"{k} is {str(d).removeprefix('torch.')}" for d, k in dtypes.items())
+        raise UserError(f"{source}: tensors of several dtypes ({seen}); cast them all to one")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -166,17 +236,3 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
 def _listing(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def config_from_shapes(flat_shapes: dict[str, tuple[int, ...]], head_dim: int = 64) -> GPTConfig:
-    """Read a GPTConfig off parameter shapes (dotted keys -> shape); the head count is
-    n_embd / head_dim, 64 in every released GPT-2. Dropout takes GPT-2's defaults."""
-    try:
-        V, C = flat_shapes["wte.weight"]
-        P, _ = flat_shapes["wpe.weight"]
-    except (KeyError, ValueError):
-        raise UserError("cannot infer the config: wte.weight [V, C] and wpe.weight [P, C] are needed") from None
-    n_layer = len({k.split(".")[1] for k in flat_shapes if k.startswith("h.")})
-    if C % head_dim:
-        raise UserError(f"cannot infer n_head: n_embd={C} is not a multiple of head size {head_dim}")
-    return GPTConfig(vocab_size=V, n_positions=P, n_embd=C, n_layer=n_layer, n_head=C // head_dim)

@@ -18,29 +18,29 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .config import GPTConfig
+from ..checks import check_bool, check_callable, check_float_dtype, check_int, check_tensor, describe
+from ..device import check_device
 from ..errors import UserError
 from .layers import CacheRows, layer_norm, transformer_block
-from .params import Params, check_params, config_from_shapes
+from .params import Params, check_params
 from .taps import no_tap
 
 
 def config_of(params: Params) -> GPTConfig:
-    """The config read off the shapes of `params` (head size 64, as in every released GPT-2)."""
-    try:
-        shapes = {
-            "wte.weight": tuple(params["wte"]["weight"].shape),
-            "wpe.weight": tuple(params["wpe"]["weight"].shape),
-            **{f"h.{i}.ln_1.weight": () for i in range(len(params["h"]))},
-        }
-    except (KeyError, TypeError, AttributeError, IndexError):
-        raise UserError("params: cannot read the config off the shapes (wte.weight, wpe.weight and h are "
-                        "needed); pass the config") from None
-    return config_from_shapes(shapes)
+    """The config `params` carry (params.Params: what init_params, load_params and
+    load_checkpoint return). A plain nested dict does not say its head count or epsilon,
+    which no shape tells, so it is a UserError: pass the config, or `with_config` it."""
+    config = getattr(params, "config", None)
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"config: these params do not carry their config ({describe(params)}), and n_head and "
+                        f"layer_norm_epsilon cannot be read off shapes; pass config=, or make them with "
+                        f"init_params / load_params / with_config(params, config)")
+    return config
 
 
 def checked_config(params: Params, config: GPTConfig | None) -> GPTConfig:
-    """The config to run `params` with (read off the shapes when None), after checking
-    that the params are what it describes (`params.check_params`)."""
+    """The config to run `params` with (the one they carry when None), after checking that
+    the params are what it describes (`params.check_params`)."""
     if config is None:
         config = config_of(params)
     elif not isinstance(config, GPTConfig):
@@ -59,9 +59,10 @@ def forward(
 ) -> torch.Tensor:
     """tokens: int64 [B, T] -> logits: float [B, T, vocab_size] (next-token scores).
 
-    config: what shapes cannot tell (n_head, epsilon, dropout rates); read off the
-      shapes when None. dropout: apply the config's dropout rates (training); off by
-      default. `params` is never modified.
+    config: what shapes cannot tell (n_head, epsilon, dropout rates); None: the config
+      the params carry (init_params, load_params), never a guess. dropout: apply the
+      config's dropout rates (training); off by default. tap: sees (and may change) every
+      activation (taps.py). `params` is never modified.
     """
     return _head(params, forward_hidden(params, tokens, config, dropout=dropout, tap=tap), tap)
 
@@ -83,6 +84,7 @@ def forward_hidden(
     included, for about a third more compute; a tap sees each block twice then)."""
     config = checked_config(params, config)
     T = _check_tokens(tokens, config, params, end=_length(tokens))
+    _check_switches(dropout=dropout, checkpoint=checkpoint, tap=tap)
     positions = torch.arange(T, device=tokens.device)[None]
     return _transformer(params, tokens, positions, config, tap=tap, dropout=dropout, checkpoint=checkpoint)
 
@@ -122,12 +124,13 @@ def new_cache(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_len` (default n_positions) tokens."""
-    max_len = config.n_positions if max_len is None else max_len
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.n_positions:
-        raise UserError(f"cache length {max_len!r} must be an integer in 1..n_positions={config.n_positions}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"cache batch_size must be an integer >= 1, got {batch_size!r}")
+    """An empty cache for `batch_size` rows of up to `max_len` (default n_positions) tokens,
+    in `dtype` on `device` (those of the params it will serve)."""
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig, got {describe(config)}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_len = check_int("max_len", config.n_positions if max_len is None else max_len, 1, config.n_positions)
+    dtype, device = check_float_dtype("dtype", dtype), check_device("device", device)
     shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
     return KVCache(
         k=torch.zeros(shape, dtype=dtype, device=device),
@@ -160,15 +163,11 @@ def forward_cached(
     dropout (inference).
     """
     config = checked_config(params, config)
-    if not isinstance(cache, KVCache):
-        raise UserError(f"cache: expected a KVCache (new_cache), got {type(cache).__name__}")
     T = _length(tokens)
-    _check_cache(cache, config, tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None)
-    counts = (T,) * len(cache.lengths) if counts is None else tuple(counts)
-    if len(counts) != len(cache.lengths) or not all(_is_count(n) and 1 <= n <= T for n in counts):
-        raise UserError(f"counts: expected {len(cache.lengths)} integers in 1..{T} (the real tokens of each row), "
-                        f"got {counts!r}")
+    _check_cache(cache, config, params, tokens.shape[0] if tokens.dim() == 2 else None)
+    counts = _counts(counts, len(cache.lengths), T)
     _check_tokens(tokens, config, params, end=max(n + k for n, k in zip(cache.lengths, counts)), limit=cache.max_len)
+    _check_switches(last_only=last_only, tap=tap)
     hidden = _transformer(params, tokens, _positions(cache.lengths, T, config, tokens.device), config, tap=tap,
                           cache=cache, counts=counts, last_only=last_only)
     lengths = tuple(n + k for n, k in zip(cache.lengths, counts))
@@ -178,23 +177,33 @@ def forward_cached(
 def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig,
                 *, rows: tuple[bool, ...] | None = None, tap=no_tap) -> tuple[torch.Tensor, KVCache]:
     """One new token per row after those in `cache`: `forward_cached` for T = 1, as a
-    generation loop runs it once per token (no param or token-value checks).
+    generation loop runs it once per token.
 
-    tokens: int64 [B], ids the caller has checked (an out-of-range id fails inside torch).
-    rows: which rows take part (default all); the others (idle rows of a server's batch)
-    are neither attended for nor cached, their logits are meaningless and their length
-    stays. Returns (logits [B, vocab_size], the cache one position longer in each taking
-    part); its buffers are written in place, as in forward_cached.
+    tokens: int64 [B]. rows: which rows take part (default all); the others (idle rows of
+    a server's batch) are neither attended for nor cached, their logits are meaningless
+    and their length stays. Returns (logits [B, vocab_size], the cache one position longer
+    in each taking part); its buffers are written in place, as in forward_cached. The
+    tokens and the cache are checked on every call; the params only when the step fails
+    (checking them costs more than a small model's decode step, and forward_cached, which
+    filled the cache, checked them).
     """
-    if tokens.dim() != 1 or tokens.shape[0] != len(cache.lengths):
-        raise UserError(f"decode_step: tokens must be int64 [B] for the cache's B={len(cache.lengths)} rows, "
-                        f"got {list(tokens.shape)}")
-    counts = (1,) * len(cache.lengths) if rows is None else tuple(int(bool(on)) for on in rows)
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"config: expected a GPTConfig, got {describe(config)}")
+    check_tensor("tokens", tokens, dims="B", kind="integer")
+    _check_cache(cache, config, None, tokens.shape[0])
+    counts = (1,) * len(cache.lengths) if rows is None else tuple(
+        int(check_bool(f"rows[{b}]", on)) for b, on in enumerate(_sequence("rows", rows, len(cache.lengths))))
     longest = max(n for n, k in zip(cache.lengths, counts) if k) if any(counts) else 0
     if longest >= cache.max_len:
         raise UserError(f"sequence of {longest + 1} tokens is longer than the context of {cache.max_len} positions")
+    _check_ids(tokens, config)
+    check_callable("tap", tap)
     positions = _positions(cache.lengths, 1, config, tokens.device)
-    hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache, counts=counts)
+    try:
+        hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache, counts=counts)
+    except (RuntimeError, TypeError, KeyError, IndexError, AttributeError):
+        check_params(params, config)  # bad params: their one-line error; good ones: the error as it was
+        raise
     return _head(params, hidden[:, 0], tap), replace(cache, lengths=tuple(n + k for n, k in zip(cache.lengths,
                                                                                                  counts)))
 
@@ -248,20 +257,36 @@ def _head(params, hidden, tap):  # the tied LM head: [B, T, C] -> [B, T, V]
     return tap("logits", F.linear(hidden, params["wte"]["weight"]))
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check_switches(*, tap=no_tap, **flags) -> None:
+    check_callable("tap", tap, "a function tap(name, x) -> x")
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
+def _sequence(name: str, values, n: int) -> tuple:
+    """values as a tuple of n items (a list, tuple or 1-D tensor), else a UserError."""
+    if isinstance(values, torch.Tensor) and values.dim() == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise UserError(f"{name}: expected {n} values, one per row of the cache, got {describe(values)}")
+    return tuple(values)
+
+
+def _counts(counts, B: int, T: int) -> tuple[int, ...]:
+    if counts is None:
+        return (T,) * B
+    return tuple(check_int(f"counts[{b}]", n, 1, T) for b, n in enumerate(_sequence("counts", counts, B)))
 
 
 def _length(tokens) -> int:
-    if not isinstance(tokens, torch.Tensor):
-        raise UserError(f"tokens must be an int64 torch.Tensor [B, T], got {type(tokens).__name__}")
-    return tokens.shape[-1] if tokens.dim() else 0
+    check_tensor("tokens", tokens, dims="B T", kind="integer")
+    return tokens.shape[-1]
 
 
 def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, end: int, limit: int | None = None):
     limit = limit or config.n_positions
-    if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise UserError(f"tokens must be an int64 tensor [B, T], got {tokens.dtype} {list(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise UserError(f"tokens: expected an int64 tensor [B, T], got {describe(tokens)}")
     if tokens.shape[1] == 0 or tokens.shape[0] == 0:
         raise UserError(f"tokens: empty batch or sequence (shape {list(tokens.shape)})")
     if end > limit:
@@ -271,18 +296,42 @@ def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, en
         raise UserError(f"tokens are on {tokens.device}, the params on {device}; move one of them")
     if torch.compiler.is_compiling():  # a graph cannot branch on values: training checks them as it loads data
         return tokens.shape[1]
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= config.vocab_size:
-        bad = low if low < 0 else high
-        raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
+    _check_ids(tokens, config)
     return tokens.shape[1]
 
 
-def _check_cache(cache: KVCache, config: GPTConfig, batch_size: int | None) -> None:
-    B = len(cache.lengths)
+def _check_ids(tokens: torch.Tensor, config: GPTConfig) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise UserError(f"tokens: expected int64 ids, got {describe(tokens)}")
+    if tokens.numel():
+        low, high = (int(t) for t in torch.aminmax(tokens))
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
+
+
+def _check_cache(cache: KVCache, config: GPTConfig, params: Params | None, batch_size: int | None) -> None:
+    """The cache is a KVCache made for this config (and these params' dtype and device),
+    with `batch_size` rows and lengths within its positions."""
+    if not isinstance(cache, KVCache):
+        raise UserError(f"cache: expected a KVCache (new_cache), got {describe(cache)}")
+    check_tensor("cache.k", cache.k, dims="L B H S D", kind="float")
+    check_tensor("cache.v", cache.v, shape=tuple(cache.k.shape), kind="float")
+    lengths = cache.lengths
+    if not isinstance(lengths, tuple):
+        raise UserError(f"cache.lengths: expected a tuple of ints, one per row, got {describe(lengths)}")
+    B = len(lengths)
     expected = (config.n_layer, B, config.n_head, cache.max_len, config.head_dim)
-    if tuple(cache.k.shape) != expected or cache.v.shape != cache.k.shape:
+    if tuple(cache.k.shape) != expected or not cache.max_len:
         raise UserError(f"cache: k/v of shape {list(cache.k.shape)}, but these params and {B} rows "
                         f"need {list(expected)} (new_cache(config, batch_size))")
+    for b, n in enumerate(lengths):
+        check_int(f"cache.lengths[{b}]", n, 0, cache.max_len)
     if batch_size is not None and batch_size != B:
         raise UserError(f"tokens: {batch_size} rows for a cache of {B} rows (new_cache(config, {batch_size}))")
+    if params is not None:
+        w = params["wte"]["weight"]
+        if (cache.k.dtype, cache.k.device) != (w.dtype, w.device) or (cache.v.dtype, cache.v.device) != (w.dtype,
+                                                                                                          w.device):
+            raise UserError(f"cache: {describe(cache.k)}, the params {str(w.dtype).removeprefix('torch.')} on "
+                            f"{w.device}; make it with new_cache(config, B, dtype=, device=) of the params")
