@@ -2,6 +2,7 @@
 
 import torch
 
+from .checks import describe
 from .errors import UserError
 
 KINDS = ("cpu", "cuda", "mps")
@@ -42,7 +43,7 @@ def check_device(name: str, value, *, meta: bool = False) -> torch.device:
     """A Python argument naming a device this machine has (a string or a torch.device;
     see pick_device) -> the torch.device. meta: "meta" (shapes without values) is allowed."""
     if not isinstance(value, (str, torch.device)):
-        raise UserError(f"{name}: expected a device such as 'cpu' or 'cuda', got a {type(value).__name__}")
+        raise UserError(f"{name}: expected a device such as 'cpu' or 'cuda', got {describe(value)}")
     if meta and str(value) == "meta":
         return torch.device("meta")
     return pick_device(value, flag=name)

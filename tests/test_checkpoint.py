@@ -153,6 +153,37 @@ def test_sharded_checkpoint_loads(tmp_path, hf_tiny):
     assert [f.name for f in weight_files(tmp_path)] == ["a.safetensors", "b.safetensors"]
 
 
+@pytest.mark.parametrize("index, message", [
+    ('{"weight_map": {"wte.weight": 3}}', r"weight_map must map each tensor to a file name in this directory, got "
+                                         r"\{'wte\.weight': 3\}"),
+    ('{"weight_map": ["a.safetensors"]}', r"weight_map must map each tensor to a file name"),
+    ('{"weight_map": {}}', r"weight_map must map each tensor to a file name"),
+    ('{"weight_map": {"wte.weight": "../../etc/passwd"}}', r"weight_map must map each tensor to a file name"),
+    ('[1, 2]', r"not a safetensors index \(TypeError: "),
+    ('{"metadata": {}}', r"not a safetensors index \(KeyError: 'weight_map'\)"),
+])
+def test_a_sharded_index_that_does_not_name_shard_files_is_refused(tmp_path, index, message):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(UserError, match=r"model\.safetensors\.index\.json: " + message):
+        load_params(tmp_path)
+
+
+@pytest.mark.parametrize("path", [None, 3, "", ["a"]])
+def test_load_params_of_what_is_not_a_path_is_named(path):
+    with pytest.raises(UserError, match=r"^path: expected a checkpoint file or directory, got "):
+        load_params(path)
+
+
+def test_tensors_that_share_memory_save_as_copies(tmp_path, tiny_params, tiny_config):
+    """One tensor under two keys (and a view of another) saves, and loads back equal."""
+    flat = flatten(tiny_params)
+    flat["h.1.ln_1.weight"] = flat["h.0.ln_1.weight"]
+    flat["h.1.ln_2.bias"] = flat["h.0.ln_2.bias"].view(-1)
+    save_params(tmp_path / "m.safetensors", unflatten(flat), tiny_config)
+    loaded, _ = load_params(tmp_path / "m.safetensors")
+    assert all(torch.equal(flatten(loaded)[k], v) for k, v in flat.items())
+
+
 def _raw_safetensors(path, header: dict, data: bytes = b"") -> None:
     """Write a safetensors file by hand: 8-byte header length, the JSON header, the data."""
     blob = json.dumps(header).encode()

@@ -15,7 +15,7 @@ HELPERS = {"errors", "files", "device", "checks"}
 ALLOWED = {
     "errors": set(),
     "files": {"errors"},
-    "device": {"errors"},
+    "device": {"errors", "checks"},
     "checks": {"errors"},
     "model": HELPERS,
     "generation": HELPERS | {"model"},

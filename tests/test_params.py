@@ -110,3 +110,65 @@ def test_forward_cached_checks_its_cache(tiny_params, tiny_config):
         forward_cached(tiny_params, tokens, new_cache(tiny_config, 1), tiny_config)
     with pytest.raises(UserError, match=r"counts\[1\]: expected an integer in 1\.\.3, got 4"):
         forward_cached(tiny_params, tokens, new_cache(tiny_config, 2), tiny_config, counts=(3, 4))
+
+
+def test_params_whose_blocks_are_a_dict_or_of_mixed_dtypes_are_named(tiny_params, tiny_config):
+    from functional_gpt import forward
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    as_dict = {**tiny_params, "h": {str(i): block for i, block in enumerate(tiny_params["h"])}}
+    with pytest.raises(UserError, match=r"^params\['h'\]: expected a list of the 2 blocks \(params\['h'\]\[i\] is "
+                                        r"block i\), got a dict$"):
+        forward(as_dict, tokens, tiny_config)
+    flat = flatten(tiny_params)
+    mixed = unflatten({k: v.bfloat16() if k.startswith("h.1.") else v for k, v in flat.items()})
+    with pytest.raises(UserError, match=r"^params: tensors of several dtypes \(wte\.weight is float32, "
+                                        r"h\.1\.ln_1\.weight is bfloat16\); cast them all to one$"):
+        forward(mixed, tokens, tiny_config)
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"a.b": torch.zeros(1), "a.b.c": torch.zeros(1)}, r"^flat: a\.b\.c is both a tensor and a prefix of other keys$|"
+                                                       r"^flat: a\.b is both a tensor and a prefix of a\.b\.c$"),
+    ({"a.b.c": torch.zeros(1), "a.b": torch.zeros(1)}, r"^flat: a\.b is both a tensor and a prefix of other keys$"),
+    ({"a..b": torch.zeros(1)}, r"^flat: key 'a\.\.b' is not a dotted name"),
+    ({3: torch.zeros(1)}, r"^flat: key 3 is not a dotted name"),
+    ([("wte.weight", torch.zeros(1))], r"^flat: expected a dict of dotted keys to tensors, got a list of 1$"),
+])
+def test_unflatten_names_keys_that_do_not_make_a_tree(flat, message):
+    with pytest.raises(UserError, match=message):
+        unflatten(flat)
+
+
+def test_unflatten_keeps_digit_keys_with_gaps_as_a_dict():
+    """h.0 and h.2 without h.1 is not a list of blocks; check_params then names h.1 missing."""
+    tree = unflatten({"h.0.x": torch.zeros(1), "h.2.x": torch.ones(1)})
+    assert isinstance(tree["h"], dict) and set(tree["h"]) == {"0", "2"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=2**70), r"^seed: expected an integer in -9223372036854775808\.\.18446744073709551615, got "),
+    (dict(seed=1.5), r"^seed: expected an integer"),
+    (dict(dtype=torch.int64), r"^dtype: expected a floating-point torch\.dtype"),
+    (dict(dtype="float32"), r"^dtype: expected a floating-point torch\.dtype"),
+    (dict(device="gpu"), r"^device 'gpu': unknown device"),
+    (dict(device=3), r"^device: expected a device such as 'cpu' or 'cuda', got 3 \(an int\)$"),
+])
+def test_init_params_names_bad_arguments(tiny_config, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        init_params(tiny_config, **kwargs)
+
+
+def test_init_params_on_meta_has_the_shapes_and_carries_the_config(tiny_config):
+    params = init_params(tiny_config, device="meta")
+    assert params["wte"]["weight"].is_meta and params.config is tiny_config
+    with pytest.raises(UserError, match=r"^config: expected a GPTConfig"):
+        init_params(tiny_config.to_dict())
+
+
+def test_params_survive_torch_func_with_their_config(tiny_params, tiny_config):
+    """Params are a pytree node: grad over them gives Params carrying the same config."""
+    from functional_gpt import forward
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    grads = torch.func.grad(lambda p: forward(p, tokens).sum())(tiny_params)
+    assert type(grads) is type(tiny_params) and grads.config is tiny_config
+    assert set(flatten(grads)) == set(flatten(tiny_params))
