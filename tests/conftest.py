@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from functional_gpt import GPTConfig, init_params, unflatten
+from functional_gpt import GPTConfig, init_params, unflatten, with_config
 
 # Hypothesis: CI's budget is bounded and derandomized (the same examples every run); a
 # maintainer digs deeper with HYPOTHESIS_PROFILE=deep (README, maintainers).
@@ -83,10 +83,11 @@ def hf_model(config: GPTConfig, seed: int = 0):
 
 
 def params_of(model):
-    """A transformers model's weights as functional_gpt params (copies, so that changing
-    one side never changes the other)."""
-    return unflatten({k.removeprefix("transformer."): v.detach().clone() for k, v in model.state_dict().items()
-                      if k != "lm_head.weight"})
+    """A transformers model's weights as functional_gpt params carrying its config (copies,
+    so that changing one side never changes the other)."""
+    flat = {k.removeprefix("transformer."): v.detach().clone() for k, v in model.state_dict().items()
+            if k != "lm_head.weight"}
+    return with_config(unflatten(flat), GPTConfig.from_dict(model.config.to_dict()))
 
 
 def assert_rel_close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:

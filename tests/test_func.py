@@ -50,13 +50,20 @@ def test_an_ensemble_equals_each_member_alone(params):
 
 def test_bad_input_to_the_transforms_is_named(params):
     tokens, targets = _windows(2, 5, 2)
-    with pytest.raises(UserError, match=r"targets: expected a tensor of the tokens' shape \[2, 5\]"):
+    with pytest.raises(UserError, match=r"^targets: expected shape \[2, 5\], got an int64 tensor \[2, 4\]$"):
         per_example_grads(params, tokens, targets[:, :4], TINY)
     with pytest.raises(UserError, match="token id 128 is out of range"):
         per_example_grads(params, tokens, torch.full_like(targets, 128), TINY)
     other = flatten(params_of(hf_model(TINY, seed=1)))
     other["ln_f.bias"] = torch.zeros(3)
-    with pytest.raises(UserError, match=r"stack_params: model 1 does not have model 0's keys and shapes \(ln_f.bias\)"):
+    with pytest.raises(UserError, match=r"^members\[1\] \(for 2 layers .*\): shape mismatch for ln_f\.bias: expected "
+                                        r"\[32\], got \[3\]$"):
         stack_params([params, unflatten(other)])
-    with pytest.raises(UserError, match="no models"):
+    other = flatten(params_of(hf_model(TINY, seed=1)))
+    with pytest.raises(UserError, match=r"^members\[1\]: tensors of several dtypes"):
+        stack_params([params, unflatten({k: v.double() if k == "wte.weight" else v for k, v in other.items()})])
+    with pytest.raises(UserError, match=r"^members\[1\]: wte\.weight is a float64 tensor \[128, 32\], members\[0\]'s "
+                                        r"a float32 tensor \[128, 32\]; an ensemble is of one dtype on one device$"):
+        stack_params([params, unflatten({k: v.double() for k, v in other.items()})])
+    with pytest.raises(UserError, match=r"^members: expected a non-empty list of params, got a list of 0$"):
         stack_params([])

@@ -243,3 +243,18 @@ def test_the_documented_names_table_is_the_code_table():
             prefix = tls[0].rsplit(".", 1)[0] + "." if "." in tls[0] and "." not in t else ""
             documented[full.removeprefix("h.i").removeprefix(".")] = (prefix + t, shape.strip())
     assert documented == {ours: (tl, shape) for ours, tl, shape in BLOCK_POINTS}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: hooks.run_with_hooks(p, _tokens(), {"h.0.mlp": 3}),
+     r"^hook h\.0\.mlp: expected a tensor or a function of the activation, got 3 \(an int\)$"),
+    (lambda p: hooks.run_with_hooks(p, _tokens(), "h.0.mlp"),
+     r"^hooks: expected \{name: hook\} or a list of \(name, hook\) pairs, got 'h\.0\.mlp' \(a str\)$"),
+    (lambda p: hooks.run_with_cache(p, _tokens(), 5), r"^names: expected a hook name or a list of them, got 5"),
+    (lambda p: hooks.run_with_cache(p, _tokens(), ["h.0"], grad_of="loss"),
+     r"^grad_of: expected a function of the logits returning a scalar, got 'loss' \(a str\)$"),
+])
+def test_hooks_and_names_of_the_wrong_kind_are_named(call, message):
+    params = params_of(hf_model(TINY))
+    with pytest.raises(UserError, match=message):
+        call(params)

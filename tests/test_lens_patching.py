@@ -95,7 +95,7 @@ def test_patch_sweep_over_positions_restores_the_one_corrupted_position(pair):
     assert abs(float(positions[0, 4]) - clean_value) < 1e-5 * max(1.0, abs(clean_value))
     others = torch.cat([positions[0, :4], positions[0, 5:]])
     assert_rel_close(others, torch.full_like(others, corrupted_value), 1e-5)
-    with pytest.raises(UserError, match="over must be 'positions' or 'heads'"):
+    with pytest.raises(UserError, match=r"^over: expected one of 'positions', 'heads', got 'layers' \(a str\)$"):
         patch_sweep(params, clean, corrupted, metric, over="layers", config=TINY)
 
 
@@ -134,3 +134,72 @@ def test_fgpt_lens_writes_a_png_and_a_table_and_refuses_bad_input(tmp_path, caps
     assert err.endswith("--prompt: 21 tokens, more than the context of 16") and "\n" not in err
     assert main(["lens", "--weights", str(weights), "--prompt", "hi", "--out", str(tmp_path / "x.jpg")]) == 2
     assert "must be a .png file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- bad input to the interventions
+
+
+@pytest.mark.parametrize("args, message", [
+    ((1, True), r"^heads: expected an integer >= 0, got True \(a bool\)$"),
+    ((1, [0, "1"]), r"^heads\[1\]: expected an integer >= 0, got '1' \(a str\)$"),
+    ((1, -1), r"^heads: expected an integer >= 0, got -1 \(an int\)$"),
+    ((1.0, 0), r"^layer: expected an integer >= 0, got 1\.0 \(a float\)$"),
+    ((1, 0, "avg"), r"^how: expected one of 'zero', 'mean', got 'avg' \(a str\)$"),
+])
+def test_ablate_heads_names_bad_arguments(args, message):
+    with pytest.raises(UserError, match=message):
+        ablate_heads(*args)
+
+
+def test_numpy_integers_are_integers(pair):
+    """A layer, a head or a token id given as np.int64 works as the int it is."""
+    np = pytest.importorskip("numpy")
+    _, params = pair
+    tokens = _tokens()
+    assert torch.equal(run_with_hooks(params, tokens, [ablate_heads(np.int64(1), [np.int64(2)])]),
+                       run_with_hooks(params, tokens, [ablate_heads(1, [2])]))
+    got = logit_attribution(params, tokens[0], np.int64(5), np.int64(7), position=np.int64(-1))
+    assert got.total == logit_attribution(params, tokens[0], 5, 7).total
+
+
+@pytest.mark.parametrize("metric, said", [
+    (lambda logits: logits[:, -1, 0], r"a float32 tensor \[2\]"),
+    (lambda logits: "good", r"'good' \(a str\)"),
+    (lambda logits: None, "None"),
+])
+def test_a_metric_that_is_not_a_scalar_is_named(pair, metric, said):
+    _, params = pair
+    with pytest.raises(UserError, match=r"^metric: expected a function of the logits returning a scalar, it "
+                                        rf"returned {said}$"):
+        patch_sweep(params, _tokens(), _tokens(seed=1), metric)
+
+
+def test_patch_sweep_names_its_token_arguments(pair):
+    _, params = pair
+    with pytest.raises(UserError, match=r"^corrupted: expected shape \[2, 10\], got an int64 tensor \[2, 9\]$"):
+        patch_sweep(params, _tokens(), _tokens(T=9), lambda l: l.sum())
+    with pytest.raises(UserError, match=r"^clean: expected an integer tensor \[B, T\], got a list of 3$"):
+        patch_sweep(params, [1, 2, 3], _tokens(), lambda l: l.sum())
+    with pytest.raises(UserError, match=r"^metric: expected a function of the logits returning a scalar, got 3"):
+        patch_sweep(params, _tokens(), _tokens(), 3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: logit_lens(p, [1, 2, 3]), r"^tokens: expected an integer tensor \[T\], got a list of 3$"),
+    (lambda p: logit_lens(p, _tokens(1, 10)), r"^tokens: expected an integer tensor \[T\], got an int64 tensor "
+                                              r"\[1, 10\]$"),
+    (lambda p: logit_attribution(p, _tokens()[0], 5, 7, position=10),
+     r"^position: expected an integer in -10\.\.9, got 10 \(an int\)$"),
+    (lambda p: logit_attribution(p, _tokens()[0], 5, 128), r"^other: expected an integer in 0\.\.127, got 128"),
+    (lambda p: logit_attribution(p, _tokens()[0], 5.0, 7), r"^target: expected an integer in 0\.\.127, got 5\.0"),
+])
+def test_the_lens_names_bad_tokens_and_positions(pair, call, message):
+    _, params = pair
+    with pytest.raises(UserError, match=message):
+        call(params)
+
+
+def test_plot_sweep_names_its_labels(tmp_path):
+    with pytest.raises(UserError, match=r"^columns: expected 3 labels, one per column of the result, got a list of 2"):
+        plot_sweep(torch.zeros(2, 3), tmp_path / "s.png", columns=["a", "b"])
+    assert not (tmp_path / "s.png").exists()

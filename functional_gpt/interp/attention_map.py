@@ -7,17 +7,21 @@ from pathlib import Path
 import torch
 
 from ..model.config import GPTConfig
+from ..checks import check_tensor
 from ..errors import UserError
 from ..files import atomic_path
-from ..model.transformer import forward
+from ..model.transformer import checked_config, forward
 from ..model.taps import recorder
 from ..model.params import Params
 from ..model.tokenizer import decode, encode
 
 
-def attention_maps(params: Params, tokens: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+def attention_maps(params: Params, tokens: torch.Tensor, config: GPTConfig | None = None) -> torch.Tensor:
     """tokens: int64 [T] -> probabilities [n_layer, n_head, T, T] (row = query, column =
-    key; each row sums to 1): the tap points "h.i.attn.pattern"."""
+    key; each row sums to 1): the tap points "h.i.attn.pattern". config: None takes the
+    one the params carry."""
+    config = checked_config(params, config)
+    check_tensor("tokens", tokens, dims="T", kind="integer")
     store = {}
     names = [f"h.{i}.attn.pattern" for i in range(config.n_layer)]
     with torch.inference_mode():

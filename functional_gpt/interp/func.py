@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from ..model.config import GPTConfig
+from ..checks import check_tensor, describe
 from ..errors import UserError
-from ..model.transformer import _check_tokens, _head, _transformer, checked_config, no_tap
-from ..model.params import Params, flatten, unflatten
+from ..model.transformer import _check_tokens, _head, _length, _transformer, checked_config, config_of, no_tap
+from ..model.params import Params, check_params, flatten, unflatten
 
 # the start of torch's warning about the missing batching rule (silenced below)
 _NO_SDPA_RULE = "There is a performance drop because we have not yet implemented the batching rule"
@@ -38,9 +39,8 @@ def per_example_grads(params: Params, tokens: torch.Tensor, targets: torch.Tenso
     entry b is what `torch.autograd.grad` of window b's loss alone gives. No dropout.
     """
     config = checked_config(params, config)
-    _check_tokens(tokens, config, params, end=tokens.shape[-1] if tokens.dim() else 0)
-    if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
-        raise UserError(f"targets: expected a tensor of the tokens' shape {list(tokens.shape)}")
+    _check_tokens(tokens, config, params, end=_length(tokens))
+    check_tensor("targets", targets, shape=tuple(tokens.shape), kind="integer")
     _check_tokens(targets, config, params, end=targets.shape[-1])
 
     def window_loss(p, x, y):  # x, y: [T]
@@ -51,27 +51,40 @@ def per_example_grads(params: Params, tokens: torch.Tensor, targets: torch.Tenso
         return flatten(vmap(grad(window_loss), in_dims=(None, 0, 0))(params, tokens, targets))
 
 
-def stack_params(members: list[Params]) -> Params:
-    """Params of models of one config -> one params tree whose every tensor has a new
-    leading dim [M, ...], member m at index m (for `ensemble_logits`)."""
-    if not members:
-        raise UserError("stack_params: no models given")
+def stack_params(members: list[Params], config: GPTConfig | None = None) -> Params:
+    """Params of models of one config (the one they carry when None) -> one params tree
+    whose every tensor has a new leading dim [M, ...], member m at index m, carrying that
+    config (for `ensemble_logits`)."""
+    if not isinstance(members, (list, tuple)) or not members:
+        raise UserError(f"members: expected a non-empty list of params, got {describe(members)}")
+    config = config_of(members[0]) if config is None else config
+    for i, member in enumerate(members):
+        check_params(member, config, f"members[{i}]")
     flats = [flatten(m) for m in members]
-    keys = set(flats[0])
+    first = flats[0]
     for i, f in enumerate(flats[1:], 1):
-        bad = next((k for k in flats[0] if k not in f or f[k].shape != flats[0][k].shape), None)
-        if set(f) != keys or bad is not None:
-            raise UserError(f"stack_params: model {i} does not have model 0's keys and shapes "
-                            f"({bad or sorted(keys ^ set(f))[0]})")
-    return unflatten({k: torch.stack([f[k] for f in flats]) for k in flats[0]})
+        key = next((k for k in first if (f[k].dtype, f[k].device) != (first[k].dtype, first[k].device)), None)
+        if key is not None:
+            raise UserError(f"members[{i}]: {key} is {describe(f[key])}, members[0]'s {describe(first[key])}; "
+                            f"an ensemble is of one dtype on one device")
+    return Params(unflatten({k: torch.stack([f[k] for f in flats]) for k in first}), config)
 
 
 def ensemble_logits(stacked: Params, tokens: torch.Tensor, config: GPTConfig | None = None) -> torch.Tensor:
     """Every member of a `stack_params` ensemble on the same tokens in one vmapped pass:
     tokens int64 [B, T] -> logits [M, B, T, V], entry m equal to `forward(member m, tokens)`."""
-    first = unflatten({k: t[0] for k, t in flatten(stacked).items()})
+    if not isinstance(stacked, dict):
+        raise UserError(f"stacked: expected the params stack_params returns, got {describe(stacked)}")
+    config = getattr(stacked, "config", None) if config is None else config
+    flat = flatten(stacked)
+    if not all(isinstance(t, torch.Tensor) and t.dim() for t in flat.values()):
+        raise UserError("stacked: expected the params stack_params returns (tensors with a leading [M])")
+    first = unflatten({k: t[0] for k, t in flat.items()})
+    if config is None:
+        raise UserError("config: these stacked params do not carry their config; pass config= or stack them with "
+                        "stack_params(members, config)")
     config = checked_config(first, config)
-    _check_tokens(tokens, config, first, end=tokens.shape[-1] if tokens.dim() else 0)
+    _check_tokens(tokens, config, first, end=_length(tokens))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_SDPA_RULE)
         return vmap(lambda p: _logits(p, tokens, config))(stacked)

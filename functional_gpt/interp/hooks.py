@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.config import GPTConfig
+from ..checks import check_callable, describe
 from ..errors import UserError
 from ..model.transformer import checked_config, forward
 from ..model.params import Params
@@ -92,6 +93,8 @@ def check_hook_names(names, n_layer: int) -> list[str]:
     naming the first unknown one and the nearest valid names."""
     valid = hook_names(n_layer)
     known = set(valid)
+    if not isinstance(names, (str, list, tuple, set, frozenset)):
+        raise UserError(f"names: expected a hook name or a list of them, got {describe(names)}")
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
         if name in known:
@@ -167,6 +170,8 @@ def run_with_cache(
     """
     config = checked_config(params, config)
     names = hook_names(config.n_layer) if names is None else check_hook_names(names, config.n_layer)
+    if grad_of is not None:
+        check_callable("grad_of", grad_of, "a function of the logits returning a scalar")
     tap = _HookTap(_hook_pairs(hooks, config.n_layer), record=names, keep_graph=grad_of is not None)
     if grad_of is None:
         with torch.no_grad():
@@ -176,7 +181,7 @@ def run_with_cache(
         logits = forward(params, tokens, config, tap=tap)
         metric = grad_of(logits)
         if not isinstance(metric, torch.Tensor) or metric.numel() != 1:
-            raise UserError(f"grad_of must return a scalar tensor, got {_describe(metric)}")
+            raise UserError(f"grad_of must return a scalar tensor, got {describe(metric)}")
         recorded = list(tap.store.values())
         grads = torch.autograd.grad(metric.reshape(()), recorded, allow_unused=True)
     grads = {n: torch.zeros_like(a) if g is None else g for (n, a), g in zip(tap.store.items(), grads)}
@@ -212,7 +217,7 @@ def _apply(hook, name: str, x: torch.Tensor) -> torch.Tensor:
         return x
     if not isinstance(value, torch.Tensor):
         raise UserError(f"hook {name}: expected a tensor {list(x.shape)} or a function returning one, "
-                        f"got {_describe(value)}")
+                        f"got {describe(value)}")
     if value.shape != x.shape:
         raise UserError(f"hook {name}: the patch has shape {list(value.shape)}, the activation "
                         f"{list(x.shape)}")
@@ -220,14 +225,15 @@ def _apply(hook, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _hook_pairs(hooks, n_layer: int) -> list[tuple[str, object]]:
+    """hooks ({name: hook} or (name, hook) pairs) as a list of pairs, each name a hook
+    point and each hook a tensor or a function."""
+    if not isinstance(hooks, (Mapping, list, tuple)):
+        raise UserError(f"hooks: expected {{name: hook}} or a list of (name, hook) pairs, got {describe(hooks)}")
     pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
     if not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
         raise UserError("hooks: expected {name: hook} or a list of (name, hook) pairs")
     check_hook_names([n for n, _ in pairs], n_layer)
+    for name, hook in pairs:
+        if not (isinstance(hook, torch.Tensor) or callable(hook)):
+            raise UserError(f"hook {name}: expected a tensor or a function of the activation, got {describe(hook)}")
     return pairs
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {list(value.shape)}"
-    return type(value).__name__

@@ -10,6 +10,7 @@ import os
 import torch
 
 from ..model.config import GPTConfig
+from ..checks import check_callable, check_choice, check_int, check_tensor, describe
 from ..errors import UserError
 from ..files import atomic_path
 from .hooks import run_with_cache, run_with_hooks
@@ -20,12 +21,15 @@ from ..model.params import Params
 def ablate_heads(layer: int, heads, how: str = "zero"):
     """A (name, hook) pair for run_with_hooks that ablates `heads` of block `layer`: their
     z set to zero, or ("mean") to their mean over the batch and positions."""
-    heads = [heads] if isinstance(heads, int) else list(heads)
-    if how not in ("zero", "mean"):
-        raise UserError(f"ablate_heads: how must be 'zero' or 'mean', got {how!r}")
+    layer = check_int("layer", layer, 0)
+    if isinstance(heads, (list, tuple, range)):
+        heads = [check_int(f"heads[{i}]", h, 0) for i, h in enumerate(heads)]
+    else:
+        heads = [check_int("heads", heads, 0)]
+    check_choice("how", how, ("zero", "mean"))
 
     def hook(z):  # [B, T, H, D]
-        if not all(isinstance(h, int) and 0 <= h < z.shape[2] for h in heads):
+        if not all(h < z.shape[2] for h in heads):
             raise UserError(f"ablate_heads: heads {heads} must be in 0..{z.shape[2] - 1}")
         z = z.clone()
         z[:, :, heads] = 0.0 if how == "zero" else z[:, :, heads].mean(dim=(0, 1), keepdim=True)
@@ -43,21 +47,29 @@ def patch_sweep(params: Params, clean: torch.Tensor, corrupted: torch.Tensor, me
     head h's z in block l at every position -> [n_layer, n_head].
     """
     config = checked_config(params, config)
-    if not isinstance(clean, torch.Tensor) or not isinstance(corrupted, torch.Tensor) or clean.shape != corrupted.shape:
-        raise UserError(f"patch_sweep: clean and corrupted tokens must have one shape, got "
-                        f"{list(getattr(clean, 'shape', []))} and {list(getattr(corrupted, 'shape', []))}")
-    point, width = {"positions": ("resid_pre", clean.shape[-1]), "heads": ("attn.z", config.n_head)}.get(over, (None, 0))
-    if point is None:
-        raise UserError(f"patch_sweep: over must be 'positions' or 'heads', got {over!r}")
+    check_tensor("clean", clean, dims="B T", kind="integer")
+    check_tensor("corrupted", corrupted, shape=tuple(clean.shape), kind="integer")
+    check_callable("metric", metric, "a function of the logits returning a scalar")
+    check_choice("over", over, ("positions", "heads"))
+    point, width = {"positions": ("resid_pre", clean.shape[-1]), "heads": ("attn.z", config.n_head)}[over]
     names = [f"h.{layer}.{point}" for layer in range(config.n_layer)]
     _, cache = run_with_cache(params, clean, names, config=config)
     result = torch.empty(config.n_layer, width)
     with torch.no_grad():
         for layer, name in enumerate(names):
             for j in range(width):
-                result[layer, j] = float(metric(run_with_hooks(params, corrupted, {name: _copy(cache[name], j, over)},
-                                                               config)))
+                logits = run_with_hooks(params, corrupted, {name: _copy(cache[name], j, over)}, config)
+                result[layer, j] = _scalar(metric(logits))
     return result
+
+
+def _scalar(value) -> float:
+    """A metric's value as a float: a number or a one-element tensor, else a UserError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise UserError(f"metric: expected a function of the logits returning a scalar, it returned {describe(value)}")
 
 
 def _copy(clean: torch.Tensor, j: int, over: str):  # a hook putting clean's slice j (a position or a head) in
@@ -74,6 +86,10 @@ def _copy(clean: torch.Tensor, j: int, over: str):  # a hook putting clean's sli
 
 def plot_sweep(result: torch.Tensor, path: str | os.PathLike, *, columns: list[str], title: str = "") -> None:
     """Draw a sweep [n_layer, N] as a heatmap PNG (layers down, `columns` across), atomically."""
+    check_tensor("result", result, dims="L N", kind="float")
+    if not isinstance(columns, (list, tuple)) or len(columns) != result.shape[1]:
+        raise UserError(f"columns: expected {result.shape[1]} labels, one per column of the result, got "
+                        f"{describe(columns)}")
     import matplotlib
 
     matplotlib.use("Agg")

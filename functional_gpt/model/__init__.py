@@ -9,7 +9,7 @@ KV cache, decode_step); beside them `taps` (seeing and changing activations), th
 from .checkpoint import load_params, save_params
 from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
 from .layers import attention_probs, feed_forward, gelu, layer_norm, linear, self_attention, transformer_block
-from .params import Params, count_params, flatten, init_params, param_spec, unflatten
+from .params import Params, count_params, flatten, init_params, param_spec, unflatten, with_config
 from .taps import no_tap, recorder
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding
 from .transformer import KVCache, config_of, decode_step, forward, forward_cached, forward_hidden, new_cache
@@ -19,5 +19,5 @@ __all__ = [
     "count_params", "decode", "decode_step", "encode", "feed_forward", "flatten", "forward", "forward_cached",
     "forward_hidden", "gelu", "gpt2_encoding", "init_params", "layer_norm", "linear", "load_params", "new_cache",
     "no_tap", "param_spec", "preset", "read_hf_config", "recorder", "save_params", "self_attention",
-    "transformer_block", "unflatten", "write_hf_config",
+    "transformer_block", "unflatten", "with_config", "write_hf_config",
 ]
