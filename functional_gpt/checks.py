@@ -146,6 +146,19 @@ def check_tensor(name: str, value, *, dims: str | None = None, kind: str | None 
     return value
 
 
+def check_tensor_dict(name: str, tensors, like: dict | None = None) -> dict:
+    """tensors: {key: floating-point tensor}; with `like`, holding each of its keys at its shape."""
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                                for t in tensors.values()):
+        raise UserError(f"{name}: expected a dict of {{GPT-2 key: floating-point tensor}}, got {describe(tensors)}")
+    for key, t in (like or {}).items():
+        if key not in tensors:
+            raise UserError(f"{name}: no {key} (it must hold every key of the params)")
+        if tensors[key].shape != t.shape:
+            raise UserError(f"{name}: {key} is {describe(tensors[key])}, the param {list(t.shape)}")
+    return tensors
+
+
 def check_finite_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
     """value, which must hold no NaN or infinity (one pass over it)."""
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):

@@ -119,3 +119,32 @@ def test_eval_windows_do_not_overlap_and_cover_the_split():
 def test_corpus_shorter_than_one_window_says_how_many_tokens():
     with pytest.raises(UserError, match="holds 50 tokens; one window of context_length=64 needs at least 65"):
         check_fits(np.zeros(50, dtype="<u2"), 64, "train.bin")
+
+
+def test_a_file_given_twice_is_refused_and_nothing_is_written(tmp_path):
+    (tmp_path / "a.txt").write_text("To be, or not to be. " * 20, encoding="utf-8")
+    for inputs in ([tmp_path / "a.txt", tmp_path / "a.txt"], [tmp_path, tmp_path / "a.txt"]):
+        with pytest.raises(UserError, match=r"a\.txt: given twice \(also as .*a\.txt\); each file is read once$"):
+            prepare(inputs, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_file_holding_a_training_file_s_text_is_refused(tmp_path):
+    """Two names, one text: the held-out file would be a copy of the trained one."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Now is the winter of our discontent. " * 20, encoding="utf-8")
+    with pytest.raises(UserError, match=r"b\.txt: holds the same text as .*a\.txt, so the validation split would be "
+                                        r"trained on \(nothing was written\)$"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda d: prepare([None], d / "out", progress=False), r"^inputs: expected paths of text files or directories, "
+                                                           r"got None$"),
+    (lambda d: load_tokens(None, "train"), r"^data_dir: expected a prepared data directory, got None$"),
+    (lambda d: load_tokens(d, "test"), r"^split: expected one of 'train', 'val', got 'test' \(a str\)$"),
+])
+def test_data_functions_name_bad_arguments(tmp_path, call, message):
+    with pytest.raises(UserError, match=message):
+        call(tmp_path)

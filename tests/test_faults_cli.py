@@ -111,7 +111,7 @@ def _inputs(root: Path, contents: dict) -> Path:
     return root / "in"
 
 
-THREE = {"a.txt": TEXT, "b.txt": TEXT, "c.txt": TEXT}
+THREE = {"a.txt": "A. " + TEXT, "b.txt": "B. " + TEXT, "c.txt": "C. " + TEXT}  # three texts, none a copy
 
 
 @pytest.mark.parametrize("contents, patch, culprit", [

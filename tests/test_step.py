@@ -265,3 +265,98 @@ def test_the_compiled_model_gives_eagers_loss_and_gradients(monkeypatch):
         assert float(loss_c) == pytest.approx(float(loss), rel=1e-6)
         for key in grads:
             assert_rel_close(grads_c[key], grads[key], 1e-5, key)
+
+
+# ------------------------------------------------------------- the step's checks of its input
+
+
+def test_targets_that_do_not_line_up_with_the_inputs_are_refused_before_any_change():
+    """y one token shorter than x used to train on misaligned targets."""
+    params = params_of(hf_model(TINY))
+    before = {k: v.clone() for k, v in flatten(params).items()}
+    state = new_state(params, 0, CPU)
+    b = batch()
+    with pytest.raises(step_module.UserError, match=r"^batch\.y: expected shape \[1, 3, 16\], got an int64 tensor "
+                                                    r"\[1, 3, 15\]$"):
+        train_step(state, Batch(b.x, b.y[..., :-1], b.end), settings())
+    assert all(torch.equal(before[k], v) for k, v in flatten(params).items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(grad_clip=-1), r"^grad_clip: expected a finite number >= 0, got -1 \(an int\)$"),
+    (dict(lr=0.0), r"^lr: expected a finite number > 0, got 0\.0"),
+    (dict(lr=float("nan")), r"^lr: expected a finite number > 0, got nan"),
+    (dict(min_lr=0.1, lr=0.01), r"^min_lr 0\.1 is above lr 0\.01$"),
+    (dict(betas=(0.9, 1.0)), r"^beta2: expected a finite number in \[0, 1\), got 1\.0"),
+    (dict(betas=[0.9, 0.95]), r"^betas: expected a pair \(beta1, beta2\), got a list of 2$"),
+    (dict(warmup_steps=-1), r"^warmup_steps: expected an integer >= 0"),
+    (dict(decay_steps=2.5), r"^decay_steps: expected an integer >= 1"),
+    (dict(weight_decay=-0.1), r"^weight_decay: expected a finite number >= 0"),
+    (dict(dtype=torch.int8), r"^dtype: expected one of torch\.float32, torch\.bfloat16, torch\.float16"),
+    (dict(dropout=1), r"^dropout: expected True or False, got 1 \(an int\)$"),
+    (dict(config=TINY.to_dict()), r"^config: expected a GPTConfig, got a dict$"),
+    (dict(world=None), r"^world: expected a World"),
+])
+def test_step_settings_follow_the_flags_rules(overrides, message):
+    with pytest.raises(step_module.UserError, match=message):
+        settings(**overrides)
+
+
+def test_grad_clip_zero_means_no_clipping_as_the_flag_does():
+    """grad_clip=0.0 used to zero every update; now it is None's update, and 1e-3 clips."""
+    results = {}
+    for clip in (None, 0.0, 1e-3):
+        params = params_of(hf_model(TINY))
+        state, metrics = train_step(new_state(params, 0, CPU), batch(), settings(grad_clip=clip))
+        results[clip] = flatten(state.params)["h.0.mlp.c_fc.weight"]
+    start = flatten(params_of(hf_model(TINY)))["h.0.mlp.c_fc.weight"]
+    assert torch.equal(results[None], results[0.0]) and not torch.equal(results[0.0], start)
+    assert not torch.equal(results[1e-3], results[None])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: new_state(p, 2**70, CPU), r"^seed: expected an integer in -9223372036854775808\.\.18446744073709551615"),
+    (lambda p: new_state(p, 0, "gpu"), r"^device 'gpu': unknown device"),
+    (lambda p: new_state([p], 0, CPU), r"^params: expected the nested dict of GPT-2 tensors, got a list of 1$"),
+    (lambda p: train_step(new_state(p, 0, CPU), batch(), dict(lr=1)), r"^settings: expected a StepSettings"),
+    (lambda p: train_step(p, batch(), settings()), r"^state: expected a TrainState \(new_state\), got a Params$"),
+    (lambda p: train_step(new_state(p, 0, CPU), (batch().x, batch().y), settings()),
+     r"^batch: expected a Batch\(x, y, end\), got a tuple of 2$"),
+    (lambda p: train_step(new_state(p, 0, CPU), Batch(batch().x[0], batch().y[0], Position()), settings()),
+     r"^batch\.x: expected an integer tensor \[A, B, T\], got an int64 tensor \[3, 16\]$"),
+    (lambda p: train_step(new_state(p, 0, CPU), Batch(batch().x.float(), batch().y, Position()), settings()),
+     r"^batch\.x: expected an integer tensor \[A, B, T\], got a float32 tensor"),
+    (lambda p: train_step(new_state(p, 0, CPU), Batch(batch().x, batch().y + 200, Position()), settings()),
+     r"^batch\.y: token id \d+ is out of range for vocab_size=128$"),
+    (lambda p: train_step(new_state(p, 0, CPU), Batch(*batch(T=40)[:2], Position()), settings()),
+     r"^batch\.x: windows of 40 tokens, more than the context of 32$"),
+    (lambda p: train_step(new_state(p, 0, CPU), batch(), settings(config=GPT_OTHER)),
+     r"^state\.params \(for 3 layers .*\): missing keys: h\.2\."),
+])
+def test_the_step_names_bad_arguments(call, message):
+    with pytest.raises(step_module.UserError, match=message):
+        call(params_of(hf_model(TINY)))
+
+
+GPT_OTHER = dataclasses.replace(TINY, n_layer=3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: adamw_step(f, {k: v for k, v in f.items() if k != "wte.weight"}, adamw_init(f), lr=0.1),
+     r"^grads: no wte\.weight \(it must hold every key of the params\)$"),
+    (lambda f: adamw_step(f, {k: v[..., :1] for k, v in f.items()}, adamw_init(f), lr=0.1),
+     r"^grads: wte\.weight is a float32 tensor \[128, 1\], the param \[128, 32\]$"),
+    (lambda f: adamw_step(f, f, (0, 0), lr=0.1), r"^state: expected an AdamWState \(adamw_init\), got a tuple of 2$"),
+    (lambda f: adamw_step(f, f, adamw_init(f), lr=-1.0), r"^lr: expected a finite number >= 0, got -1\.0"),
+    (lambda f: adamw_step(f, f, adamw_init(f), lr=0.1, betas=(1.5, 0.9)), r"^betas\[0\]: expected a finite number in"),
+    (lambda f: adamw_step(f, f, adamw_init(f), lr=0.1, eps=0), r"^eps: expected a finite number > 0"),
+    (lambda f: clip_grad_norm(f, -1.0), r"^max_norm: expected a finite number >= 0, got -1\.0"),
+    (lambda f: lr_at(-1, lr=1.0, warmup_steps=1, decay_steps=2, min_lr=0.1), r"^step: expected an integer >= 0"),
+    (lambda f: lr_at(1, lr=1.0, warmup_steps=1, decay_steps=2, min_lr=2.0), r"^min_lr 2\.0 is above lr 1\.0$"),
+])
+def test_the_optimizer_names_bad_arguments_and_changes_nothing(call, message):
+    flat = flatten(params_of(hf_model(TINY)))
+    before = {k: v.clone() for k, v in flat.items()}
+    with pytest.raises(step_module.UserError, match=message):
+        call(flat)
+    assert all(torch.equal(before[k], v) for k, v in flat.items())

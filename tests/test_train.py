@@ -311,8 +311,8 @@ def test_resume_bad_input(setup, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"lr": 0.0}, "--lr must be > 0, got 0.0"),
-    ({"lr": -1e-3}, "--lr must be > 0"),
+    ({"lr": 0.0}, r"--lr: expected a finite number > 0, got 0\.0 \(a float\)"),
+    ({"lr": -1e-3}, "--lr: expected a finite number > 0"),
     ({"max_steps": 0}, "--max_steps must be > 0"),
     ({"batch_size": -2}, "--batch_size must be > 0"),
     ({"bogus": 1}, "unknown training setting 'bogus'"),
@@ -321,17 +321,18 @@ def test_resume_bad_input(setup, tmp_path):
     ({"lr": float("nan")}, "--lr: expected a finite number, got nan"),
     ({"lr": float("inf")}, "--lr: expected a finite number, got inf"),
     ({"grad_clip": float("nan")}, "--grad_clip: expected a finite number, got nan"),
-    ({"grad_clip": -1.0}, "--grad_clip must be >= 0"),
-    ({"beta1": 2.0}, r"--beta1 must be in \[0, 1\), got 2.0"),
-    ({"beta1": -1.0}, r"--beta1 must be in \[0, 1\), got -1.0"),
-    ({"beta2": 1.0}, r"--beta2 must be in \[0, 1\), got 1.0"),
+    ({"grad_clip": -1.0}, "--grad_clip: expected a finite number >= 0"),
+    ({"beta1": 2.0}, r"--beta1: expected a finite number in \[0, 1\), got 2.0"),
+    ({"beta1": -1.0}, r"--beta1: expected a finite number in \[0, 1\), got -1.0"),
+    ({"beta2": 1.0}, r"--beta2: expected a finite number in \[0, 1\), got 1.0"),
     ({"dropout": 1.0}, r"--dropout must be in \[0, 1\)"),
     ({"weight_decay": float("-inf")}, "--weight_decay: expected a finite number"),
     ({"min_lr": 0.5}, "--min_lr 0.5 is above --lr 0.01"),
     ({"seed": -1}, r"--seed must be in 0..2\*\*63-1, got -1"),
     ({"seed": 2**70}, r"--seed must be in 0..2\*\*63-1"),
     ({"eval_interval": 0}, "--eval_interval must be > 0"),
-    ({"warmup_steps": -3}, "--warmup_steps must be >= 0"),
+    ({"warmup_steps": -3}, "--warmup_steps: expected an integer >= 0"),
+    ({"decay_steps": 0}, "--decay_steps: expected an integer >= 1, got 0"),
     ({"context_length": 0}, "--context_length must be >= 1"),
     ({"data": ""}, "--data: expected a non-empty string"),
     ({"init": 3}, "--init: expected a non-empty string, got 3"),
@@ -459,7 +460,7 @@ def test_config_file_and_cli(setup, tmp_path, capsys):
         read_config_file(tmp_path / "bad.json")
     code = main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run"),
                  "--max_steps", "2", "--context_length", "16", "--eval_interval", "2", "--lr", "-1"])
-    assert code == 2 and "fgpt train: error: --lr must be > 0, got -1.0" in capsys.readouterr().err
+    assert code == 2 and "fgpt train: error: --lr: expected a finite number > 0, got -1.0 (a float)" in capsys.readouterr().err
     code = main(["train", "--resume", str(tmp_path / "nowhere")])
     assert code == 2 and "nowhere: no such run directory" in capsys.readouterr().err
 

@@ -59,6 +59,7 @@ ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 EACCES = PermissionError(errno.EACCES, "Permission denied")
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; "
         "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. ") * 3
+THREE_TEXTS = {f"in__{n}.txt": f"{n.upper()}. {TEXT}" for n in "abc"}  # three texts, none a copy of another
 
 
 # ----------------------------------------------------------------------------- expectations
@@ -483,7 +484,7 @@ def cli_cases() -> list[Case]:
     add("info --weights HF dir", ["info", "--weights", "{F}/hf"], OK(says("n_embd=8")))
 
     # prepare
-    three = files(**{"in__a.txt": TEXT, "in__b.txt": TEXT, "in__c.txt": TEXT})
+    three = files(**THREE_TEXTS)
     old_data = copy("data")
     add("prepare missing input", ["prepare", "{W}/none.txt", "--out", "{W}/d"], E("none.txt"), "data.py")
     add("prepare empty dir", ["prepare", "{W}/empty", "--out", "{W}/d"], E("empty"), "data.py",
@@ -1027,11 +1028,11 @@ def api_cases() -> list[Case]:
     # prepare, evaluate, next_batch, load_tokens, info_report
     add("prepare([missing])", lambda ws: prepare([ws / "none.txt"], ws / "d", progress=False), E("none.txt"), "data.py")
     add("prepare(val_files=0) of 3", lambda ws: prepare([ws / "in"], ws / "d", val_files=0, progress=False), E("val_files"),
-        "data.py", setup=files(**{"in__a.txt": TEXT, "in__b.txt": TEXT, "in__c.txt": TEXT}))
+        "data.py", setup=files(**THREE_TEXTS))
     add("prepare(val_files=1.5)", lambda ws: prepare([ws / "in"], ws / "d", val_files=1.5, progress=False), E("val_files"),
-        "data.py", setup=files(**{"in__a.txt": TEXT, "in__b.txt": TEXT, "in__c.txt": TEXT}))
+        "data.py", setup=files(**THREE_TEXTS))
     add("prepare(a string, not a list)", lambda ws: prepare(str(ws / "in"), ws / "d", progress=False), E("inputs"),
-        "data.py", setup=files(**{"in__a.txt": TEXT, "in__b.txt": TEXT, "in__c.txt": TEXT}))
+        "data.py", setup=files(**THREE_TEXTS))
     text = torch.tensor(fg.encode(TEXT))
     add("evaluate no texts", lambda ws: evaluate(P(), [], TINY, show_progress=False), E("2 tokens"), "evaluate.py")
     add("evaluate max_length 0", lambda ws: evaluate(P(), [text], TINY, max_length=0, show_progress=False), E("max_length"),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checks import check_choice, describe
 from ..errors import UserError
 from ..files import os_error
 from ..model.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
@@ -49,9 +50,12 @@ def shakespeare_sources() -> list[Source]:
 
 def text_sources(inputs: list[str | os.PathLike]) -> list[Source]:
     """Files named in `inputs`, directories expanded to their `*.txt` / `*.md` files
-    (recursively, sorted by path). A missing path or one with no text is a UserError."""
+    (recursively, sorted by path). A missing path, one with no text, or a file named twice
+    (also through a directory) is a UserError."""
     sources = []
     for item in inputs:
+        if not isinstance(item, (str, os.PathLike)) or not os.fspath(item):
+            raise UserError(f"inputs: expected paths of text files or directories, got {describe(item)}")
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
@@ -62,6 +66,11 @@ def text_sources(inputs: list[str | os.PathLike]) -> list[Source]:
             sources.append(Source(path, markdown=False))
         else:
             raise UserError(f"{path}: no such file or directory")
+    seen = {}
+    for source in sources:
+        first = seen.setdefault(source.path.resolve(), source.path)
+        if first is not source.path:
+            raise UserError(f"{source.path}: given twice (also as {first}); each file is read once")
     return sources
 
 
@@ -162,6 +171,11 @@ def prepare(
             "train": splits["train"],
             "val": splits["val"],
         }
+        trained = {e["sha256"]: e["path"] for e in splits["train"]}
+        leak = next((e for e in splits["val"] if e["sha256"] in trained), None)
+        if leak is not None:
+            raise UserError(f"{leak['path']}: holds the same text as {trained[leak['sha256']]}, so the validation "
+                            f"split would be trained on (nothing was written)")
         if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
             empty = "val" if meta["val_tokens"] == 0 else "train"
             raise UserError(f"{out}: the {empty} split would be empty; give more text (nothing was written)")
@@ -248,6 +262,9 @@ def _n_tokens(path: Path) -> int:
 def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> np.memmap:
     """`data_dir`/`split`.bin as a read-only uint16 memmap [N] (nothing read until used).
     With `vocab_size`, every id is checked to be below it (one pass over the file)."""
+    if not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir):
+        raise UserError(f"data_dir: expected a prepared data directory, got {describe(data_dir)}")
+    check_choice("split", split, ("train", "val"))
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         hint = " (run `fgpt prepare` first)" if Path(data_dir) == Path(DEFAULT_DATA_DIR) else ""

@@ -36,6 +36,7 @@ from ..model.transformer import forward_hidden
 from ..model.params import Params, flatten, init_params
 from .runs import STATE, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
 from ..generation.sampling import Sampling
+from .optim import check_adamw, check_schedule
 from .step import Batch, Diverged, LossScale, StepSettings, new_state, train_step
 from ..model.tokenizer import ENDOFTEXT_ID, decode
 
@@ -83,16 +84,19 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in _NON_NEGATIVE:
-            if getattr(self, name) is not None and getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("context_length", "stride", "decay_steps"):
+        for name in ("context_length", "stride"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in _UNIT_INTERVAL:
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
-                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.min_lr is not None and self.min_lr > self.lr:
-            raise UserError(f"--min_lr {self.min_lr} is above --lr {self.lr}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        flag = lambda field: f"--{field}"  # the optimizer's settings follow StepSettings' rules
+        check_schedule(lr=self.lr, min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
+                       warmup_steps=self.warmup_steps,
+                       decay_steps=self.max_steps if self.decay_steps is None else self.decay_steps, name=flag)
+        check_adamw(beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                    name=flag)
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be in 0..2**63-1, got {self.seed}")
         if self.dtype not in DTYPES:
@@ -104,9 +108,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_POSITIVE = ("max_steps", "batch_size", "grad_accum", "lr", "eval_interval")
-_NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "eval_windows", "sample_tokens", "min_lr")
-_UNIT_INTERVAL = ("beta1", "beta2", "dropout")  # in [0, 1)
+_POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval")
+_NON_NEGATIVE = ("eval_windows", "sample_tokens")
 
 
 def _check_type(key: str, kind: str, value) -> None:

@@ -7,7 +7,32 @@ from typing import NamedTuple
 
 import torch
 
+from ..checks import check_int, check_number, check_tensor_dict, describe
+from ..errors import UserError
+
 Flat = dict[str, torch.Tensor]  # GPT-2 dotted key -> tensor
+
+
+def check_schedule(*, lr, min_lr, warmup_steps, decay_steps, name=lambda field: field) -> None:
+    """The schedule's rules, which `StepSettings` (Python) and `TrainConfig` (flags, config
+    files) both apply, each naming a field its own way (`name`: "lr" or "--lr"): lr > 0,
+    0 <= min_lr <= lr, warmup_steps >= 0, decay_steps >= 1 (a run's 0 would read as "no
+    decay" and mean the opposite: min_lr from the end of the warm-up)."""
+    lr = check_number(name("lr"), lr, 0, low_open=True)
+    if check_number(name("min_lr"), min_lr, 0) > lr:
+        raise UserError(f"{name('min_lr')} {min_lr} is above {name('lr')} {lr}")
+    check_int(name("warmup_steps"), warmup_steps, 0)
+    check_int(name("decay_steps"), decay_steps, 1)
+
+
+def check_adamw(*, beta1, beta2, weight_decay, grad_clip, name=lambda field: field) -> None:
+    """AdamW's and clipping's rules, shared as check_schedule's: beta1, beta2 in [0, 1),
+    weight_decay >= 0, grad_clip >= 0 (0 or None: no clipping)."""
+    check_number(name("beta1"), beta1, 0, 1, high_open=True)
+    check_number(name("beta2"), beta2, 0, 1, high_open=True)
+    check_number(name("weight_decay"), weight_decay, 0)
+    if grad_clip is not None:
+        check_number(name("grad_clip"), grad_clip, 0)
 
 
 class AdamWState(NamedTuple):
@@ -27,6 +52,8 @@ def decays(key: str, tensor: torch.Tensor) -> bool:
 
 
 def adamw_init(params: Flat) -> AdamWState:
+    """Zero moments for `params` ({key: tensor}), step 0."""
+    check_tensor_dict("params", params)
     zeros = {k: torch.zeros_like(p) for k, p in params.items()}
     return AdamWState(zeros, {k: torch.zeros_like(p) for k, p in params.items()}, 0)
 
@@ -53,9 +80,22 @@ def adamw_step(
     `params` and the moment tensors of `state` are updated in place (they are large and
     the caller owns them); the returned state carries the new step count. Decay follows
     `decays`. `grads` may have a lower precision than the params (bfloat16 gradients of
-    float32 master weights): each is taken in the params' dtype as it is used.
+    float32 master weights): each is taken in the params' dtype as it is used. Everything
+    is checked before anything changes.
     """
+    check_tensor_dict("params", params)
+    check_tensor_dict("grads", grads, like=params)
+    if not isinstance(state, AdamWState):
+        raise UserError(f"state: expected an AdamWState (adamw_init), got {describe(state)}")
+    check_tensor_dict("state.exp_avg", state.exp_avg, like=params)
+    check_tensor_dict("state.exp_avg_sq", state.exp_avg_sq, like=params)
+    check_int("state.step", state.step, 0)
+    lr, eps = check_number("lr", lr, 0), check_number("eps", eps, 0, low_open=True)
+    if not isinstance(betas, tuple) or len(betas) != 2:
+        raise UserError(f"betas: expected a pair (beta1, beta2), got {describe(betas)}")
     beta1, beta2 = betas
+    check_adamw(beta1=beta1, beta2=beta2, weight_decay=weight_decay, grad_clip=None,
+                name=lambda field: f"betas[{'12'.index(field[-1])}]" if field.startswith("beta") else field)
     step = state.step + 1
     bias1 = 1 - beta1**step
     bias2_sqrt = math.sqrt(1 - beta2**step)
@@ -99,6 +139,9 @@ def _groups(params: Flat, grads: Flat, state: AdamWState):
 def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> float:
     """Learning rate for update `step` (0-based): linear warm-up from lr/warmup_steps to
     lr over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then min_lr."""
+    step = check_int("step", step, 0)
+    check_schedule(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max(1, check_int(
+        "decay_steps", decay_steps, 0)))  # the formula is defined at decay_steps 0 too
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= decay_steps:
@@ -115,9 +158,12 @@ NORM_PIECE = 2**16
 
 
 def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
-    """Scale `grads` in place so their global L2 norm is at most `max_norm` (None: no
-    clipping). -> the norm before clipping (inf or nan when a gradient is not finite),
-    accumulated in float32 over pieces of NORM_PIECE elements."""
+    """Scale `grads` in place so their global L2 norm is at most `max_norm` (None or 0: no
+    clipping, as `--grad_clip 0`). -> the norm before clipping (inf or nan when a gradient
+    is not finite), accumulated in float32 over pieces of NORM_PIECE elements."""
+    if max_norm is not None:
+        max_norm = check_number("max_norm", max_norm, 0) or None
+    check_tensor_dict("grads", grads)
     g = list(grads.values())
     with torch.no_grad():
         pieces = [piece for t in g for piece in t.reshape(-1).split(NORM_PIECE)]

@@ -17,12 +17,14 @@ import torch
 
 from ..model.config import GPTConfig
 from .data import Position
+from ..checks import check_bool, check_choice, check_int, check_tensor, check_tensor_dict, describe
+from ..device import check_device
 from ..errors import UserError
 from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
-from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
-from ..model.params import Params, flatten, unflatten
+from .optim import AdamWState, adamw_init, adamw_step, check_adamw, check_schedule, clip_grad_norm, lr_at
+from ..model.params import Params, check_params, flatten, unflatten
 
 
 class LossScale(NamedTuple):
@@ -61,10 +63,19 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None) 
     torch.manual_seed(seed) would seed it (without touching torch's global generator).
     moments_of(flat params) -> the keys to keep moments for (a rank's share under
     shard_optimizer; default all)."""
+    if not isinstance(params, dict):
+        raise UserError(f"params: expected the nested dict of GPT-2 tensors, got {describe(params)}")
+    if isinstance(params, Params):
+        check_params(params, params.config)
+    flat = check_tensor_dict("params", flatten(params))  # train_step checks them against its config
+    seed = check_int("seed", seed, -2**63, 2**64 - 1)
+    device = check_device("device", device)
+    elsewhere = next((k for k, t in flat.items() if t.device != device), None)
+    if elsewhere is not None:
+        raise UserError(f"device: {device}, but the params' {elsewhere} is on {flat[elsewhere].device}")
     rng = {"torch": torch.Generator().manual_seed(seed).get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
-    flat = flatten(params)
     keys = flat if moments_of is None else moments_of(flat)
     return TrainState(params, adamw_init({k: flat[k] for k in keys}), 0, Position(), rng)
 
@@ -94,6 +105,22 @@ class StepSettings:
     shard_optimizer: bool = False
     checkpoint_activations: bool = False
     compile: bool = False
+
+    def __post_init__(self):
+        """Every field checked here, by the rules `fgpt train`'s flags follow too (optim's
+        check_schedule and check_adamw): grad_clip 0 means no clipping, as --grad_clip 0."""
+        if not isinstance(self.config, GPTConfig):
+            raise UserError(f"config: expected a GPTConfig, got {describe(self.config)}")
+        check_schedule(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise UserError(f"betas: expected a pair (beta1, beta2), got {describe(self.betas)}")
+        check_adamw(beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+                    grad_clip=self.grad_clip)
+        check_choice("dtype", self.dtype, (torch.float32, torch.bfloat16, torch.float16))
+        if not isinstance(self.world, World):
+            raise UserError(f"world: expected a World (distributed.world_from_env), got {describe(self.world)}")
+        for name in ("dropout", "shard_optimizer", "checkpoint_activations", "compile"):
+            check_bool(name, getattr(self, name))
 
 
 class Batch(NamedTuple):
@@ -135,6 +162,7 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     (settings.world) `batch` is this rank's share of the windows: the loss and gradients
     are the means over every rank's windows, and every rank makes the same update.
     """
+    _check_step(state, batch, settings)
     flat = flatten(state.params)
     world = settings.world
     lr = lr_at(state.step, lr=settings.lr, warmup_steps=settings.warmup_steps,
@@ -190,6 +218,37 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     if reducer is not None:
         metrics["allreduce_wait_s"] = reducer.waited
     return after, metrics
+
+
+def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None:
+    """train_step's arguments, checked before anything is computed or changed: a TrainState
+    whose params the settings' config describes, and x, y int64 [A, B, T] of one shape
+    (y[a, b, t] the token after x[a, b, t]), ids within the vocabulary, T within the
+    context, on the params' device."""
+    if not isinstance(settings, StepSettings):
+        raise UserError(f"settings: expected a StepSettings, got {describe(settings)}")
+    if not isinstance(state, TrainState):
+        raise UserError(f"state: expected a TrainState (new_state), got {describe(state)}")
+    config = settings.config
+    check_params(state.params, config, "state.params")
+    if not isinstance(batch, Batch):
+        raise UserError(f"batch: expected a Batch(x, y, end), got {describe(batch)}")
+    x = check_tensor("batch.x", batch.x, dims="A B T", kind="integer")
+    check_tensor("batch.y", batch.y, shape=tuple(x.shape), kind="integer")
+    if not isinstance(batch.end, Position):
+        raise UserError(f"batch.end: expected a data.Position, got {describe(batch.end)}")
+    if 0 in x.shape:
+        raise UserError(f"batch.x: empty ({list(x.shape)})")
+    if x.shape[2] > config.n_positions:
+        raise UserError(f"batch.x: windows of {x.shape[2]} tokens, more than the context of {config.n_positions}")
+    device = state.params["wte"]["weight"].device
+    for name, t in (("batch.x", x), ("batch.y", batch.y)):
+        if t.device != device:
+            raise UserError(f"{name} is on {t.device}, the params on {device}")
+        low, high = (int(v) for v in torch.aminmax(t))
+        if low < 0 or high >= config.vocab_size:
+            raise UserError(f"{name}: token id {low if low < 0 else high} is out of range for "
+                            f"vocab_size={config.vocab_size}")
 
 
 def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False, loss_scale: float = 1.0,
