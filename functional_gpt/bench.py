@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_choice, check_int, describe
 from .errors import UserError
 
 CONTENDERS = ("ours-float32", "ours-bfloat16", "transformers-float32", "transformers-bfloat16")
@@ -44,16 +45,22 @@ def bench(preset_name: str = "gpt2", *, batch: int = 1, seq: int | None = None, 
     from .device import cpu_has_bf16
 
     config = preset(preset_name)
-    seq = config.n_positions if seq is None else seq
-    if not 1 <= seq <= config.n_positions:
-        raise UserError(f"--seq {seq} must be in 1..{config.n_positions} for preset {preset_name}")
+    seq = check_int("--seq", config.n_positions if seq is None else seq, 1, config.n_positions)
     for name, value in (("--batch", batch), ("--rounds", rounds), ("--steps", steps)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    unknown = [c for c in contenders if c not in CONTENDERS + EXTRA_CONTENDERS]
-    if unknown:
-        raise UserError(f"--contenders: unknown {unknown[0]!r}; known: {', '.join(CONTENDERS + EXTRA_CONTENDERS)}")
-    contenders = [c for c in contenders if cpu_has_bf16() or "bfloat16" not in c]
+        check_int(name, value, 1)
+    if isinstance(contenders, str) or not isinstance(contenders, (list, tuple)) or not contenders:
+        raise UserError(f"--contenders: expected a list of contender names, got {describe(contenders)}")
+    for c in contenders:
+        check_choice("--contenders", c, CONTENDERS + EXTRA_CONTENDERS)
+    if not cpu_has_bf16():
+        dropped = [c for c in contenders if "bfloat16" in c]
+        contenders = [c for c in contenders if "bfloat16" not in c]
+        if dropped:
+            progress(f"bench: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX); leaving out "
+                     f"{', '.join(dropped)}")
+        if not contenders:
+            raise UserError("--contenders: every one asked for is bfloat16, and this CPU has no bfloat16 arithmetic "
+                            "(bf16 would be emulated, far slower than float32); add a float32 contender")
     with tempfile.TemporaryDirectory() as tmp:
         _write_weights(config, Path(tmp))
         job = {"dir": tmp, "batch": batch, "seq": seq, "steps": steps}

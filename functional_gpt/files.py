@@ -4,6 +4,9 @@ over it only when complete; every OS error on the way is one line naming the pat
 import contextlib
 import json
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -40,26 +43,56 @@ def atomic_path(path: str | os.PathLike):
     On any error the temp file is removed and whatever was at `path` stays untouched, so
     a crash or kill mid-write never leaves a half-written file under the real name. An
     OSError (disk full, permission denied, a parent that is a file) becomes a one-line
-    UserError naming `path`.
+    UserError naming `path`. Only a regular file is ever replaced: a symbolic link is
+    followed (its target is replaced, the link stays), a character device (/dev/null,
+    /dev/stdout, a terminal) gets the finished file's bytes written into it, and anything
+    else that is not a regular file (a FIFO, a socket, a block device) is refused.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a file")
+    kind = _special_kind(path)
+    if kind is not None and kind != "character device":
+        raise UserError(f"{path}: is a {kind}, not a regular file; refusing to replace it")
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{path}: cannot write ({above} is a file, not a directory)")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if kind == "character device":  # written whole into a temp file, then copied in: writers may replace a path
+        fd, name = tempfile.mkstemp(prefix="fgpt-", suffix=path.suffix)
+        os.close(fd)
+        tmp = Path(name)
+    else:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if kind == "character device":
+            with open(tmp, "rb") as source, open(path, "wb") as device:
+                shutil.copyfileobj(source, device)
+        else:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as e:
         raise os_error(path, e) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _special_kind(path: Path) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor a directory."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

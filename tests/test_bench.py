@@ -35,9 +35,9 @@ def test_no_speed_is_reported_when_the_first_losses_differ():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seq", "0"], "--seq 0 must be in 1..128"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--contenders", "nanogpt"], "--contenders: unknown 'nanogpt'"),
+    (["--seq", "0"], "--seq: expected an integer in 1..128, got 0"),
+    (["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
+    (["--contenders", "nanogpt"], "--contenders: expected one of 'ours-float32', "),
     (["--preset", "gpt5"], "unknown preset 'gpt5'"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
@@ -56,3 +56,14 @@ def test_json_output_is_one_object(monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["contenders"]["ours-float32"]["speed_vs_baseline"] == 1.0
     assert report["flops_per_step"] > 0
+
+
+def test_only_bfloat16_contenders_on_a_cpu_without_bf16_is_one_line(monkeypatch):
+    """It was a StopIteration from an empty report."""
+    import functional_gpt.bench as bench_module
+    import functional_gpt.device as device_module
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(bench_module, "_run", lambda job: pytest.fail("nothing should run"))
+    with pytest.raises(UserError, match=r"^--contenders: every one asked for is bfloat16, and this CPU has no bfloat16 "
+                                        r"arithmetic"):
+        bench_module.bench("cpu-tiny", contenders=["ours-bfloat16"], progress=lambda line: None)

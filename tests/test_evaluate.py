@@ -313,3 +313,24 @@ def test_bad_texts_are_user_errors(tiny_params, tiny_config, texts, message):
 
 def test_a_text_of_one_repeated_token_is_in_range(tiny_params, tiny_config):
     assert evaluate(tiny_params, [torch.tensor([5, 5, 5])], tiny_config, show_progress=False).tokens == 2
+
+
+@pytest.mark.parametrize("name, content", [("t.txt", "To be, or not to be."), ("t.bin", b"\x01\x00\x02\x00")])
+def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path, monkeypatch, name, content):
+    """Root reads any file, so the refusal is simulated where the bytes are read."""
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(evaluate_module.Path, "read_bytes", denied)
+    monkeypatch.setattr(evaluate_module.np, "fromfile", denied)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: cannot read \(Permission denied\)$"):
+        load_eval_data(path, "unused")
+
+
+def test_evaluate_names_texts_that_are_not_a_list(tiny_params, tiny_config):
+    with pytest.raises(UserError, match=r"^texts: expected a list of 1-D integer token tensors \[N\], got an int64 "
+                                        r"tensor \[5\]$"):
+        evaluate(tiny_params, torch.arange(5), tiny_config, show_progress=False)

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..model.checkpoint import load_params
-from ..model.config import GPTConfig
+from ..checks import check_bool, check_number, describe
 from ..device import pick_device
 from ..errors import UserError
 from ..files import atomic_path
-from ..model.transformer import forward
+from ..model.checkpoint import load_params
+from ..model.config import GPTConfig
+from ..model.transformer import checked_config, forward
 from ..model.taps import recorder
 from ..model.params import Params, flatten, unflatten
 from .hf_model import capture_reference, reference_model, reference_names
@@ -47,6 +48,8 @@ def capture(params: Params, tokens: torch.Tensor, config: GPTConfig, *, grads: b
     """Run functional_gpt on tokens int64 [B, T] (no dropout) -> {name: tensor} in forward
     order: every tap that transformers' modules have too (reference_names), then with
     `grads` "loss" and "grad.<key>" for every parameter."""
+    config = checked_config(params, config)
+    check_bool("grads", grads)
     store = {}
     if not grads:
         with torch.no_grad():
@@ -144,6 +147,10 @@ class Row(NamedTuple):
 def diff_tensors(a: dict, b: dict, *, atol: float, rtol: float) -> list[Row]:
     """One row per name, in A's order then B's extra names. A tensor pair agrees (OK)
     when max |A - B| <= atol + rtol * max |B|; NaN anywhere is a DIFF."""
+    check_tolerances(atol, rtol)
+    for name, tensors in (("a", a), ("b", b)):
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise UserError(f"{name}: expected a dict of {{name: tensor}} (a dump's tensors), got {describe(tensors)}")
     rows = []
     for name in list(a) + [k for k in b if k not in a]:
         if name not in a or name not in b:
@@ -193,8 +200,7 @@ def check_tolerances(atol: float, rtol: float) -> None:
     """--atol and --rtol must be finite numbers >= 0 (a negative or NaN one makes every
     tensor DIFFERENT, an infinite one makes every tensor agree)."""
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise UserError(f"{flag} must be a finite number >= 0, got {value!r}")
+        check_number(flag, value, 0)
 
 
 def diff_files(a_path, b_path, *, atol: float, rtol: float) -> tuple[str, bool]:

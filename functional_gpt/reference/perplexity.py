@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..model.config import GPTConfig
+from ..checks import check_bool, describe
 from ..errors import UserError
-from ..model.transformer import forward
+from ..files import os_error
+from ..model.config import GPTConfig
+from ..model.transformer import checked_config, forward
 from ..model.params import Params
 from ..model.tokenizer import encode, gpt2_encoding
 
@@ -101,6 +103,10 @@ def evaluate(params: Params, texts: list[torch.Tensor], config: GPTConfig, *, ma
     1..max_length-1 (default max_length // 2); batch_size >= 1. None means the default;
     any other value out of range (0 included) is a UserError naming the flag.
     """
+    config = checked_config(params, config)
+    if not isinstance(texts, (list, tuple)):
+        raise UserError(f"texts: expected a list of 1-D integer token tensors [N], got {describe(texts)}")
+    check_bool("show_progress", show_progress)
     max_length = config.n_positions if max_length is None else max_length
     if not _is_int(max_length) or not 2 <= max_length <= config.n_positions:
         raise UserError(f"--max_length must be an integer in 2..n_positions={config.n_positions}, got {max_length!r}")
@@ -134,6 +140,8 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
     below it, hidden ones skipped, each evaluated on its own): UTF-8 text, tokenized.
     """
     if data is None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise UserError(f"weights: expected the path of a training run, got {describe(weights)}")
         weights = Path(weights)
         state = (weights if weights.is_dir() else weights.parent) / "state.json"
         if not state.is_file():
@@ -145,6 +153,8 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
         if not isinstance(data_dir, str) or not data_dir:
             raise UserError(f"{state}: data_dir must be a path, got {data_dir!r}")
         return [_read_bin(Path(data_dir) / "val.bin")], str(Path(data_dir) / "val.bin")
+    if not isinstance(data, (str, os.PathLike)) or not os.fspath(data):
+        raise UserError(f"--data: expected a file or directory, got {describe(data)}")
     path = Path(data)
     if not path.exists():
         raise UserError(f"--data {path}: no such file or directory")
@@ -170,12 +180,17 @@ def _read_bin(path: Path) -> torch.Tensor:
     size = path.stat().st_size
     if size == 0 or size % 2:
         raise UserError(f"{path}: {size} bytes, not a non-empty file of uint16 token ids")
-    return torch.from_numpy(np.fromfile(path, dtype="<u2").astype(np.int64))
+    try:
+        return torch.from_numpy(np.fromfile(path, dtype="<u2").astype(np.int64))
+    except OSError as e:
+        raise os_error(path, e, "cannot read") from None
 
 
 def _read_text(path: Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise os_error(path, e, "cannot read") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text:

@@ -28,6 +28,7 @@ from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, loa
 from . import distributed
 from ..device import DTYPES, pick_device, pick_dtype
 from .distributed import SINGLE, World
+from ..checks import describe
 from ..errors import AgreedError, UserError
 from ..files import atomic_path, make_dir
 from ..generation.decoding import generate
@@ -290,6 +291,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     (batch_size / WORLD_SIZE) of every micro-batch, gradients are averaged over the ranks,
     and rank 0 alone logs, shows progress and writes files. The checkpoint is the one a
     single process writes, so a run resumes with any number of ranks."""
+    if not isinstance(cfg, TrainConfig):
+        raise UserError(f"cfg: expected a TrainConfig (make_config), got {describe(cfg)}")
     keep_freed_memory()
     world = distributed.world_from_env()
     if not world.is_main:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..model.checkpoint import load_params, save_params
 from ..model.config import GPTConfig
+from ..checks import describe
 from ..errors import UserError
 from .data import Position
 from ..files import atomic_path, write_json
@@ -171,6 +172,8 @@ _LOSS_SCALE = ("an object {scale: a number > 0, good_steps: an integer >= 0}",
 def read_state(run_dir: str | os.PathLike) -> dict:
     """`run_dir`/state.json, every field checked (see _STATE_FIELDS) -> the dict. A save
     killed half-way is first rolled forward or discarded (`recover`)."""
+    if not isinstance(run_dir, (str, os.PathLike)) or not os.fspath(run_dir):
+        raise UserError(f"run_dir: expected a run directory, got {describe(run_dir)}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -279,8 +282,8 @@ def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -
     """-> (the TrainState, the model config, state.json's fields) of the checkpoint in
     `run_dir`, every file checked against the others. moments_of(flat params) -> the keys
     whose AdamW moments to load (default all)."""
-    run_dir = Path(run_dir)
     fields = read_state(run_dir)
+    run_dir = Path(run_dir)
     params, config = load_params(run_dir / MODEL, device=device)
     flat = flatten(params)
     opt = read_optimizer(run_dir / OPTIMIZER, flat, device, keep=None if moments_of is None else moments_of(flat))

@@ -1,0 +1,79 @@
+"""files.atomic_path: only a regular file is ever replaced. Device nodes are copies of
+/dev/null and /dev/full made with mknod (skipped where mknod is not allowed), so the real
+ones are never at risk."""
+
+import os
+import socket
+import stat
+
+import pytest
+
+from functional_gpt import UserError, init_params, preset, save_params
+from functional_gpt.cli import main
+from functional_gpt.files import atomic_path, write_json
+
+
+def device(path, minor: int):
+    """A character device at `path`: 1, 3 is /dev/null, 1, 7 is /dev/full."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    except PermissionError:
+        pytest.skip("mknod needs root")
+    return path
+
+
+def is_char_device(path) -> bool:
+    return stat.S_ISCHR(os.stat(path).st_mode)
+
+
+def test_a_regular_file_is_replaced_whole(tmp_path):
+    (tmp_path / "a.json").write_text("old")
+    write_json(tmp_path / "a.json", {"new": 1})
+    assert (tmp_path / "a.json").read_text() == '{\n  "new": 1\n}\n'
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_a_symbolic_link_keeps_pointing_at_its_target_which_is_replaced(tmp_path):
+    (tmp_path / "target.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    write_json(tmp_path / "link.json", [1])
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "[\n  1\n]\n"
+
+
+def test_a_character_device_is_written_into_never_replaced(tmp_path):
+    null = device(tmp_path / "null", 3)
+    params = init_params(preset("cpu-tiny"))
+    save_params(null, params, params.config)  # safetensors itself would replace the path it is given
+    write_json(null, {"a": 1})
+    assert is_char_device(null) and sorted(os.listdir(tmp_path)) == ["null"]
+
+
+def test_a_full_device_is_one_line_and_stays_a_device(tmp_path):
+    full = device(tmp_path / "full", 7)
+    with pytest.raises(UserError, match=rf"^{full}: cannot write \(No space left on device\)$"):
+        write_json(full, {"a": 1})
+    assert is_char_device(full)
+
+
+def test_a_fifo_or_a_socket_is_refused_and_left_as_it_is(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UserError, match=r"fifo: is a FIFO, not a regular file; refusing to replace it$"):
+        write_json(tmp_path / "fifo", {})
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "sock"))
+        with pytest.raises(UserError, match=r"sock: is a socket, not a regular file; refusing to replace it$"):
+            with atomic_path(tmp_path / "sock") as tmp:
+                tmp.write_text("x")
+        assert stat.S_ISSOCK(os.stat(tmp_path / "sock").st_mode)
+
+
+@pytest.mark.parametrize("command", ["dump", "attention", "lens"])
+def test_commands_writing_to_a_device_node_keep_it_a_device(tmp_path, command, capsys):
+    """`fgpt dump --out /dev/null` as root used to replace /dev/null with a regular file."""
+    params = init_params(preset("cpu-tiny"))
+    save_params(tmp_path / "m.safetensors", params, params.config)
+    out = device(tmp_path / "out.png", 3)
+    argv = [command, "--weights", str(tmp_path / "m.safetensors"), "--prompt", "Hello there", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert is_char_device(out) and sorted(os.listdir(tmp_path)) == ["m.safetensors", "out.png"]
