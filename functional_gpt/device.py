@@ -49,6 +49,30 @@ def check_device(name: str, value, *, meta: bool = False) -> torch.device:
     return pick_device(value, flag=name)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes `device` can still allocate: the CPU's MemAvailable (/proc/meminfo), a GPU's
+    free memory; None where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            line = next((line for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def check_memory(what: str, nbytes: int, device: torch.device) -> None:
+    """A one-line UserError before allocating `nbytes` that `device` does not have: Linux
+    hands out more memory than it has and kills the process once it is touched, so a
+    too-large request must be refused before, not caught after."""
+    free = free_memory(device)
+    if free is not None and nbytes > free:
+        raise UserError(f"{what} needs {nbytes / 2**30:.1f} GiB, and {device} has {free / 2**30:.1f} GiB free")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

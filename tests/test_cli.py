@@ -5,7 +5,12 @@ import re
 import subprocess
 import sys
 
-from functional_gpt import PRESETS, save_params
+import pytest
+import torch
+
+import functional_gpt.device as device_module
+import functional_gpt.generation.decoding as decoding
+from functional_gpt import PRESETS, UserError, init_params, new_cache, preset, save_params
 from functional_gpt.cli import main
 
 
@@ -36,3 +41,25 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert run.returncode == 2
         assert message in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """An allocation torch refuses deep inside a command: one line, exit 2, no traceback."""
+    params = init_params(preset("cpu-tiny"))
+    save_params(tmp_path / "m.safetensors", params, params.config)
+
+    def refused(*args, **kwargs):
+        return torch.empty(10**15, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+
+    monkeypatch.setattr(decoding, "generate", refused)
+    code = main(["generate", "--weights", str(tmp_path / "m.safetensors"), "--max_new_tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fgpt generate: error: out of memory ([enforce fail") and err.count("\n") == 1
+
+
+def test_a_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(monkeypatch):
+    monkeypatch.setattr(device_module, "free_memory", lambda device: 2**30)
+    with pytest.raises(UserError, match=r"^a KV cache of 2000 rows x 128 positions needs 2\.0 GiB, and cpu has 1\.0 GiB "
+                                        r"free$"):
+        new_cache(preset("cpu-small"), 2000)  # 1 MiB a row: 4 layers x k, v x 128 positions x 256 x 4 bytes
+    new_cache(preset("cpu-small"), 500)

@@ -11,6 +11,7 @@ recording tap fills a dict (`recorder`), the default tap changes nothing, a tap 
 returns another tensor patches the activation.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,7 +20,7 @@ import torch.utils.checkpoint
 
 from .config import GPTConfig
 from ..checks import check_bool, check_callable, check_float_dtype, check_int, check_tensor, describe
-from ..device import check_device
+from ..device import check_device, check_memory
 from ..errors import UserError
 from .layers import CacheRows, layer_norm, transformer_block
 from .params import Params, check_params
@@ -132,6 +133,8 @@ def new_cache(
     max_len = check_int("max_len", config.n_positions if max_len is None else max_len, 1, config.n_positions)
     dtype, device = check_float_dtype("dtype", dtype), check_device("device", device)
     shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+    check_memory(f"a KV cache of {batch_size} rows x {max_len} positions", 2 * math.prod(shape) * dtype.itemsize,
+                 device)
     return KVCache(
         k=torch.zeros(shape, dtype=dtype, device=device),
         v=torch.zeros(shape, dtype=dtype, device=device),
