@@ -300,7 +300,7 @@ def test_evaluate_api_checks_sizes_and_texts(fixtures):
 def test_tolerances_must_be_finite_and_not_negative(fixtures, capsys, command, flag, value):
     dump = fixtures / "dump.safetensors"
     args = ["diff", dump, dump] if command == "diff" else ["compare", "--weights", fixtures / "tiny.safetensors"]
-    fails_cleanly([*args, f"{flag}={value}"], capsys, f"{flag} must be a finite number >= 0, got {float(value)}")
+    fails_cleanly([*args, f"{flag}={value}"], capsys, f"{flag}: expected a finite number >= 0, got {float(value)} (a float)")
 
 
 GEN = ["--max_new_tokens", "3", "--prompt", "Hi", "--seed", "0"]
