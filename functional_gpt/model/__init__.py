@@ -4,20 +4,24 @@
 flatten) -> `layers` (layer_norm ... transformer_block) -> `transformer` (forward, the
 KV cache, decode_step); beside them `taps` (seeing and changing activations), the
 `tokenizer` and `checkpoint` (safetensors and Hugging Face layouts on disk).
+
+Every name listed here checks its arguments (a UserError naming the one that is wrong).
+The layers are the building blocks inside forward, one small function each as the
+paper draws them: import them from `functional_gpt.model.layers`; they trust their
+callers (their shape comments say what they take), so the model's hot path checks
+nothing twice.
 """
 
 from .checkpoint import load_params, save_params
 from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
-from .layers import attention_probs, feed_forward, gelu, layer_norm, linear, self_attention, transformer_block
 from .params import Params, count_params, flatten, init_params, param_spec, unflatten, with_config
 from .taps import no_tap, recorder
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding
 from .transformer import KVCache, config_of, decode_step, forward, forward_cached, forward_hidden, new_cache
 
 __all__ = [
-    "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "Params", "attention_probs", "config_of",
-    "count_params", "decode", "decode_step", "encode", "feed_forward", "flatten", "forward", "forward_cached",
-    "forward_hidden", "gelu", "gpt2_encoding", "init_params", "layer_norm", "linear", "load_params", "new_cache",
-    "no_tap", "param_spec", "preset", "read_hf_config", "recorder", "save_params", "self_attention",
-    "transformer_block", "unflatten", "with_config", "write_hf_config",
+    "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "Params", "config_of", "count_params", "decode",
+    "decode_step", "encode", "flatten", "forward", "forward_cached", "forward_hidden", "gpt2_encoding", "init_params",
+    "load_params", "new_cache", "no_tap", "param_spec", "preset", "read_hf_config", "recorder", "save_params",
+    "unflatten", "with_config", "write_hf_config",
 ]

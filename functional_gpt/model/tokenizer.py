@@ -6,9 +6,11 @@ import hashlib
 from importlib import resources
 
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from ..checks import check_int, check_str, check_tensor, describe
 from ..errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -49,9 +51,14 @@ def gpt2_encoding() -> tiktoken.Encoding:
 def encode(text: str) -> list[int]:
     """Text -> GPT-2 token ids; a literal `<|endoftext|>` becomes id 50256, as in GPT-2's
     training data and transformers' GPT2Tokenizer."""
-    return gpt2_encoding().encode(text, allowed_special={ENDOFTEXT})
+    return gpt2_encoding().encode(check_str("text", text, empty=True), allowed_special={ENDOFTEXT})
 
 
 def decode(ids) -> str:
-    """Token ids -> text; bytes that do not form valid UTF-8 become U+FFFD."""
-    return gpt2_encoding().decode(list(ids))
+    """Token ids (a list, tuple or 1-D integer tensor of ids in 0..50256) -> text; bytes
+    that do not form valid UTF-8 become U+FFFD."""
+    if isinstance(ids, torch.Tensor):
+        ids = check_tensor("ids", ids, dims="N", kind="integer").tolist()
+    if not isinstance(ids, (list, tuple, range)):
+        raise UserError(f"ids: expected a list of token ids, got {describe(ids)}")
+    return gpt2_encoding().decode([check_int(f"ids[{i}]", t, 0, ENDOFTEXT_ID) for i, t in enumerate(ids)])
