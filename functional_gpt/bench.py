@@ -46,8 +46,8 @@ def bench(preset_name: str = "gpt2", *, batch: int = 1, seq: int | None = None, 
 
     config = preset(preset_name)
     seq = check_int("--seq", config.n_positions if seq is None else seq, 1, config.n_positions)
-    for name, value in (("--batch", batch), ("--rounds", rounds), ("--steps", steps)):
-        check_int(name, value, 1)
+    batch, rounds, steps = (check_int(name, value, 1) for name, value in (("--batch", batch), ("--rounds", rounds),
+                                                                           ("--steps", steps)))
     if isinstance(contenders, str) or not isinstance(contenders, (list, tuple)) or not contenders:
         raise UserError(f"--contenders: expected a list of contender names, got {describe(contenders)}")
     for c in contenders:

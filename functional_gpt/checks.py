@@ -16,6 +16,8 @@ the server reach the same rules through the functions that own them (`Sampling`,
 import math
 import numbers
 import operator
+import os
+from pathlib import Path
 
 import torch
 
@@ -38,7 +40,7 @@ def describe(value) -> str:
 
 
 def _a(noun: str) -> str:
-    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+    return f"{'an' if noun[:1] in 'aeiou' and not noun.startswith('uint') else 'a'} {noun}"
 
 
 def _span(low, high, low_open=False, high_open=False) -> str:
@@ -106,6 +108,14 @@ def check_str(name: str, value, *, empty: bool = False) -> str:
     return value
 
 
+def check_path(name: str, value, what: str = "a file or directory") -> Path:
+    """value as a Path: a non-empty string or os.PathLike without NUL bytes (which no file
+    system takes)."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value) or "\x00" in str(os.fspath(value)):
+        raise UserError(f"{name}: expected the path of {what}, got {describe(value)}")
+    return Path(value)
+
+
 def check_callable(name: str, value, what: str = "a function"):
     if not callable(value):
         raise UserError(f"{name}: expected {what}, got {describe(value)}")
@@ -141,6 +151,8 @@ def check_tensor(name: str, value, *, dims: str | None = None, kind: str | None 
                                                               for s, n in zip(shape, value.shape))):
         expected = ", ".join("*" if s is None else str(s) for s in shape)
         raise UserError(f"{name}: expected shape [{expected}], got {describe(value)}")
+    if value.is_meta:
+        raise UserError(f"{name}: {describe(value)} holds no values; a real tensor is needed")
     if device is not None and value.device != torch.device(device):
         raise UserError(f"{name}: is on {value.device}, expected {torch.device(device)} (where the params are)")
     return value

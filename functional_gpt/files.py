@@ -9,6 +9,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .checks import check_path
 from .errors import UserError
 
 
@@ -23,7 +24,7 @@ def make_dir(path: str | os.PathLike) -> Path:
     """Create directory `path` (and its parents) if needed, and check that a file can be
     created in it; -> the Path. A path under a file, an existing file, a read-only or full
     place: one-line UserError naming `path`."""
-    path = Path(path)
+    path = check_path("path", path, "a directory")
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: exists and is not a directory")
     try:
@@ -48,7 +49,7 @@ def atomic_path(path: str | os.PathLike):
     /dev/stdout, a terminal) gets the finished file's bytes written into it, and anything
     else that is not a regular file (a FIFO, a socket, a block device) is refused.
     """
-    path = Path(path)
+    path = check_path("path", path, "a file to write")
     if path.is_symlink():
         path = path.resolve()
     if path.is_dir():

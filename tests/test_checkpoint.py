@@ -168,9 +168,9 @@ def test_a_sharded_index_that_does_not_name_shard_files_is_refused(tmp_path, ind
         load_params(tmp_path)
 
 
-@pytest.mark.parametrize("path", [None, 3, "", ["a"]])
+@pytest.mark.parametrize("path", [None, 3, "", ["a"], "m\x00.safetensors"])
 def test_load_params_of_what_is_not_a_path_is_named(path):
-    with pytest.raises(UserError, match=r"^path: expected a checkpoint file or directory, got "):
+    with pytest.raises(UserError, match=r"^path: expected the path of a checkpoint file or directory, got "):
         load_params(path)
 
 
@@ -266,8 +266,8 @@ def test_save_refuses_params_that_do_not_match_the_config(tmp_path, tiny_params,
 
 
 @pytest.mark.parametrize("config_json, message", [
-    ('{"n_embd": 32, "n_positions": 128.9}', "n_positions must be an integer, got 128.9"),
-    ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon must be a finite number"),
+    ('{"n_embd": 32, "n_positions": 128.9}', "n_positions: expected an integer >= 1, got 128.9"),
+    ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon: expected a finite number"),
     ('[1]', "expected a JSON object"),
     ('{"n_embd": ', "bad config in metadata"),
 ])

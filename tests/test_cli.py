@@ -59,7 +59,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_a_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(monkeypatch):
     monkeypatch.setattr(device_module, "free_memory", lambda device: 2**30)
-    with pytest.raises(UserError, match=r"^a KV cache of 2000 rows x 128 positions needs 2\.0 GiB, and cpu has 1\.0 GiB "
-                                        r"free$"):
+    with pytest.raises(UserError, match=r"^a KV cache of batch_size=2000 rows x max_len=128 positions needs 2\.0 GiB, and "
+                                        r"cpu has 1\.0 GiB free$"):
         new_cache(preset("cpu-small"), 2000)  # 1 MiB a row: 4 layers x k, v x 128 positions x 256 x 4 bytes
     new_cache(preset("cpu-small"), 500)

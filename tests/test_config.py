@@ -42,19 +42,21 @@ def test_hf_config_dict_is_json_and_carries_every_field():
     "fields, message",
     [
         (dict(n_embd=65, n_head=4), "not divisible by n_head"),
-        (dict(n_layer=0), "n_layer must be >= 1"),
+        (dict(n_layer=0), r"n_layer: expected an integer in 1\.\.4096, got 0"),
         (dict(attn_pdrop=1.5), r"attn_pdrop must be in \[0, 1\)"),
-        (dict(attn_pdrop=float("nan")), "attn_pdrop must be a finite number, got nan"),
+        (dict(attn_pdrop=float("nan")), r"attn_pdrop: expected a finite number, got nan \(a float\)"),
         (dict(resid_pdrop=-0.1), r"resid_pdrop must be in \[0, 1\)"),
-        (dict(n_positions=128.9), "n_positions must be an integer, got 128.9"),
-        (dict(n_embd=64.0), "n_embd must be an integer, got 64.0"),
-        (dict(n_head=True), "n_head must be an integer, got True"),
-        (dict(vocab_size="50257"), "vocab_size must be an integer, got '50257'"),
+        (dict(n_positions=128.9), r"n_positions: expected an integer >= 1, got 128\.9"),
+        (dict(n_embd=64.0), r"n_embd: expected an integer >= 1, got 64\.0"),
+        (dict(n_head=True), r"n_head: expected an integer >= 1, got True \(a bool\)"),
+        (dict(vocab_size="50257"), r"vocab_size: expected an integer >= 1, got '50257' \(a str\)"),
         (dict(layer_norm_epsilon=0.0), r"layer_norm_epsilon must be in \(0, 1\), got 0.0"),
         (dict(layer_norm_epsilon=-1e-5), "layer_norm_epsilon must be in"),
-        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon must be a finite number, got nan"),
-        (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite number, got inf"),
-        (dict(embd_pdrop=[0.1]), r"embd_pdrop must be a finite number, got \[0.1\]"),
+        (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon: expected a finite number, got nan"),
+        (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon: expected a finite number, got inf"),
+        (dict(embd_pdrop=[0.1]), r"embd_pdrop: expected a finite number, got a list of 1"),
+        (dict(n_layer=4097), r"n_layer: expected an integer in 1\.\.4096, got 4097"),
+        (dict(vocab_size=10**9, n_embd=2048, n_head=2), r"config: 2,048,606,400,512 parameters, more than 1,099,511,627,776 \(no machine holds them"),
     ],
 )
 def test_bad_config_values_are_named(fields, message):
@@ -65,13 +67,13 @@ def test_bad_config_values_are_named(fields, message):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"n_embd": "wide"}', "config.json: config: n_embd must be an integer, got 'wide'"),
-        ('{"n_positions": 128.9}', "n_positions must be an integer, got 128.9"),
-        ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon must be a finite number, got nan"),
-        ('{"layer_norm_epsilon": Infinity}', "layer_norm_epsilon must be a finite number, got inf"),
+        ('{"n_embd": "wide"}', "config.json: config: n_embd: expected an integer >= 1, got 'wide'"),
+        ('{"n_positions": 128.9}', "n_positions: expected an integer >= 1, got 128.9"),
+        ('{"layer_norm_epsilon": NaN}', "layer_norm_epsilon: expected a finite number, got nan"),
+        ('{"layer_norm_epsilon": Infinity}', "layer_norm_epsilon: expected a finite number, got inf"),
         ('{"layer_norm_epsilon": -1e-5}', "layer_norm_epsilon must be in"),
         ('[1, 2]', "expected a JSON object of GPT-2 hyperparameters, got list"),
-        ('{"n_layer": null}', "n_layer must be an integer, got None"),
+        ('{"n_layer": null}', "n_layer: expected an integer in 1..4096, got None"),
         ('{"n_emb', "not a JSON config"),
     ],
 )
@@ -80,6 +82,12 @@ def test_bad_config_json_is_a_user_error_naming_the_file_and_field(tmp_path, tex
     with pytest.raises(UserError, match=message) as e:
         read_hf_config(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_numpy_integers_are_stored_as_ints():
+    np = pytest.importorskip("numpy")
+    config = GPTConfig(n_layer=np.int64(3), layer_norm_epsilon=np.float32(1e-5))
+    assert type(config.n_layer) is int and type(config.layer_norm_epsilon) is float and config.n_layer == 3
 
 
 def test_integral_floats_are_integers_and_unknown_keys_are_ignored():

@@ -140,9 +140,10 @@ def test_a_validation_file_holding_a_training_file_s_text_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda d: prepare([None], d / "out", progress=False), r"^inputs: expected paths of text files or directories, "
-                                                           r"got None$"),
-    (lambda d: load_tokens(None, "train"), r"^data_dir: expected a prepared data directory, got None$"),
+    (lambda d: prepare([None], d / "out", progress=False), r"^inputs: expected the path of a text file or "
+                                                           r"directory, got None$"),
+    (lambda d: load_tokens(None, "train"), r"^data_dir: expected the path of a prepared data directory, "
+                                                            r"got None$"),
     (lambda d: load_tokens(d, "test"), r"^split: expected one of 'train', 'val', got 'test' \(a str\)$"),
 ])
 def test_data_functions_name_bad_arguments(tmp_path, call, message):

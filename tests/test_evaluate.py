@@ -274,22 +274,22 @@ def test_bad_sources_are_one_line_errors_naming_the_path(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / ".only").write_text("x", encoding="utf-8")
-    with pytest.raises(UserError, match=r"hidden: no files to evaluate"):
+    with pytest.raises(UserError, match=r"hidden: no \.txt or \.md files to evaluate$"):
         load_eval_data(hidden, "unused")
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_length=1), r"--max_length must be an integer in 2\.\.n_positions=32, got 1$"),
-        (dict(max_length=33), r"--max_length must be an integer in 2\.\.n_positions=32, got 33$"),
-        (dict(max_length=8.0), r"--max_length must be an integer .* got 8\.0$"),
-        (dict(max_length=True), r"--max_length must be an integer .* got True$"),
-        (dict(max_length=8, stride=8), r"--stride must be an integer in 1\.\.max_length-1=7, got 8$"),
-        (dict(stride=0), r"--stride must be an integer in 1\.\.max_length-1=31, got 0$"),
-        (dict(stride=4.0), r"--stride must be an integer .* got 4\.0$"),
-        (dict(batch_size=0), r"--batch_size must be an integer >= 1, got 0$"),
-        (dict(batch_size=2.0), r"--batch_size must be an integer >= 1, got 2\.0$"),
+        (dict(max_length=1), r"--max_length: expected an integer in 2\.\.32, got 1 \(an int\)$"),
+        (dict(max_length=33), r"--max_length: expected an integer in 2\.\.32, got 33 \(an int\)$"),
+        (dict(max_length=8.0), r"--max_length: expected an integer .* got 8\.0 \(a float\)$"),
+        (dict(max_length=True), r"--max_length: expected an integer .* got True \(a bool\)$"),
+        (dict(max_length=8, stride=8), r"--stride: expected an integer in 1\.\.7, got 8 \(an int\)$"),
+        (dict(stride=0), r"--stride: expected an integer in 1\.\.31, got 0 \(an int\)$"),
+        (dict(stride=4.0), r"--stride: expected an integer .* got 4\.0 \(a float\)$"),
+        (dict(batch_size=0), r"--batch_size: expected an integer >= 1, got 0 \(an int\)$"),
+        (dict(batch_size=2.0), r"--batch_size: expected an integer >= 1, got 2\.0 \(a float\)$"),
     ],
 )
 def test_bad_window_settings_name_the_flag(tiny_params, tiny_config, kwargs, message):

@@ -262,12 +262,12 @@ def test_export_bad_out(fixtures, tmp_path, capsys, monkeypatch, out, culprit):
 
 
 @pytest.mark.parametrize("flags, culprit", [
-    (["--max_length", "0"], "--max_length must be an integer in 2..n_positions=32, got 0"),
+    (["--max_length", "0"], "--max_length: expected an integer in 2..32, got 0"),
     (["--max_length", "33"], "--max_length"),
-    (["--stride", "0"], "--stride must be an integer in 1..max_length-1=31, got 0"),
+    (["--stride", "0"], "--stride: expected an integer in 1..31, got 0"),
     (["--max_length", "8", "--stride", "8"], "--stride"),
-    (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),
-    (["--batch_size", "-1"], "--batch_size must be an integer >= 1, got -1"),
+    (["--batch_size", "0"], "--batch_size: expected an integer >= 1, got 0"),
+    (["--batch_size", "-1"], "--batch_size: expected an integer >= 1, got -1"),
     (["--device", "meta"], "--device meta"),
 ])
 def test_eval_flags(fixtures, capsys, flags, culprit):
@@ -484,9 +484,9 @@ def test_next_batch_refuses_a_position_outside_the_epoch(position, culprit):
 
 @pytest.mark.parametrize("n_tokens, kwargs, culprit", [
     (5, {}, r"5 tokens hold no window of context_length=8 \(need at least 9\)"),
-    (100, dict(batch_size=0), "batch_size must be an integer >= 1"),
-    (100, dict(stride=0), "stride must be an integer >= 1"),
-    (100, dict(context_length=0), "context_length must be an integer >= 1"),
+    (100, dict(batch_size=0), "batch_size: expected an integer >= 1"),
+    (100, dict(stride=0), "stride: expected an integer >= 1"),
+    (100, dict(context_length=0), "context_length: expected an integer >= 1"),
 ])
 def test_next_batch_refuses_sizes_that_never_fill_a_batch(n_tokens, kwargs, culprit):
     with no_hang(), pytest.raises(UserError, match=culprit):

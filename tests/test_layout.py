@@ -14,7 +14,7 @@ HELPERS = {"errors", "files", "device", "checks"}
 # Which areas each area may import from (besides itself); the top-level commands may import any.
 ALLOWED = {
     "errors": set(),
-    "files": {"errors"},
+    "files": {"errors", "checks"},
     "device": {"errors", "checks"},
     "checks": {"errors"},
     "model": HELPERS,

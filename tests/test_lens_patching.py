@@ -176,7 +176,8 @@ def test_a_metric_that_is_not_a_scalar_is_named(pair, metric, said):
 
 def test_patch_sweep_names_its_token_arguments(pair):
     _, params = pair
-    with pytest.raises(UserError, match=r"^corrupted: expected shape \[2, 10\], got an int64 tensor \[2, 9\]$"):
+    with pytest.raises(UserError, match=r"^corrupted: an int64 tensor \[2, 9\], but clean is an int64 tensor \[2, 10\]; "
+                                        r"they must have one shape$"):
         patch_sweep(params, _tokens(), _tokens(T=9), lambda l: l.sum())
     with pytest.raises(UserError, match=r"^clean: expected an integer tensor \[B, T\], got a list of 3$"):
         patch_sweep(params, [1, 2, 3], _tokens(), lambda l: l.sum())
@@ -189,7 +190,7 @@ def test_patch_sweep_names_its_token_arguments(pair):
     (lambda p: logit_lens(p, _tokens(1, 10)), r"^tokens: expected an integer tensor \[T\], got an int64 tensor "
                                               r"\[1, 10\]$"),
     (lambda p: logit_attribution(p, _tokens()[0], 5, 7, position=10),
-     r"^position: expected an integer in -10\.\.9, got 10 \(an int\)$"),
+     r"^position \(in tokens of length 10\): expected an integer in -10\.\.9, got 10 \(an int\)$"),
     (lambda p: logit_attribution(p, _tokens()[0], 5, 128), r"^other: expected an integer in 0\.\.127, got 128"),
     (lambda p: logit_attribution(p, _tokens()[0], 5.0, 7), r"^target: expected an integer in 0\.\.127, got 5\.0"),
 ])

@@ -40,11 +40,13 @@ def per_example_grads(params: Params, tokens: torch.Tensor, targets: torch.Tenso
     """
     config = checked_config(params, config)
     _check_tokens(tokens, config, params, end=_length(tokens))
-    check_tensor("targets", targets, shape=tuple(tokens.shape), kind="integer")
-    _check_tokens(targets, config, params, end=targets.shape[-1])
+    check_tensor("targets", targets, kind="integer")
+    if targets.shape != tokens.shape:
+        raise UserError(f"targets: {describe(targets)}, but tokens is {describe(tokens)}; they must have one shape")
+    _check_tokens(targets, config, params, end=targets.shape[-1], name="targets")
 
     def window_loss(p, x, y):  # x, y: [T]
-        return F.cross_entropy(_logits(p, x[None], config)[0].float(), y)
+        return F.cross_entropy(_logits(p, x[None], config)[0].float(), y.long())
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_SDPA_RULE)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.config import GPTConfig
-from ..checks import check_callable, describe
+from ..model.config import MAX_LAYERS, GPTConfig
+from ..checks import check_callable, check_int, check_str, describe
 from ..errors import UserError
 from ..model.transformer import checked_config, forward
 from ..model.params import Params
@@ -57,13 +57,14 @@ _FROM_TL = {tl: ours for ours, tl, _ in BLOCK_POINTS}
 
 def hook_names(n_layer: int) -> list[str]:
     """Every hook point of a model of n_layer blocks, in the order the model reaches them."""
+    n_layer = check_int("n_layer", n_layer, 1, MAX_LAYERS)
     block = [f"h.{i}.{n}" if n else f"h.{i}" for i in range(n_layer) for n, _, _ in BLOCK_POINTS]
     return [n for n, _, _ in EMBED_POINTS] + block + [n for n, _, _ in FINAL_POINTS]
 
 
 def to_transformer_lens(name: str) -> str:
     """Our hook name -> TransformerLens's ("h.3.attn.pattern" -> "blocks.3.attn.hook_pattern")."""
-    m = _BLOCK_NAME.fullmatch(name)
+    m = _BLOCK_NAME.fullmatch(check_str("name", name))
     if m and (m[2] or "") in _TO_TL:
         return f"blocks.{m[1]}.{_TO_TL[m[2] or '']}"
     for ours, tl, _ in EMBED_POINTS + FINAL_POINTS:
@@ -78,7 +79,7 @@ def to_transformer_lens(name: str) -> str:
 
 def from_transformer_lens(name: str) -> str:
     """TransformerLens's hook name -> ours ("blocks.3.hook_resid_post" -> "h.3")."""
-    m = _TL_BLOCK_NAME.fullmatch(name)
+    m = _TL_BLOCK_NAME.fullmatch(check_str("name", name))
     if m and m[2] in _FROM_TL:
         ours = _FROM_TL[m[2]]
         return f"h.{m[1]}.{ours}" if ours else f"h.{m[1]}"
@@ -100,7 +101,7 @@ def check_hook_names(names, n_layer: int) -> list[str]:
         if name in known:
             continue
         if not isinstance(name, str):
-            raise UserError(f"hook name {name!r}: expected a string such as 'h.0.attn.pattern'")
+            raise UserError(f"hook name {describe(name)}: expected a string such as 'h.0.attn.pattern'")
         hint = ""
         try:
             ours = from_transformer_lens(name)

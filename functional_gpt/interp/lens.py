@@ -17,6 +17,7 @@ import torch
 from .attention_map import prompt_ids, token_label
 from ..model.config import GPTConfig
 from ..checks import check_int, check_tensor
+from ..errors import UserError
 from ..files import atomic_path
 from .hooks import run_with_cache
 from ..model.layers import layer_norm
@@ -29,12 +30,18 @@ def logit_lens(params: Params, tokens: torch.Tensor, config: GPTConfig | None = 
     """tokens int64 [T] -> log-probabilities [n_layer + 1, T, V]: row l reads block l's
     input residual (row n_layer: the last block's output, whose reading is the model's)."""
     config = checked_config(params, config)
-    check_tensor("tokens", tokens, dims="T", kind="integer")
+    _check_sequence(tokens)
     names = [f"h.{i}.resid_pre" for i in range(config.n_layer)] + [f"h.{config.n_layer - 1}"]
     _, cache = run_with_cache(params, tokens[None], names, config=config)
     resid = torch.stack([cache[n][0] for n in names])
     hidden = layer_norm(resid, **params["ln_f"], eps=config.layer_norm_epsilon)
     return (hidden @ params["wte"]["weight"].T).log_softmax(-1)
+
+
+def _check_sequence(tokens) -> None:  # tokens: one sequence, int64 [T], T >= 1
+    check_tensor("tokens", tokens, dims="T", kind="integer")
+    if not tokens.numel():
+        raise UserError("tokens: an empty sequence")
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,11 @@ def logit_attribution(params: Params, tokens: torch.Tensor, target: int, other: 
     """Split logit[target] - logit[other] at `position` of tokens int64 [T] into the shares
     of the residual stream's pieces (see Attribution)."""
     config = checked_config(params, config)
-    check_tensor("tokens", tokens, dims="T", kind="integer")
+    _check_sequence(tokens)
     target = check_int("target", target, 0, config.vocab_size - 1)
     other = check_int("other", other, 0, config.vocab_size - 1)
     T = tokens.shape[0]
-    position = check_int("position", position, -T, T - 1)
+    position = check_int(f"position (in tokens of length {T})", position, -T, T - 1)
     L = config.n_layer
     names = ["embed"] + [f"h.{i}.{p}" for i in range(L) for p in ("attn.result", "mlp")] + [f"h.{L - 1}"]
     logits, cache = run_with_cache(params, tokens[None], names, config=config)

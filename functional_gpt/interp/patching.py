@@ -48,7 +48,11 @@ def patch_sweep(params: Params, clean: torch.Tensor, corrupted: torch.Tensor, me
     """
     config = checked_config(params, config)
     check_tensor("clean", clean, dims="B T", kind="integer")
-    check_tensor("corrupted", corrupted, shape=tuple(clean.shape), kind="integer")
+    if not clean.numel():
+        raise UserError(f"clean: empty ({describe(clean)})")
+    check_tensor("corrupted", corrupted, kind="integer")
+    if corrupted.shape != clean.shape:
+        raise UserError(f"corrupted: {describe(corrupted)}, but clean is {describe(clean)}; they must have one shape")
     check_callable("metric", metric, "a function of the logits returning a scalar")
     check_choice("over", over, ("positions", "heads"))
     point, width = {"positions": ("resid_pre", clean.shape[-1]), "heads": ("attn.z", config.n_head)}[over]
@@ -87,6 +91,8 @@ def _copy(clean: torch.Tensor, j: int, over: str):  # a hook putting clean's sli
 def plot_sweep(result: torch.Tensor, path: str | os.PathLike, *, columns: list[str], title: str = "") -> None:
     """Draw a sweep [n_layer, N] as a heatmap PNG (layers down, `columns` across), atomically."""
     check_tensor("result", result, dims="L N", kind="float")
+    if not result.numel():
+        raise UserError(f"result: empty ({describe(result)})")
     if not isinstance(columns, (list, tuple)) or len(columns) != result.shape[1]:
         raise UserError(f"columns: expected {result.shape[1]} labels, one per column of the result, got "
                         f"{describe(columns)}")

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import GPTConfig, read_hf_config
-from ..checks import check_float_dtype, describe
-from ..device import check_device
+from ..checks import check_float_dtype, check_path, describe
+from ..device import check_device, check_memory
 from ..errors import UserError
 from ..files import atomic_path
 from .params import Params, check_finite, check_params, check_shapes, flatten, param_spec, unflatten
@@ -65,9 +65,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) behind `path`: a file, or a directory (a run directory or a
     Hugging Face checkpoint) holding `model.safetensors` or a sharded index."""
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise UserError(f"path: expected a checkpoint file or directory, got {describe(path)}")
-    path = Path(path)
+    path = check_path("path", path, "a checkpoint file or directory")
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
     if path.is_file():
@@ -149,6 +147,8 @@ def load_params(
     shapes = {name: entry.shape for name, (_, _, entry) in located.items()}
     config = config or _config_for(files[0], metadata, shapes)
     check_shapes(shapes, config, source)
+    check_memory(f"{source}'s tensors", sum(math.prod(e.shape) * (dtype or e.dtype).itemsize
+                                            for _, _, e in located.values()), device)
     with ExitStack() as stack:
         handles = {file: stack.enter_context(open(file, "rb", buffering=0)) for file in files}
         flat = {}

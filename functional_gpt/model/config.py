@@ -2,11 +2,10 @@
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from ..checks import check_int, check_number, check_path, describe
 from ..errors import UserError
 from ..files import write_json
 
@@ -29,16 +28,16 @@ class GPTConfig:
         """Every field's type and range, checked once here: whatever builds a config (a
         preset, a file's metadata, a config.json, Python code) gets the same one-line
         UserError naming the field."""
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"config: {name} must be an integer, got {value!r}")
-            if value < 1:
-                raise UserError(f"config: {name} must be >= 1, got {value}")
+        for name in _INT_FIELDS:  # stored as plain ints and floats (numpy scalars are taken as theirs)
+            object.__setattr__(self, name, check_int(f"config: {name}", getattr(self, name), 1,
+                                                     MAX_LAYERS if name == "n_layer" else None))
         for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"config: {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, check_number(f"config: {name}", getattr(self, name)))
+        V, P, C, L = self.vocab_size, self.n_positions, self.n_embd, self.n_layer
+        total = V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C  # params.count_params, in closed form
+        if total > MAX_PARAMETERS:
+            raise UserError(f"config: {total:,} parameters, more than {MAX_PARAMETERS:,} (no machine holds them; "
+                            f"check vocab_size, n_positions, n_embd and n_layer)")
         if self.n_embd % self.n_head:
             raise UserError(f"config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0 < self.layer_norm_epsilon < 1:
@@ -70,6 +69,11 @@ class GPTConfig:
 
 
 _INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+# Sanity ceilings, far past any real GPT-2 (48 layers, 1.5B parameters): beyond them every
+# function that walks the layers or allocates the weights would exhaust memory instead of
+# answering.
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 2**40
 _FLOAT_FIELDS = ("layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 _SMALL_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -88,6 +92,8 @@ PRESETS: dict[str, GPTConfig] = {
 
 def preset(name: str) -> GPTConfig:
     """The config of a named preset; an unknown name is a UserError listing the known ones."""
+    if not isinstance(name, str):
+        raise UserError(f"preset: expected a preset name ({', '.join(PRESETS)}), got {describe(name)}")
     try:
         return PRESETS[name]
     except KeyError:
@@ -96,7 +102,7 @@ def preset(name: str) -> GPTConfig:
 
 def read_hf_config(path: str | os.PathLike) -> GPTConfig:
     """Read a Hugging Face GPT-2 config.json (file, or a directory holding one)."""
-    path = Path(path)
+    path = check_path("path", path, "a config.json or its directory")
     if path.is_dir():
         path = path / "config.json"
     try:

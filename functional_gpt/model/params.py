@@ -13,7 +13,7 @@ import torch
 from torch.utils import _pytree
 
 from ..checks import check_float_dtype, check_int, describe
-from ..device import check_device
+from ..device import check_device, check_memory
 from .config import GPTConfig
 from ..errors import UserError
 
@@ -92,6 +92,8 @@ def init_params(
     _check_config(config)
     generator = torch.Generator().manual_seed(check_int("seed", seed, -2**63, 2**64 - 1))
     dtype, device = check_float_dtype("dtype", dtype), check_device("device", device, meta=True)
+    check_memory(f"the parameters of {config.n_layer} layers x {config.n_embd}", count_params(config) * dtype.itemsize,
+                 device)
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     flat = {}
     for key, (shape, rule) in param_spec(config).items():
@@ -196,6 +198,7 @@ def check_params(params: Params, config: GPTConfig, source: str = "params") -> N
     floating-point torch.Tensor of the spec's shape, all of one dtype on one device that
     holds values (not "meta"). For public entry points (`forward`, `generate`); costs
     about a microsecond per key, nothing per element."""
+    _check_config(config)
     if not isinstance(params, dict):
         raise UserError(f"{source}: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     flat = flatten(params)

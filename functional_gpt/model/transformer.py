@@ -133,8 +133,8 @@ def new_cache(
     max_len = check_int("max_len", config.n_positions if max_len is None else max_len, 1, config.n_positions)
     dtype, device = check_float_dtype("dtype", dtype), check_device("device", device)
     shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-    check_memory(f"a KV cache of {batch_size} rows x {max_len} positions", 2 * math.prod(shape) * dtype.itemsize,
-                 device)
+    check_memory(f"a KV cache of batch_size={batch_size} rows x max_len={max_len} positions",
+                 2 * math.prod(shape) * dtype.itemsize, device)
     return KVCache(
         k=torch.zeros(shape, dtype=dtype, device=device),
         v=torch.zeros(shape, dtype=dtype, device=device),
@@ -286,31 +286,33 @@ def _length(tokens) -> int:
     return tokens.shape[-1]
 
 
-def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, end: int, limit: int | None = None):
+def _check_tokens(tokens: torch.Tensor, config: GPTConfig, params: Params, *, end: int, limit: int | None = None,
+                  name: str = "tokens"):
     limit = limit or config.n_positions
     if tokens.dtype not in (torch.int64, torch.int32):
-        raise UserError(f"tokens: expected an int64 tensor [B, T], got {describe(tokens)}")
+        raise UserError(f"{name}: expected an int64 tensor [B, T], got {describe(tokens)}")
     if tokens.shape[1] == 0 or tokens.shape[0] == 0:
-        raise UserError(f"tokens: empty batch or sequence (shape {list(tokens.shape)})")
+        raise UserError(f"{name}: empty batch or sequence (shape {list(tokens.shape)})")
     if end > limit:
         raise UserError(f"sequence of {end} tokens is longer than the context of {limit} positions")
     device = params["wte"]["weight"].device
     if tokens.device != device:
-        raise UserError(f"tokens are on {tokens.device}, the params on {device}; move one of them")
+        raise UserError(f"{name} are on {tokens.device}, the params on {device}; move one of them")
     if torch.compiler.is_compiling():  # a graph cannot branch on values: training checks them as it loads data
         return tokens.shape[1]
-    _check_ids(tokens, config)
+    _check_ids(tokens, config, name)
     return tokens.shape[1]
 
 
-def _check_ids(tokens: torch.Tensor, config: GPTConfig) -> None:
+def _check_ids(tokens: torch.Tensor, config: GPTConfig, name: str = "tokens") -> None:
     if tokens.dtype not in (torch.int64, torch.int32):
-        raise UserError(f"tokens: expected int64 ids, got {describe(tokens)}")
+        raise UserError(f"{name}: expected int64 ids, got {describe(tokens)}")
     if tokens.numel():
         low, high = (int(t) for t in torch.aminmax(tokens))
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
-            raise UserError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
+            raise UserError(f"{'token' if name == 'tokens' else name} id {bad} is out of range for "
+                            f"vocab_size={config.vocab_size}")
 
 
 def _check_cache(cache: KVCache, config: GPTConfig, params: Params | None, batch_size: int | None) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checks import check_bool, check_number, describe
+from ..checks import check_bool, check_number, check_tensor, describe
 from ..device import pick_device
 from ..errors import UserError
 from ..files import atomic_path
@@ -41,7 +41,7 @@ SIDES = ("functional_gpt", "transformers")
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], tokens [B, T] -> mean cross-entropy of predicting tokens 1..T-1
     (nats/token), computed in fp32, as transformers computes it with labels=tokens."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().long())
 
 
 def capture(params: Params, tokens: torch.Tensor, config: GPTConfig, *, grads: bool = False) -> dict:
@@ -49,6 +49,7 @@ def capture(params: Params, tokens: torch.Tensor, config: GPTConfig, *, grads: b
     order: every tap that transformers' modules have too (reference_names), then with
     `grads` "loss" and "grad.<key>" for every parameter."""
     config = checked_config(params, config)
+    check_tensor("tokens", tokens, dims="B T", kind="integer")
     check_bool("grads", grads)
     store = {}
     if not grads:

@@ -9,8 +9,10 @@ import re
 
 import torch
 
-from ..model.config import GPTConfig, hf_config_dict
+from ..checks import check_bool, check_tensor, describe
 from ..errors import UserError
+from ..model.config import GPTConfig, hf_config_dict
+from ..model.transformer import checked_config
 from ..interp.hooks import hook_names
 from ..model.params import Params, flatten
 
@@ -33,9 +35,11 @@ def _transformers():
     return transformers
 
 
-def reference_model(params: Params, config: GPTConfig):
+def reference_model(params: Params, config: GPTConfig | None = None):
     """A GPT2LMHeadModel in eval mode (no dropout) whose parameters are `params`' tensors
-    (shared, not copied), with lm_head tied to wte as in GPT-2."""
+    (shared, not copied), with lm_head tied to wte as in GPT-2. config: None takes the one
+    the params carry."""
+    config = checked_config(params, config)
     transformers = _transformers()
     with torch.device("meta"):  # no memory for the random init that would be overwritten
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(config)))
@@ -54,6 +58,16 @@ def capture_reference(model, tokens: torch.Tensor, *, grads: bool = False) -> di
     "wpe" is broadcast to [B, T, C] as our tap records it (transformers' module gives
     [1, T, C]). The attention module returns a tuple: its first item is the output.
     """
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or getattr(config, "model_type", None) != "gpt2":
+        raise UserError(f"model: expected transformers' GPT2LMHeadModel (reference_model), got {describe(model)}")
+    check_tensor("tokens", tokens, dims="B T", kind="integer")
+    check_bool("grads", grads)
+    if not tokens.numel() or tokens.shape[1] > config.n_positions:
+        raise UserError(f"tokens: {describe(tokens)} for a model of {config.n_positions} positions")
+    low, high = (int(v) for v in torch.aminmax(tokens))
+    if low < 0 or high >= config.vocab_size:
+        raise UserError(f"token id {low if low < 0 else high} is out of range for vocab_size={config.vocab_size}")
     store = {}
 
     def hook(name):

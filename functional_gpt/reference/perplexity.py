@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checks import check_bool, describe
+from ..checks import check_bool, check_int, check_path, describe
 from ..errors import UserError
 from ..files import os_error
 from ..model.config import GPTConfig
 from ..model.transformer import checked_config, forward
 from ..model.params import Params
 from ..model.tokenizer import encode, gpt2_encoding
+from ..training.data import TEXT_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def text_nats(params: Params, tokens: torch.Tensor, config: GPTConfig, *, max_le
             batch = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
             logits = forward(params, batch, config).float()
             for row, (_, _, n) in enumerate(group):
-                total += F.cross_entropy(logits[row, -n - 1 : -1], batch[row, -n:], reduction="sum").item()
+                total += F.cross_entropy(logits[row, -n - 1 : -1], batch[row, -n:].long(), reduction="sum").item()
             if progress is not None:
                 progress.update(sum(n for _, _, n in group))
     return total
@@ -107,14 +108,10 @@ def evaluate(params: Params, texts: list[torch.Tensor], config: GPTConfig, *, ma
     if not isinstance(texts, (list, tuple)):
         raise UserError(f"texts: expected a list of 1-D integer token tensors [N], got {describe(texts)}")
     check_bool("show_progress", show_progress)
-    max_length = config.n_positions if max_length is None else max_length
-    if not _is_int(max_length) or not 2 <= max_length <= config.n_positions:
-        raise UserError(f"--max_length must be an integer in 2..n_positions={config.n_positions}, got {max_length!r}")
-    stride = max(1, max_length // 2) if stride is None else stride
-    if not _is_int(stride) or not 1 <= stride <= max_length - 1:
-        raise UserError(f"--stride must be an integer in 1..max_length-1={max_length - 1}, got {stride!r}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise UserError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
+    max_length = check_int("--max_length", config.n_positions if max_length is None else max_length, 2,
+                           config.n_positions)
+    stride = check_int("--stride", max(1, max_length // 2) if stride is None else stride, 1, max_length - 1)
+    check_int("--batch_size", batch_size, 1)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() for t in texts):
         raise UserError("texts: expected a list of 1-D integer token tensors [N]")
     n_tokens = sum(len(t) - 1 for t in texts)
@@ -137,12 +134,11 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
     data None: `weights` is a training run directory (or its model.safetensors) whose
     state.json names the prepared data directory; its val.bin is scored. A directory holding val.bin, or a .bin file:
     uint16 little-endian token ids. A text file, or a directory of text files (all files
-    below it, hidden ones skipped, each evaluated on its own): UTF-8 text, tokenized.
+    below it with the suffixes `fgpt prepare` reads, .txt and .md, hidden ones skipped, each
+    evaluated on its own): UTF-8 text, tokenized.
     """
     if data is None:
-        if not isinstance(weights, (str, os.PathLike)):
-            raise UserError(f"weights: expected the path of a training run, got {describe(weights)}")
-        weights = Path(weights)
+        weights = check_path("--weights", weights, "a training run")
         state = (weights if weights.is_dir() else weights.parent) / "state.json"
         if not state.is_file():
             raise UserError(f"--data is required unless --weights is a training run directory (no {state})")
@@ -153,25 +149,22 @@ def load_eval_data(data: str | os.PathLike | None, weights: str | os.PathLike) -
         if not isinstance(data_dir, str) or not data_dir:
             raise UserError(f"{state}: data_dir must be a path, got {data_dir!r}")
         return [_read_bin(Path(data_dir) / "val.bin")], str(Path(data_dir) / "val.bin")
-    if not isinstance(data, (str, os.PathLike)) or not os.fspath(data):
-        raise UserError(f"--data: expected a file or directory, got {describe(data)}")
-    path = Path(data)
+    path = check_path("--data", data)
     if not path.exists():
         raise UserError(f"--data {path}: no such file or directory")
     if path.is_dir() and (path / "val.bin").is_file():
         return [_read_bin(path / "val.bin")], str(path / "val.bin")
     if path.suffix == ".bin":
         return [_read_bin(path)], str(path)
-    files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
-    )
+    try:
+        files = [path] if path.is_file() else sorted(
+            f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file()
+            and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    except OSError as e:
+        raise os_error(e.filename or path, e, "cannot read") from None
     if not files:
-        raise UserError(f"--data {path}: no files to evaluate")
+        raise UserError(f"--data {path}: no {' or '.join(TEXT_SUFFIXES)} files to evaluate")
     return [torch.tensor(encode(_read_text(f)), dtype=torch.long) for f in files], str(path)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_bin(path: Path) -> torch.Tensor:

@@ -10,11 +10,11 @@ from .loop import TrainConfig, make_config, read_config_file, resume_config, tra
 from .loss import lm_head_loss
 from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
 from .runs import load_checkpoint
-from .step import Batch, Diverged, StepSettings, TrainState, loss_and_grads, new_state, train_step
+from .step import Batch, Diverged, StepSettings, TrainState, new_state, train_step
 
 __all__ = [
     "AdamWState", "Batch", "Diverged", "Position", "StepSettings", "TrainConfig", "TrainState", "World",
     "adamw_init", "adamw_step", "clip_grad_norm", "lm_head_loss", "load_checkpoint", "load_tokens",
-    "loss_and_grads", "lr_at", "make_config", "new_state", "next_batch", "prepare", "read_config_file",
+    "lr_at", "make_config", "new_state", "next_batch", "prepare", "read_config_file",
     "resume_config", "train", "train_step", "world_from_env",
 ]

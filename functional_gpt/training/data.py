@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checks import check_choice, describe
+from ..checks import check_choice, check_int, check_path, describe
+from ..device import check_memory
 from ..errors import UserError
 from ..files import os_error
 from ..model.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, gpt2_encoding
@@ -54,9 +55,7 @@ def text_sources(inputs: list[str | os.PathLike]) -> list[Source]:
     (also through a directory) is a UserError."""
     sources = []
     for item in inputs:
-        if not isinstance(item, (str, os.PathLike)) or not os.fspath(item):
-            raise UserError(f"inputs: expected paths of text files or directories, got {describe(item)}")
-        path = Path(item)
+        path = check_path("inputs", item, "a text file or directory")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
             if not found:
@@ -135,11 +134,11 @@ def prepare(
         raise UserError(f"inputs: expected a list of files and directories, got one path {str(inputs)!r}")
     if not os.fspath(out_dir):
         raise UserError("--out: empty path; name the data directory to write")
-    if val_files is not None and (isinstance(val_files, bool) or not isinstance(val_files, int)):
-        raise UserError(f"--val_files must be an integer, got {val_files!r}")
+    if val_files is not None:
+        val_files = check_int("--val_files", val_files)
     sources = text_sources(inputs) if inputs else shakespeare_sources()
     train_sources, val_sources = split_sources(sources, val_files)
-    out = Path(out_dir)
+    out = check_path("--out", out_dir, "the data directory to write")
     _check_data_dir(out)
     staging = _staging_dir(out)
     try:
@@ -262,10 +261,9 @@ def _n_tokens(path: Path) -> int:
 def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> np.memmap:
     """`data_dir`/`split`.bin as a read-only uint16 memmap [N] (nothing read until used).
     With `vocab_size`, every id is checked to be below it (one pass over the file)."""
-    if not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir):
-        raise UserError(f"data_dir: expected a prepared data directory, got {describe(data_dir)}")
+    data_dir = check_path("data_dir", data_dir, "a prepared data directory")
     check_choice("split", split, ("train", "val"))
-    path = Path(data_dir) / f"{split}.bin"
+    path = data_dir / f"{split}.bin"
     if not path.is_file():
         hint = " (run `fgpt prepare` first)" if Path(data_dir) == Path(DEFAULT_DATA_DIR) else ""
         raise UserError(f"{path}: no such file; a prepared data directory holds train.bin and val.bin{hint}")
@@ -274,6 +272,8 @@ def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None 
         raise UserError(f"{path}: {size} bytes, not a whole number of uint16 token ids")
     if size < 2 * TOKEN_DTYPE.itemsize:
         raise UserError(f"{path}: holds fewer than 2 tokens")
+    if vocab_size is not None:
+        vocab_size = check_int("vocab_size", vocab_size, 1)
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     if vocab_size is not None and int(tokens.max()) >= vocab_size:
         raise UserError(f"{path}: holds token id {int(tokens.max())}, out of range for vocab_size={vocab_size}")
@@ -292,7 +292,8 @@ def check_fits(tokens: np.ndarray, context_length: int, name: str) -> None:
 def window_starts(n_tokens: int, context_length: int, stride: int) -> torch.Tensor:
     """Start offsets of the sliding windows: 0, stride, 2*stride, ... while a window of
     context_length inputs plus one target token fits. -> int64 [n_windows]."""
-    return torch.arange(0, max(0, n_tokens - context_length), stride)
+    end = max(0, n_tokens - context_length)
+    return torch.arange(0, end, min(stride, max(end, 1)))  # a stride past the end is one window (and no overflow)
 
 
 def gather_windows(tokens: np.ndarray, starts: torch.Tensor, context_length: int):
@@ -306,7 +307,7 @@ def gather_windows(tokens: np.ndarray, starts: torch.Tensor, context_length: int
 def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled window order of one epoch, a pure function of (seed, epoch) (cached:
     every batch of an epoch reads it; callers must not modify it)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)  # any seed of 0..2**63-1
     return torch.randperm(n_windows, generator=generator)
 
 
@@ -326,17 +327,25 @@ def next_batch(tokens: np.ndarray, position: Position, *, batch_size: int, conte
     position outside an epoch (index not in 0..n_windows-1, e.g. from a hand-edited
     state.json) is a UserError, as are sizes < 1 and tokens too few for one window.
     """
-    for name, value in (("batch_size", batch_size), ("context_length", context_length), ("stride", stride)):
-        if not _is_int(value) or value < 1:
-            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    batch_size, context_length, stride = (check_int(name, value, 1) for name, value in (
+        ("batch_size", batch_size), ("context_length", context_length), ("stride", stride)))
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1:
+        raise UserError(f"tokens: expected the 1-D token array load_tokens gives, got {describe(tokens)}")
+    if not isinstance(position, tuple) or len(position) != 2:
+        raise UserError(f"position: expected a data.Position(epoch, index), got {describe(position)}")
+    check_memory(f"a batch of batch_size={batch_size} windows of context_length={context_length} tokens",
+                 2 * batch_size * context_length * 8, torch.device("cpu"))
     starts = window_starts(len(tokens), context_length, stride)
     epoch, index = position
     if len(starts) == 0:
         raise UserError(f"{len(tokens)} tokens hold no window of context_length={context_length} "
                         f"(need at least {context_length + 1})")
     if not (_is_int(epoch) and _is_int(index) and epoch >= 0 and 0 <= index < len(starts)):
-        raise UserError(f"data position (epoch {epoch!r}, index {index!r}) is outside an epoch of {len(starts)} "
-                        f"windows (index 0..{len(starts) - 1}, epoch >= 0)")
+        shown = lambda v: v if _is_int(v) else describe(v)  # noqa: E731
+        raise UserError(f"data position (epoch {shown(epoch)}, index {shown(index)}) is outside an epoch of "
+                        f"{len(starts)} windows (context_length {context_length}, stride {stride}: index "
+                        f"0..{len(starts) - 1}, epoch >= 0)")
     order = epoch_order(len(starts), seed, epoch)
     picked, count = [], 0
     while count < batch_size:

@@ -28,7 +28,7 @@ from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, loa
 from . import distributed
 from ..device import DTYPES, pick_device, pick_dtype
 from .distributed import SINGLE, World
-from ..checks import describe
+from ..checks import check_path, describe
 from ..errors import AgreedError, UserError
 from ..files import atomic_path, make_dir
 from ..generation.decoding import generate
@@ -120,15 +120,15 @@ def _check_type(key: str, kind: str, value) -> None:
             raise UserError(f"--{key}: a value is required")
     elif "bool" in kind:
         if not isinstance(value, bool):
-            raise UserError(f"--{key}: expected true or false, got {value!r}")
+            raise UserError(f"--{key}: expected true or false, got {describe(value)}")
     elif "str" in kind:
         if not isinstance(value, str) or not value:
-            raise UserError(f"--{key}: expected a non-empty string, got {value!r}")
+            raise UserError(f"--{key}: expected a non-empty string, got {describe(value)}")
     elif "float" in kind:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"--{key}: expected a finite number, got {value!r}")
+            raise UserError(f"--{key}: expected a finite number, got {describe(value)}")
     elif isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"--{key}: expected an integer, got {value!r}")
+        raise UserError(f"--{key}: expected an integer, got {describe(value)}")
 
 
 def make_config(values: dict) -> TrainConfig:
@@ -140,14 +140,14 @@ def make_config(values: dict) -> TrainConfig:
     kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     unknown = next((k for k in values if k not in kinds), None)
     if unknown is not None:
-        raise UserError(f"unknown training setting {unknown!r}; known: {', '.join(kinds)}")
+        raise UserError(f"unknown training setting {describe(unknown)}; known: {', '.join(kinds)}")
     integral = lambda k, v: isinstance(v, float) and v.is_integer() and "int" in kinds[k] and "float" not in kinds[k]
     return TrainConfig(**{k: int(v) if integral(k, v) else v for k, v in values.items()})
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """Training settings from a TOML or JSON file (keys are TrainConfig's field names)."""
-    path = Path(path)
+    path = check_path("--config", path, "a TOML or JSON file of settings")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

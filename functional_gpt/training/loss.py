@@ -9,6 +9,9 @@ one chunk of logits ever exists and the backward pass only scales the saved grad
 
 import torch
 
+from ..checks import check_int, check_tensor, describe
+from ..errors import UserError
+
 # A chunk's [rows, V] logits hold at most this many elements (64 MB in float32; GPT-2's
 # 1024 rows go in 4 chunks of 256): on 2 cores, 4 or 2 chunks made no difference to the
 # step time of `gpt2` at 1 x 1024 beyond noise, and 4 keep 120 MB less at the peak of a bf16
@@ -81,6 +84,19 @@ def lm_head_loss(hidden: torch.Tensor, wte: torch.Tensor, targets: torch.Tensor,
     (default: the fewest equal chunks within CHUNK_ELEMENTS). Differentiable in hidden and wte; equals
     F.cross_entropy(hidden @ wte.T, targets) and its gradients, without the [N, V] tensors.
     """
+    check_tensor("hidden", hidden, kind="float")
+    if hidden.dim() < 1 or not hidden.numel():
+        raise UserError(f"hidden: expected a non-empty float tensor [..., C], got {describe(hidden)}")
+    check_tensor("wte", wte, shape=(None, hidden.shape[-1]), kind="float")
+    check_tensor("targets", targets, shape=tuple(hidden.shape[:-1]), kind="integer")
+    if wte.dtype != hidden.dtype or wte.device != hidden.device or targets.device != hidden.device:
+        raise UserError(f"wte: {describe(wte)} and targets on {targets.device}, but hidden is {describe(hidden)}; "
+                        f"they must share hidden's device (and wte its dtype)")
+    low, high = (int(v) for v in torch.aminmax(targets))
+    if low < 0 or high >= wte.shape[0]:
+        raise UserError(f"targets: token id {low if low < 0 else high} is out of range for vocab_size={wte.shape[0]}")
+    if chunk_rows is not None:
+        chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if chunk_rows is None:  # equal chunks, each within CHUNK_ELEMENTS
         n_chunks = -(-hidden.shape[0] * wte.shape[0] // CHUNK_ELEMENTS)

@@ -13,16 +13,15 @@ from ..errors import UserError
 Flat = dict[str, torch.Tensor]  # GPT-2 dotted key -> tensor
 
 
-def check_schedule(*, lr, min_lr, warmup_steps, decay_steps, name=lambda field: field) -> None:
+def check_schedule(*, lr, min_lr, warmup_steps, decay_steps, name=lambda field: field) -> tuple:
     """The schedule's rules, which `StepSettings` (Python) and `TrainConfig` (flags, config
     files) both apply, each naming a field its own way (`name`: "lr" or "--lr"): lr > 0,
     0 <= min_lr <= lr, warmup_steps >= 0, decay_steps >= 1 (a run's 0 would read as "no
     decay" and mean the opposite: min_lr from the end of the warm-up)."""
-    lr = check_number(name("lr"), lr, 0, low_open=True)
-    if check_number(name("min_lr"), min_lr, 0) > lr:
+    lr, min_lr = check_number(name("lr"), lr, 0, low_open=True), check_number(name("min_lr"), min_lr, 0)
+    if min_lr > lr:
         raise UserError(f"{name('min_lr')} {min_lr} is above {name('lr')} {lr}")
-    check_int(name("warmup_steps"), warmup_steps, 0)
-    check_int(name("decay_steps"), decay_steps, 1)
+    return lr, min_lr, check_int(name("warmup_steps"), warmup_steps, 0), check_int(name("decay_steps"), decay_steps, 1)
 
 
 def check_adamw(*, beta1, beta2, weight_decay, grad_clip, name=lambda field: field) -> None:
@@ -89,16 +88,23 @@ def adamw_step(
         raise UserError(f"state: expected an AdamWState (adamw_init), got {describe(state)}")
     check_tensor_dict("state.exp_avg", state.exp_avg, like=params)
     check_tensor_dict("state.exp_avg_sq", state.exp_avg_sq, like=params)
-    check_int("state.step", state.step, 0)
+    previous = check_int("state.step", state.step, 0)
     lr, eps = check_number("lr", lr, 0), check_number("eps", eps, 0, low_open=True)
     if not isinstance(betas, tuple) or len(betas) != 2:
         raise UserError(f"betas: expected a pair (beta1, beta2), got {describe(betas)}")
     beta1, beta2 = betas
     check_adamw(beta1=beta1, beta2=beta2, weight_decay=weight_decay, grad_clip=None,
                 name=lambda field: f"betas[{'12'.index(field[-1])}]" if field.startswith("beta") else field)
-    step = state.step + 1
+    step = previous + 1
     bias1 = 1 - beta1**step
     bias2_sqrt = math.sqrt(1 - beta2**step)
+    largest = min((torch.finfo(t.dtype).max for t in params.values()), default=math.inf)
+    if lr / bias1 > largest:
+        raise UserError(f"lr: {lr:g} overflows the params' dtype in the update (lr / (1 - beta1**step) = "
+                        f"{lr / bias1:.3g}, at most {largest:.3g})")
+    if lr * weight_decay > largest:
+        raise UserError(f"weight_decay: {weight_decay:g} overflows the params' dtype in the update (lr * "
+                        f"weight_decay = {lr * weight_decay:.3g}, at most {largest:.3g})")
     with torch.no_grad():
         for group in _groups(params, grads, state):
             p, g, m, v, decayed = (list(column) for column in zip(*group))
@@ -139,9 +145,9 @@ def _groups(params: Flat, grads: Flat, state: AdamWState):
 def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> float:
     """Learning rate for update `step` (0-based): linear warm-up from lr/warmup_steps to
     lr over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then min_lr."""
-    step = check_int("step", step, 0)
-    check_schedule(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=max(1, check_int(
-        "decay_steps", decay_steps, 0)))  # the formula is defined at decay_steps 0 too
+    step, decay_steps = check_int("step", step, 0), check_int("decay_steps", decay_steps, 0)
+    lr, min_lr, warmup_steps, _ = check_schedule(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                                                 decay_steps=max(1, decay_steps))  # the formula takes decay 0 too
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= decay_steps:
@@ -165,6 +171,8 @@ def clip_grad_norm(grads: Flat, max_norm: float | None) -> float:
         max_norm = check_number("max_norm", max_norm, 0) or None
     check_tensor_dict("grads", grads)
     g = list(grads.values())
+    if not g:
+        return 0.0
     with torch.no_grad():
         pieces = [piece for t in g for piece in t.reshape(-1).split(NORM_PIECE)]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)))

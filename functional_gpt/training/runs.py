@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..model.checkpoint import load_params, save_params
 from ..model.config import GPTConfig
-from ..checks import describe
+from ..checks import check_path
 from ..errors import UserError
 from .data import Position
 from ..files import atomic_path, write_json
@@ -172,9 +172,7 @@ _LOSS_SCALE = ("an object {scale: a number > 0, good_steps: an integer >= 0}",
 def read_state(run_dir: str | os.PathLike) -> dict:
     """`run_dir`/state.json, every field checked (see _STATE_FIELDS) -> the dict. A save
     killed half-way is first rolled forward or discarded (`recover`)."""
-    if not isinstance(run_dir, (str, os.PathLike)) or not os.fspath(run_dir):
-        raise UserError(f"run_dir: expected a run directory, got {describe(run_dir)}")
-    run_dir = Path(run_dir)
+    run_dir = check_path("run_dir", run_dir, "a run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     recover(run_dir)
