@@ -7,11 +7,13 @@ weights and random tokens; every subprocess has a timeout.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,8 @@ def test_a_world_without_a_rendezvous_endpoint_is_one_line():
         world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match=r"^environment: RANK=2 does not fit WORLD_SIZE=2$"):
         world_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    with pytest.raises(UserError, match=r"^environment: MASTER_PORT='x' is not a port number \(1\.\.65535\)$"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"})
     assert world_from_env({}) == World() and world_from_env({"WORLD_SIZE": "1"}) == World()
     env = launch_env() | {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     done = subprocess.run([sys.executable, "-m", "functional_gpt", "train", "--max_steps", "1"],
@@ -254,10 +258,12 @@ def test_a_rank_with_other_data_is_one_line_from_rank_0_and_nothing_is_written(s
     outputs = [node.communicate(timeout=180) for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
     said = [line for _, err in outputs for line in err.splitlines() if line.startswith("fgpt train: error")]
-    assert len(said) == 1 and said[0].startswith("fgpt train: error: rank 1 reads a different train.bin from "
-                                                 "rank 0's (4,000 tokens, crc32 "), said
-    assert said[0].endswith("give every rank the same --data")
-    assert not (tmp_path / "run" / "state.json").exists()
+    crcs = [f"{zlib.crc32(np.fromfile(d / 'train.bin', dtype='<u2').tobytes()):08x}" for d in (data, other)]
+    assert len(said) == 1 and re.fullmatch(r"fgpt train: error: --data train\.bin differs across ranks: rank 0 has "
+                                           r"4,000 tokens \(crc32 (\w+)\), rank 1 has 4,000 tokens \(crc32 (\w+)\)",
+                                           said[0]), said
+    assert sorted(re.match(r".*crc32 (\w+).*crc32 (\w+)", said[0]).groups()) == sorted(crcs)  # either is rank 0
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ a rank dies
