@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             from .training.distributed import stop_together
 
             e = stop_together(e)
-        rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "0").isdigit() else 0
-        if rank == 0:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"fgpt {args.command}: error: {e}", file=sys.stderr)
         elif not isinstance(e, AgreedError):  # rank 0 says the errors every rank meets alike
             print(f"fgpt {args.command}: error (rank {rank}): {e}", file=sys.stderr)

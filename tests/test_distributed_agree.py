@@ -10,6 +10,7 @@ bounded in time and killed with its process group on a timeout.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from functional_gpt.training.distributed import World, disagreement, start_toget
 from functional_gpt.training.loop import make_config, train
 
 from conftest import TINY, hf_model, params_of, random_token_data
-from test_distributed import as_argv, finished, flags, free_port, launch_env, start, torchrun_argv
+from test_distributed import as_argv, finished, flags, free_port, start, torchrun_argv
 
 JOB_SECONDS = 60  # a job ends within seconds; the rendezvous and gloo timeouts are 10 minutes
 
@@ -148,9 +149,10 @@ def endpoint(monkeypatch):
     yield server
 
 
-def env_of(rank: int, size: int = 2) -> dict:
-    return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "1"}
+def env_of(rank, size: int = 2) -> dict:
+    """The environment torchrun gives `rank`, at the endpoint fixture's store."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": "0"} | \
+        {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")}
 
 
 def rank_starts(rank: int, facts: dict, *, size: int = 2, fails: str | None = None):
@@ -204,6 +206,16 @@ def test_an_error_before_the_start_reaches_the_others_and_a_later_one_stays_the_
     assert stop_together(later, env_of(1)) is later and stop_together(later, env_of(0, size=1)) is later
     agreed = AgreedError("every rank")
     assert stop_together(agreed, env_of(1)) is agreed
+
+
+def test_a_process_whose_rank_names_no_rank_of_the_job_stops_it_from_outside(endpoint):
+    """RANK=2 in a job of 2 (a wrapper that sets it wrongly): the process cannot take a
+    rank's place, yet rank 0, waiting for rank 1, hears it and stops; a process with no
+    job to reach (nothing listening) says its own error."""
+    wrong = UserError("environment: RANK=2 does not fit WORLD_SIZE=2")
+    assert said(both(rank_starts(0, {}), lambda: stop_together(wrong, env_of(2)))) == \
+        ["a process outside the job's ranks: environment: RANK=2 does not fit WORLD_SIZE=2"] * 2
+    assert stop_together(wrong, env_of(2) | {"MASTER_PORT": str(free_port())}) is wrong
 
 
 def test_a_rank_with_another_world_size_does_not_wait_for_ranks_that_do_not_exist(endpoint):

@@ -18,6 +18,7 @@ collectives (gloo on the CPU, NCCL on CUDA):
 import json
 import os
 import signal
+import socket
 import time
 import zlib
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ def meet(world: World, timeout: timedelta = TIMEOUT):
     if world.size == 1:
         return None
     store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
+    return _under_attempt(store)
+
+
+def _under_attempt(store):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"fgpt/attempt_{attempt}/", store)
 
@@ -170,7 +175,7 @@ def start_together(world: World, store, prepare, facts):
         post = {"facts": facts(value)}
     except UserError as e:
         value, post = None, {"error": str(e)}
-    _post(world, store, post)
+    _post(store, world.rank, {"world_size": world.size, **post})
     verdict = disagreement(_gather(world, store))
     if verdict is not None:
         raise AgreedError(verdict)
@@ -195,10 +200,16 @@ def stop_together(error: UserError, environ=os.environ) -> UserError:
 def _said_at_start(error: UserError, environ) -> UserError:
     try:
         world = world_from_env(environ)
-        store = meet(world, timeout=timedelta(seconds=30)) if world.size > 1 else None
-    except (UserError, RuntimeError):  # this rank cannot reach the others: it speaks for itself
+    except UserError:
+        return _said_as_outsider(error, environ)
+    hosts = world.rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # rank 0's own store
+    if world.size == 1 or not (hosts or _listening(environ)):
         return error
-    if store is None or not _post(world, store, {"error": str(error)}):
+    try:
+        store = meet(world, timeout=timedelta(seconds=30))
+    except RuntimeError:  # this rank cannot reach the others: it speaks for itself
+        return error
+    if not _post(store, world.rank, {"world_size": world.size, "error": str(error)}):
         return error
     try:
         return AgreedError(disagreement(_gather(world, store)))
@@ -206,24 +217,67 @@ def _said_at_start(error: UserError, environ) -> UserError:
         return e
 
 
-def _post(world: World, store, post: dict) -> bool:
-    """Put this rank's word at the start in the store, unless it is there already: -> whether
-    it was put now."""
-    text = json.dumps({"world_size": world.size, **post})
-    return store.compare_set(f"start/{world.rank}", "", text) == text.encode()
+# The place at the start of a process whose own RANK, WORLD_SIZE or LOCAL_RANK names no rank
+# of the job (a wrapper that sets them wrongly): the ranks stop when they hear from it.
+OUTSIDER = -1
+
+
+def _said_as_outsider(error: UserError, environ) -> UserError:
+    """`error` told to the job's ranks from OUTSIDER's place, by a process that names no rank
+    of the job but has its endpoint: -> the AgreedError, once a rank has heard it. Where
+    there is no job to reach (no endpoint, nothing listening), `error`."""
+    port, size = environ.get("MASTER_PORT", ""), environ.get("WORLD_SIZE", "")
+    if not (environ.get("MASTER_ADDR") and port.isdigit() and 0 < int(port) < 2**16 and size.isdigit()
+            and _listening(environ)):
+        return error
+    try:
+        store = _under_attempt(dist.TCPStore(environ["MASTER_ADDR"], int(port), is_master=False,
+                                             timeout=timedelta(seconds=30)))
+    except RuntimeError:
+        return error
+    if not _post(store, OUTSIDER, {"error": str(error)}):
+        return error  # another outsider spoke first
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
+    try:
+        while not any(store.check([f"read/{rank}"]) for rank in range(int(size))):
+            _wait(deadline, "no rank heard a process outside the job's ranks")
+    except UserError as e:
+        return e
+    store.set(f"read/{OUTSIDER}", "")
+    return AgreedError(disagreement({OUTSIDER: {"error": str(error)}}))
+
+
+def _listening(environ) -> bool:
+    """Whether something listens at MASTER_ADDR:MASTER_PORT, asked with a plain socket (a
+    TCPStore that cannot connect retries until its timeout, then writes a C++ stack to
+    stderr)."""
+    try:
+        socket.create_connection((environ["MASTER_ADDR"], int(environ["MASTER_PORT"])), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _post(store, rank: int, post: dict) -> bool:
+    """Put the word at the start of `rank` (or OUTSIDER) in the store, unless it is there
+    already: -> whether it was put now."""
+    text = json.dumps(post)
+    return store.compare_set(f"start/{rank}", "", text) == text.encode()
 
 
 def _gather(world: World, store) -> dict[int, dict]:
     """-> {rank: its word at the start}: every rank's, or fewer as soon as one names another
-    WORLD_SIZE (waiting would be for ranks that do not exist). Then waits until every rank
-    it heard has read the others' words too, so that none leaves (taking the store with it,
-    when it hosts it) before. A rank not heard within TIMEOUT is a UserError."""
+    WORLD_SIZE or OUTSIDER has spoken (waiting would be for ranks that will not come). Then
+    waits until every rank it heard has read the others' words too, so that none leaves
+    (taking the store with it, when it hosts it) before. A rank not heard within TIMEOUT is
+    a UserError."""
     posts, deadline = {}, time.monotonic() + TIMEOUT.total_seconds()
     while True:
-        for rank in range(world.size):
+        for rank in (OUTSIDER, *range(world.size)):
             if rank not in posts and store.check([f"start/{rank}"]):
                 posts[rank] = json.loads(store.get(f"start/{rank}"))
-        if len(posts) == world.size or any(p["world_size"] != world.size for p in posts.values()):
+        if len(posts) == world.size or OUTSIDER in posts or \
+                any(p["world_size"] != world.size for p in posts.values()):
             break
         _wait(deadline, f"rank {min(set(range(world.size)) - set(posts))} did not reach the start of the run")
     store.set(f"read/{world.rank}", "")
@@ -241,7 +295,9 @@ def _wait(deadline: float, what: str) -> None:
 def disagreement(posts: dict[int, dict]) -> str | None:
     """What the ranks' words at the start disagree on, in one line; None if nothing.
     posts: {rank: {"world_size": N, "error": message} or {"world_size": N, "facts": {what:
-    value}}}, rank 0's among them."""
+    value}}}, rank 0's among them, or {OUTSIDER: {"error": message}} among them."""
+    if OUTSIDER in posts:
+        return f"a process outside the job's ranks: {posts[OUTSIDER]['error']}"
     ranks = sorted(posts)
     sizes = [posts[r]["world_size"] for r in ranks]
     if len(set(sizes)) > 1:
