@@ -18,6 +18,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -139,13 +140,15 @@ def endpoint(monkeypatch):
     """A TCPStore on 127.0.0.1 standing in for torchrun's agent store (each rank a client of
     it, as under torchrun). The ranks here are threads of this process, which must not
     ignore SIGTERM (nor can from a thread): stop_together's signal.signal is left out
-    (the torchrun jobs below see its effect: status 2 on every rank)."""
+    (the torchrun jobs below see its effect: status 2 on every rank). A rank waits 20 s
+    for the others, not 10 minutes."""
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
                         "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.setattr(distributed.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(distributed, "TIMEOUT", timedelta(seconds=20))  # a broken exchange ends the test
     yield server
 
 
@@ -168,8 +171,8 @@ def rank_starts(rank: int, facts: dict, *, size: int = 2, fails: str | None = No
 
 
 def both(*ranks) -> list:
-    """Run the ranks at once, each in its own thread: -> what each returned or raised,
-    within 30 s."""
+    """Run the ranks at once, each in its own thread: -> what each returned or raised
+    (within the endpoint's 20 s)."""
     with ThreadPoolExecutor(len(ranks)) as pool:
         futures = [pool.submit(rank) for rank in ranks]
         return [f.exception(timeout=30) or f.result() for f in futures]
