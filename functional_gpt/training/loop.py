@@ -399,8 +399,8 @@ def _facts(start: _Start, resume: bool) -> dict:
     order a difference is reported: the flags (resolved), the device kind and compute
     dtype, the model's config, the state it starts from (step, data position, RNG, loss
     scale, best validation loss, Adam's moments when every rank holds them all), the
-    data (tokens and CRC-32 of each file) and the weights (CRC-32 of each tensor: 0.12 s
-    for gpt2's 475 MiB)."""
+    data (tokens and CRC-32 of each file) and the weights (CRC-32 of each tensor). For
+    gpt2 on 2 CPU cores: 0.15-0.25 s for the 475 MiB of weights, 0.5-0.6 s in all."""
     cfg, state = start.cfg, start.state
     facts = {"--resume": resume}
     facts |= {f"--{k}": v for k, v in cfg.to_dict().items() if k not in _MAY_DIFFER}
