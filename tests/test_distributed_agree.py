@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
 import functional_gpt.training.loop as loop
@@ -196,6 +197,19 @@ def test_ranks_that_agree_go_on_and_a_difference_stops_both_alike(endpoint, monk
 def test_an_error_on_one_rank_stops_the_other(endpoint):
     assert said(both(rank_starts(0, {}), rank_starts(1, {}, fails="data/train.bin: no such file"))) == \
         ["rank 1: data/train.bin: no such file"] * 2
+
+
+def test_a_crash_on_one_rank_stops_the_other_and_stays_that_ranks_own(endpoint):
+    """A bug or an out-of-memory while preparing raises on its rank, as it is (a
+    traceback there), and the other stops in one line naming it."""
+    world = World(1, 2, 1)
+
+    def crash():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+
+    outcomes = both(rank_starts(0, {}), lambda: start_together(world, distributed.meet(world), crash, dict))
+    assert str(outcomes[0]) == "rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert isinstance(outcomes[0], AgreedError) and type(outcomes[1]) is torch.OutOfMemoryError
 
 
 def test_an_error_before_the_start_reaches_the_others_and_a_later_one_stays_the_ranks_own(endpoint):

@@ -166,8 +166,9 @@ def start_together(world: World, store, prepare, facts):
     alike; or the first fact that differs, with both values ("--lr differs across ranks:
     rank 0 has 0.0006, rank 1 has 0.001"). Nothing has run a collective yet, so a rank
     that differs (a model of another shape, --shard_optimizer on one rank) cannot hang or
-    abort one. `store`: from `meet`. In a single process: prepare()'s value, its errors as
-    they are."""
+    abort one. Any other exception from prepare() is posted as that rank's error too (so the
+    others stop), then raised there. `store`: from `meet`. In a single process: prepare()'s
+    value, its errors as they are."""
     if world.size == 1:
         return prepare()
     try:
@@ -175,6 +176,11 @@ def start_together(world: World, store, prepare, facts):
         post = {"facts": facts(value)}
     except UserError as e:
         value, post = None, {"error": str(e)}
+    except Exception as e:  # a bug or a crash (out of memory): its traceback is this rank's, the others stop
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _post(store, world.rank, {"world_size": world.size, "error": f"{type(e).__name__}: {first}"})
+        _gather(world, store)  # the others wait for this rank to have read their words
+        raise
     _post(store, world.rank, {"world_size": world.size, **post})
     verdict = disagreement(_gather(world, store))
     if verdict is not None:
