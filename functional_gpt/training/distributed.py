@@ -167,8 +167,9 @@ def start_together(world: World, store, prepare, facts):
     rank 0 has 0.0006, rank 1 has 0.001"). Nothing has run a collective yet, so a rank
     that differs (a model of another shape, --shard_optimizer on one rank) cannot hang or
     abort one. Any other exception from prepare() is posted as that rank's error too (so the
-    others stop), then raised there. `store`: from `meet`. In a single process: prepare()'s
-    value, its errors as they are."""
+    others stop), then raised there. `store`: from `meet`; once per process and torchrun
+    attempt (the words stay in the store). In a single process: prepare()'s value, its
+    errors as they are."""
     if world.size == 1:
         return prepare()
     try:
