@@ -287,7 +287,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     Under torchrun (WORLD_SIZE > 1) it trains data parallel: each rank takes its share
     (batch_size / WORLD_SIZE) of every micro-batch, gradients are averaged over the ranks,
     and rank 0 alone logs, shows progress and writes files. The checkpoint is the one a
-    single process writes, so a run resumes with any number of ranks."""
+    single process writes, so a run resumes with any number of ranks. Before any
+    collective the ranks compare what they will train with (`_facts`): a difference, or
+    an error on any rank, stops every rank with the same AgreedError."""
     keep_freed_memory()
     world = distributed.world_from_env()
     if not world.is_main:
