@@ -414,8 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        rank = int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "0").isdigit() else 0
-        if rank == 0:
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank of a data-parallel job: see stop_together
+            from .training.distributed import stop_together
+
+            e = stop_together(e)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"fgpt {args.command}: error: {e}", file=sys.stderr)
         elif not isinstance(e, AgreedError):  # rank 0 says the errors every rank meets alike
             print(f"fgpt {args.command}: error (rank {rank}): {e}", file=sys.stderr)

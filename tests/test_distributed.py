@@ -7,11 +7,13 @@ weights and random tokens; every subprocess has a timeout.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +89,10 @@ def torchrun_argv(train_argv: list[str], *, nproc: int = 2, launcher: list[str] 
 
 
 def torchrun(train_argv: list[str], *, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_argv(train_argv, nproc=nproc), capture_output=True, text=True,
-                          timeout=timeout, env=launch_env())
+    """The finished job (its stderr), or a failed test once `timeout` has killed it."""
+    job = start(torchrun_argv(train_argv, nproc=nproc))
+    err = finished(job, timeout)
+    return subprocess.CompletedProcess(job.args, job.returncode, "", err)
 
 
 def one_process(values: dict, *, resume: bool = False):
@@ -195,10 +199,9 @@ def test_two_nodes_on_localhost_train_and_checkpoint(setup, tmp_path):
     launcher = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
                 "--rdzv_id", "test"]
     argv = torchrun_argv(as_argv(flags(data, init, two)), nproc=1, launcher=launcher)
-    nodes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env())
-             for _ in range(2)]
-    outputs = [node.communicate(timeout=180) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    nodes = [start(argv) for _ in range(2)]
+    errs = [finished(node, 180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for err in errs]
     assert_same_params(params(two), params(one), 1e-5, "2 nodes vs 1 process")
     assert (two / "state.json").exists() and (two / "optimizer.safetensors").exists()
 
@@ -230,6 +233,8 @@ def test_a_world_without_a_rendezvous_endpoint_is_one_line():
         world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match=r"^environment: RANK=2 does not fit WORLD_SIZE=2$"):
         world_from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
+    with pytest.raises(UserError, match=r"^environment: MASTER_PORT='x' is not a port number \(1\.\.65535\)$"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"})
     assert world_from_env({}) == World() and world_from_env({"WORLD_SIZE": "1"}) == World()
     env = launch_env() | {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     done = subprocess.run([sys.executable, "-m", "functional_gpt", "train", "--max_steps", "1"],
@@ -248,16 +253,17 @@ def test_a_rank_with_other_data_is_one_line_from_rank_0_and_nothing_is_written(s
     tokens[::-1].copy().tofile(other / "train.bin")
     launcher = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
                 "--rdzv_id", "bad"]
-    nodes = [subprocess.Popen(torchrun_argv(as_argv(flags(d, init, tmp_path / "run")), nproc=1, launcher=launcher),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env())
+    nodes = [start(torchrun_argv(as_argv(flags(d, init, tmp_path / "run")), nproc=1, launcher=launcher))
              for d in (data, other)]
-    outputs = [node.communicate(timeout=180) for node in nodes]
+    errs = [finished(node, 180) for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
-    said = [line for _, err in outputs for line in err.splitlines() if line.startswith("fgpt train: error")]
-    assert len(said) == 1 and said[0].startswith("fgpt train: error: rank 1 reads a different train.bin from "
-                                                 "rank 0's (4,000 tokens, crc32 "), said
-    assert said[0].endswith("give every rank the same --data")
-    assert not (tmp_path / "run" / "state.json").exists()
+    said = [line for err in errs for line in err.splitlines() if line.startswith("fgpt train: error")]
+    crcs = [f"{zlib.crc32(np.fromfile(d / 'train.bin', dtype='<u2').tobytes()):08x}" for d in (data, other)]
+    assert len(said) == 1 and re.fullmatch(r"fgpt train: error: --data train\.bin differs across ranks: rank 0 has "
+                                           r"4,000 tokens \(crc32 (\w+)\), rank 1 has 4,000 tokens \(crc32 (\w+)\)",
+                                           said[0]), said
+    assert sorted(re.match(r".*crc32 (\w+).*crc32 (\w+)", said[0]).groups()) == sorted(crcs)  # either is rank 0
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ a rank dies
@@ -297,14 +303,35 @@ def kill_rank_after_checkpoint(out: Path, rank: int, at_least: int, timeout: flo
 
 
 def finished(job: subprocess.Popen, timeout: float) -> str:
-    """The job's stderr once it ends; a job still running after `timeout` is killed, its
-    process group and all (torchrun's workers), and the test fails."""
+    """The job's stderr once it ends; a job still running after `timeout` is killed, the
+    launcher and every process below it, and the test fails."""
     try:
         return job.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_job(job.pid)
         job.communicate()
         raise AssertionError(f"the job did not end within {timeout} s") from None
+
+
+def kill_job(launcher: int) -> None:
+    """SIGKILL the launcher and every process below it (torchrun starts each rank in a
+    session of its own, which killing the launcher's process group would miss)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    below, grew = {launcher}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in below} - below
+        below |= more
+        grew = bool(more)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def start(argv: list[str]) -> subprocess.Popen:

@@ -5,6 +5,9 @@ the {GPT-2 key: tensor} dicts the training step works on, with torch.distributed
 collectives (gloo on the CPU, NCCL on CUDA):
 
 - `World`: this process's place in the job, read from torchrun's environment.
+- `start_together`: before any collective, every rank's word (what it will train with, or
+  the error it met reading it) goes through the job's store, and a rank that differs or
+  failed stops them all alike; `stop_together` brings in a rank that failed earlier.
 - `GradientReducer`: the gradients of one backward pass, cast to float32 into flat buckets
   (in the order backward produces them), each bucket all-reduced asynchronously the moment
   its last gradient arrives, so communication overlaps the rest of the backward pass.
@@ -12,7 +15,10 @@ collectives (gloo on the CPU, NCCL on CUDA):
   AdamW's moments for its own share of the tensors, then sends the updated tensors to all.
 """
 
+import json
 import os
+import signal
+import socket
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,7 +56,8 @@ SINGLE = World()
 def world_from_env(environ=os.environ) -> World:
     """The World torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK (SINGLE when
     WORLD_SIZE is unset). A malformed value, or WORLD_SIZE > 1 without the MASTER_ADDR and
-    MASTER_PORT that torchrun sets, is a one-line UserError."""
+    MASTER_PORT (a port number) that torchrun sets, is a one-line UserError (the endpoint's,
+    one for the whole job, an AgreedError)."""
     if "WORLD_SIZE" not in environ:
         return SINGLE
     values = {}
@@ -67,28 +74,46 @@ def world_from_env(environ=os.environ) -> World:
         if missing:
             raise AgreedError(f"environment: WORLD_SIZE={world.size} without {' and '.join(missing)} (the "
                             f"rendezvous endpoint): start data parallel runs with torchrun")
+        port = environ["MASTER_PORT"]
+        if not (port.isdigit() and 0 < int(port) < 2**16):
+            raise AgreedError(f"environment: MASTER_PORT={port!r} is not a port number (1..65535)")
     return world
 
 
-def join(world: World, device: torch.device) -> None:
-    """Join the process group of a multi-process world (nothing for SINGLE): gloo for the
-    CPU, NCCL for CUDA, through the endpoint torchrun put in the environment.
+# How long a rank waits for the others, to meet and at the start of the run (loading weights and
+# checksumming data may take a while), as torch's own rendezvous does.
+TIMEOUT = timedelta(minutes=10)
 
-    The group's keys live under the torchrun attempt (TORCHELASTIC_RESTART_COUNT): torchrun
-    hands the restarted workers the same store, and without the prefix a restarted rank
-    may read a dead peer's address from the attempt before and hang or fail connecting."""
+
+def meet(world: World, timeout: timedelta = TIMEOUT):
+    """The job's key-value store, at the endpoint in the environment (torchrun's; rank 0's
+    when the environment was set by hand), with this rank connected; None for SINGLE. Its keys live under the torchrun attempt
+    (TORCHELASTIC_RESTART_COUNT): torchrun hands the restarted workers the same store, and
+    without the prefix a restarted rank may read a dead peer's word (or address) from the
+    attempt before and hang or fail connecting."""
+    if world.size == 1:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
+    return _under_attempt(store)
+
+
+def _under_attempt(store):
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fgpt/attempt_{attempt}/", store)
+
+
+def join(world: World, device: torch.device, store) -> None:
+    """Join the process group of a multi-process world (nothing for SINGLE) through `store`
+    (from `meet`): gloo for the CPU, NCCL for CUDA. Called once the ranks agree
+    (`start_together`), so every rank asks for the same backend."""
     if world.size == 1 or dist.is_initialized():
         return
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device.type}: data parallel training runs on cpu or cuda")
+        raise AgreedError(f"--device {device.type}: data parallel training runs on cpu or cuda")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device
-    timeout = timedelta(minutes=10)
-    store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"fgpt/attempt_{attempt}/", store), rank=world.rank,
-                            world_size=world.size, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=TIMEOUT)
 
 
 def leave() -> None:
@@ -130,22 +155,188 @@ def any_rank(world: World, flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def check_same_data(world: World, arrays: dict[str, np.ndarray], device) -> None:
-    """Every rank must train on the same tokens: a UserError on every rank (said by rank
-    0) naming the first rank whose arrays differ from rank 0's in length or CRC-32."""
+# ------------------------------------------------------- the start of a run
+
+
+def start_together(world: World, store, prepare, facts):
+    """-> prepare(), on every rank, once the ranks agree: every rank's prepare() returned
+    and facts(its value) ({what: a JSON value}) are the same on every rank. Otherwise every
+    rank raises the same AgreedError (rank 0 alone says it): the error of the first rank
+    that met one (a UserError from prepare), prefixed "rank r: " unless every rank met it
+    alike; or the first fact that differs, with both values ("--lr differs across ranks:
+    rank 0 has 0.0006, rank 1 has 0.001"). Nothing has run a collective yet, so a rank
+    that differs (a model of another shape, --shard_optimizer on one rank) cannot hang or
+    abort one. Any other exception from prepare() is posted as that rank's error too (so the
+    others stop), then raised there. `store`: from `meet`; once per process and torchrun
+    attempt (the words stay in the store). In a single process: prepare()'s value, its
+    errors as they are."""
     if world.size == 1:
-        return
-    crc = lambda a: zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))  # no copy of a memmap
-    mine = torch.tensor([v for a in arrays.values() for v in (len(a), crc(a))], device=device)
-    every = [torch.empty_like(mine) for _ in range(world.size)]
-    dist.all_gather(every, mine)
-    for rank, theirs in enumerate(every):
-        if not torch.equal(theirs, every[0]):
-            i = next(i for i in range(0, len(mine), 2) if not torch.equal(theirs[i : i + 2], every[0][i : i + 2]))
-            name = list(arrays)[i // 2]
-            raise AgreedError(f"rank {rank} reads a different {name} from rank 0's ({theirs[i]:,} tokens, crc32 "
-                            f"{int(theirs[i + 1]):08x}, against {every[0][i]:,}, {int(every[0][i + 1]):08x}): "
-                            f"give every rank the same --data")
+        return prepare()
+    try:
+        value = prepare()
+        post = {"facts": facts(value)}
+    except UserError as e:
+        value, post = None, {"error": str(e)}
+    except Exception as e:  # a bug or a crash (out of memory): its traceback is this rank's, the others stop
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _post(store, world.rank, {"world_size": world.size, "error": f"{type(e).__name__}: {first}"})
+        _gather(world, store)  # the others wait for this rank to have read their words
+        raise
+    _post(store, world.rank, {"world_size": world.size, **post})
+    verdict = disagreement(_gather(world, store))
+    if verdict is not None:
+        raise AgreedError(verdict)
+    return value
+
+
+def stop_together(error: UserError, environ=os.environ) -> UserError:
+    """-> the error a rank of a data-parallel job prints for `error`, as it is about to exit
+    (cli.main). A rank that met `error` before the start of the run (reading its flags or
+    config file) takes its place in `start_together` with it, so the others stop at once
+    instead of waiting for it: -> the AgreedError every rank raises there. Any other error
+    (outside such a job, or once the rank has spoken at the start) is returned as it is.
+    From then on the process ignores SIGTERM: torchrun sends it to the ranks still running
+    once the first has exited, which would turn their own exit (status 2, a moment later)
+    into a kill."""
+    agreed = error if isinstance(error, AgreedError) else _said_at_start(error, environ)
+    if environ.get("WORLD_SIZE", "1") != "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return agreed
+
+
+def _said_at_start(error: UserError, environ) -> UserError:
+    try:
+        world = world_from_env(environ)
+    except UserError:
+        return _said_as_outsider(error, environ)
+    hosts = world.rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # rank 0's own store
+    if world.size == 1 or not (hosts or _listening(environ)):
+        return error
+    try:
+        store = meet(world, timeout=timedelta(seconds=30))
+    except RuntimeError:  # this rank cannot reach the others: it speaks for itself
+        return error
+    if not _post(store, world.rank, {"world_size": world.size, "error": str(error)}):
+        return error
+    try:
+        return AgreedError(disagreement(_gather(world, store)))
+    except UserError as e:  # the others did not come
+        return e
+
+
+# The place at the start of a process whose own RANK, WORLD_SIZE or LOCAL_RANK names no rank
+# of the job (a wrapper that sets them wrongly): the ranks stop when they hear from it.
+OUTSIDER = -1
+
+
+def _said_as_outsider(error: UserError, environ) -> UserError:
+    """`error` told to the job's ranks from OUTSIDER's place, by a process that names no rank
+    of the job but has its endpoint: -> the AgreedError, once a rank has heard it. Where
+    there is no job to reach (no endpoint, nothing listening), `error`."""
+    port, size = environ.get("MASTER_PORT", ""), environ.get("WORLD_SIZE", "")
+    if not (environ.get("MASTER_ADDR") and port.isdigit() and 0 < int(port) < 2**16 and size.isdigit()
+            and _listening(environ)):
+        return error
+    try:
+        store = _under_attempt(dist.TCPStore(environ["MASTER_ADDR"], int(port), is_master=False,
+                                             timeout=timedelta(seconds=30)))
+    except RuntimeError:
+        return error
+    if not _post(store, OUTSIDER, {"error": str(error)}):
+        return error  # another outsider spoke first
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
+    try:
+        while not any(store.check([f"read/{rank}"]) for rank in range(int(size))):
+            _wait(deadline, "no rank heard a process outside the job's ranks")
+    except UserError as e:
+        return e
+    store.set(f"read/{OUTSIDER}", "")
+    return AgreedError(disagreement({OUTSIDER: {"error": str(error)}}))
+
+
+def _listening(environ) -> bool:
+    """Whether something listens at MASTER_ADDR:MASTER_PORT, asked with a plain socket (a
+    TCPStore that cannot connect retries until its timeout, then writes a C++ stack to
+    stderr)."""
+    try:
+        socket.create_connection((environ["MASTER_ADDR"], int(environ["MASTER_PORT"])), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _post(store, rank: int, post: dict) -> bool:
+    """Put the word at the start of `rank` (or OUTSIDER) in the store, unless it is there
+    already: -> whether it was put now."""
+    text = json.dumps(post)
+    return store.compare_set(f"start/{rank}", "", text) == text.encode()
+
+
+def _gather(world: World, store) -> dict[int, dict]:
+    """-> {rank: its word at the start}: every rank's, or fewer as soon as one names another
+    WORLD_SIZE or OUTSIDER has spoken (waiting would be for ranks that will not come). Then
+    waits until every rank it heard has read the others' words too, so that none leaves
+    (taking the store with it, when it hosts it) before. A rank not heard within TIMEOUT is
+    a UserError."""
+    posts, deadline = {}, time.monotonic() + TIMEOUT.total_seconds()
+    while True:
+        for rank in (OUTSIDER, *range(world.size)):
+            if rank not in posts and store.check([f"start/{rank}"]):
+                posts[rank] = json.loads(store.get(f"start/{rank}"))
+        if len(posts) == world.size or OUTSIDER in posts or \
+                any(p["world_size"] != world.size for p in posts.values()):
+            break
+        _wait(deadline, f"rank {min(set(range(world.size)) - set(posts))} did not reach the start of the run")
+    store.set(f"read/{world.rank}", "")
+    while not store.check([f"read/{rank}" for rank in posts]):
+        _wait(deadline, "a rank did not read the others' word at the start of the run")
+    return posts
+
+
+def _wait(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise UserError(f"data parallel: {what} within {TIMEOUT.total_seconds():.0f} s")
+    time.sleep(0.01)
+
+
+def disagreement(posts: dict[int, dict]) -> str | None:
+    """What the ranks' words at the start disagree on, in one line; None if nothing.
+    posts: {rank: {"world_size": N, "error": message} or {"world_size": N, "facts": {what:
+    value}}}, rank 0's among them, or {OUTSIDER: {"error": message}} among them."""
+    if OUTSIDER in posts:
+        return f"a process outside the job's ranks: {posts[OUTSIDER]['error']}"
+    ranks = sorted(posts)
+    sizes = [posts[r]["world_size"] for r in ranks]
+    if len(set(sizes)) > 1:
+        other = next(r for r in ranks if posts[r]["world_size"] != sizes[0])
+        return _differs("WORLD_SIZE", ranks[0], sizes[0], other, posts[other]["world_size"])
+    errors = [(r, posts[r]["error"]) for r in ranks if "error" in posts[r]]
+    if errors:
+        rank, message = errors[0]
+        alike = len(errors) == len(ranks) and all(m == message for _, m in errors)
+        return message if alike else f"rank {rank}: {message}"
+    facts = {r: posts[r]["facts"] for r in ranks}
+    labels = dict.fromkeys(label for r in ranks for label in facts[r])  # rank 0's order first
+    for label in labels:
+        mine = facts[0].get(label, _MISSING)
+        other = next((r for r in ranks if facts[r].get(label, _MISSING) != mine), None)
+        if other is not None:
+            return _differs(label, 0, mine, other, facts[other].get(label, _MISSING))
+    return None
+
+
+_MISSING = "nothing"
+
+
+def _differs(label: str, a: int, value_a, b: int, value_b) -> str:
+    return f"{label} differs across ranks: rank {a} has {value_a}, rank {b} has {value_b}"
+
+
+def crc32(x) -> int:
+    """The CRC-32 of a tensor's or array's bytes (as laid out in memory, row-major)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+    return zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B"))  # no copy of a memmap
 
 
 class GradientReducer:
