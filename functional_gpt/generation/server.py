@@ -246,6 +246,42 @@ class ChatResponse(BaseModel):
     usage: Usage
 
 
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None  # the last chunk's, with stream_options.include_usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"]
@@ -266,7 +302,16 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorBody, "description": "OpenAI's error object"} for status in statuses}
 
 
-STREAM = {"text/event-stream": {"schema": {"type": "string"}}}  # server-sent events, with "stream": true
+def _events(chunk: type[BaseModel]) -> dict:
+    """The server-sent events of a stream ("stream": true), as OpenAPI 3.1 describes one
+    event: its data a JSON chunk, a JSON error object (a stream cut short) or [DONE]."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorBody"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
+    return {"text/event-stream": {"schema": event}}
+
+
 # The framework's own errors can meet any path; 415 and 413 any body.
 COMMON = _errors(400, 404, 405, 413, 415)
 GENERATION = COMMON | _errors(429, 500, 503)
@@ -276,16 +321,19 @@ GENERATION = COMMON | _errors(429, 500, 503)
 
 
 class APIError(Exception):
+    """An error answer: its status, OpenAI's error object, and any headers it needs (Allow)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 SHUTTING_DOWN = APIError(503, "the server is shutting down", None, "shutting_down", "server_error")
@@ -369,7 +417,8 @@ def _http_error(request: HTTPRequest, exc: HTTPException) -> APIError:
         return APIError(404, f"{where}: no such endpoint", None, "not_found")
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
-        return APIError(405, f"{where}: method not allowed (allowed: {allowed})", None, "method_not_allowed")
+        return APIError(405, f"{where}: method not allowed (allowed: {allowed})", None, "method_not_allowed",
+                        headers={"Allow": allowed})
     if exc.status_code == 413:
         return APIError(413, exc.detail, None, "body_too_large")
     cause = exc.__cause__  # FastAPI raises its 400 "error parsing the body" from the reason
@@ -532,16 +581,20 @@ def create_app(server: Server) -> FastAPI:
     config = server.config
 
     def openapi() -> dict:
-        """FastAPI's document, with the model's own bounds on token ids and max_tokens."""
+        """FastAPI's document, with the stream chunks' shapes and the model's own bounds on
+        token ids and max_tokens."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for model in (CompletionChunk, ChatChunk):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                doc["components"]["schemas"] |= schema.pop("$defs", {}) | {model.__name__: schema}
             ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"]
             for item in (ids[2]["items"], ids[3]["items"]["items"]):
                 item["maximum"] = config.vocab_size - 1
-            for body in ("CompletionBody", "ChatBody"):
-                for name, field in doc["components"]["schemas"][body]["properties"].items():
-                    if name in ("max_tokens", "max_completion_tokens"):
-                        field["anyOf"][0]["maximum"] = config.n_positions
+            # the fields that always set the completion's length (chat's max_tokens yields
+            # to max_completion_tokens) cannot pass the context
+            for body, name in (("CompletionBody", "max_tokens"), ("ChatBody", "max_completion_tokens")):
+                doc["components"]["schemas"][body]["properties"][name]["anyOf"][0]["maximum"] = config.n_positions
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -580,7 +633,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "stream_options: only allowed with \"stream\": true", "stream_options")
 
     @app.post("/v1/completions", response_model=None,
-              responses={200: {"model": CompletionResponse, "content": STREAM}} | GENERATION)
+              responses={200: {"model": CompletionResponse, "content": _events(CompletionChunk)}} | GENERATION)
     async def completions(body: CompletionBody, http: HTTPRequest):
         check_body(body)
         server.check_room(len(body.prompt), body.n)
@@ -589,7 +642,7 @@ def create_app(server: Server) -> FastAPI:
         return await respond(body, http, prompts, requests, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None,
-              responses={200: {"model": ChatResponse, "content": STREAM}} | GENERATION)
+              responses={200: {"model": ChatResponse, "content": _events(ChatChunk)}} | GENERATION)
     async def chat(body: ChatBody, http: HTTPRequest):
         check_body(body)
         server.check_room(1, body.n)
