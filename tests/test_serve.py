@@ -295,7 +295,8 @@ LIMITS = "expected a finite number in"
         (ROOM | {"stop": ""}, "stop", "stop: expected a non-empty string or a list"),
         (ROOM | {"stop": [""]}, "stop", "stop: expected a non-empty string or a list"),
         (ROOM | {"stop": [1]}, "stop", "stop: expected a non-empty string or a list"),
-        (ROOM | {"echo": "yes"}, "echo", "echo: Input should be a valid boolean, got 'yes' (a str)"),
+        (ROOM | {"echo": "yes"}, "echo", "echo: expected True or False, got 'yes' (a str)"),
+        (ROOM | {"stream": 1}, "stream", "stream: expected True or False, got 1 (an int)"),
         (ROOM | {"stream_options": {"include_usage": True}}, "stream_options", "only allowed with \"stream\": true"),
         (ROOM | {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options",
          "stream_options.include_usage: Input should be a valid boolean"),
@@ -410,12 +411,15 @@ def test_a_chunked_body_over_the_limit_is_a_413(server, client):
          lambda c: c["finish_reason"] == "length"),
         ({"prompt": "a", "max_tokens": 3, "repetition_penalty": 1e6, "frequency_penalty": -2, "presence_penalty": 2},
          lambda c: c["finish_reason"] == "length"),
+        ({"prompt": PROMPT, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stop": None,
+          "presence_penalty": None, "echo": None, "stream": None, "logprobs": None, "seed": None, "min_p": None},
+         lambda c: c["finish_reason"] == "length" and c["logprobs"] is None),  # null: OpenAI's default
     ],
 )
 def test_edges_of_every_range_get_the_right_answer(server, body, check):
     status, reply = post(server, "/v1/completions", body)
     assert status == 200 and all(check(c) for c in reply["choices"]), reply
-    assert len(reply["choices"]) == body.get("n", 1) * (len(body["prompt"]) if isinstance(body["prompt"][0], list)
+    assert len(reply["choices"]) == (body.get("n") or 1) * (len(body["prompt"]) if isinstance(body["prompt"][0], list)
                                                         else 1)
 
 

@@ -203,3 +203,15 @@ def test_a_failing_shared_decode_step_ends_every_stream_it_held_with_an_error(mo
         assert events[-1] == "[DONE]" and "the batched decode step failed: RuntimeError: injected" in \
             events[-2]["error"]["message"]
     assert after[0] == 200 and after[1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_unexpected_exception_is_a_500_in_openai_shape(monkeypatch):
+    """A bug anywhere in a handler still answers with OpenAI's error object."""
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Server, "requests_for", broken)
+    with running(TRAINED) as (port, _):
+        status, reply = post(port, {"prompt": [1], "max_tokens": 2})
+    assert status == 500 and reply == {"error": {"message": "internal error: RuntimeError: a bug",
+                                                 "type": "server_error", "param": None, "code": None}}

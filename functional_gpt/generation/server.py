@@ -30,6 +30,7 @@ request in flight at once (a stream with an error event saying so, then [DONE]).
 """
 
 import asyncio
+import copy
 import json
 import socket
 import sys
@@ -47,7 +48,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from ..checks import check_int, check_number, describe
+from ..checks import check_bool, check_int, check_number, describe
 from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
@@ -60,28 +61,29 @@ MAX_N, MAX_STOPS = 16, 4  # OpenAI's
 MAX_TEMPERATURE = 2.0  # OpenAI's range; the sampling rule alone allows more
 MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64 (the engine takes 0..2**64-1)
 CHAT_STOP = "\nUser:"
+NULL = {"type": "null"}
 
 
 # ----------------------------------------------------------------------------- request bodies
 
 
-def checked(check, schema: dict):
+def checked(check, schema: dict, default, *, null=...):
     """The type of a request field checked by `check(name, value)` (a library rule,
-    through checks.py): a UserError becomes a 400 naming the field in the rule's words;
-    `schema` says the same in /openapi.json."""
+    through checks.py): a UserError becomes a 400 naming the field in the rule's words.
+    `default` when absent; JSON null, which OpenAI allows for its fields, means the
+    default too (or `null` when given). `schema`, and null, say the same in /openapi.json."""
+    null = default if null is ... else null
 
     def validate(value, info):
+        value = null if value is None else value
+        if value is None:
+            return None
         try:
             return check(info.field_name, value)
         except UserError as e:
             raise PydanticCustomError("checked", "{message}", {"message": str(e)}) from None
 
-    return Annotated[Any, BeforeValidator(validate), WithJsonSchema(schema)]
-
-
-def optional(check):
-    """`check`, letting None (JSON null) through."""
-    return lambda name, value: None if value is None else check(name, value)
+    return Annotated[Any, Field(default), BeforeValidator(validate), WithJsonSchema({"anyOf": [schema, NULL]})]
 
 
 def api_temperature(name: str, value) -> float:
@@ -119,8 +121,8 @@ def check_prompt(name: str, value) -> list:
                     f"of token-id lists, got {describe(value)}")
 
 
-NULL = {"type": "null"}
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+PENALTY = {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY}
 
 
 class StreamOptions(BaseModel):
@@ -136,38 +138,36 @@ class GenerationFields(BaseModel):
 
     model: str | None = None
     temperature: checked(api_temperature, {"anyOf": [{"type": "number", "const": 0}, {
-        "type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}]}) = 1.0
-    top_p: checked(RULES["top_p"], {"type": "number", "exclusiveMinimum": 0, "maximum": 1}) = 1.0
-    n: checked(lambda name, v: check_int(name, v, 1, MAX_N), {"type": "integer", "minimum": 1, "maximum": MAX_N}) = 1
-    stream: StrictBool = False
+        "type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}]}, 1.0)
+    top_p: checked(RULES["top_p"], {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, 1.0)
+    n: checked(lambda name, v: check_int(name, v, 1, MAX_N), {"type": "integer", "minimum": 1, "maximum": MAX_N}, 1)
+    stream: checked(check_bool, {"type": "boolean"}, False)
     stream_options: StreamOptions | None = None
     stop: checked(check_stop, {"anyOf": [{"type": "string", "minLength": 1}, {
-        "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOPS}, NULL]}) = None
-    presence_penalty: checked(check_penalty, {"type": "number", "minimum": -MAX_PENALTY,
-                                                      "maximum": MAX_PENALTY}) = 0.0
-    frequency_penalty: checked(check_penalty, {"type": "number", "minimum": -MAX_PENALTY,
-                                                       "maximum": MAX_PENALTY}) = 0.0
-    seed: checked(optional(lambda name, v: check_int(name, v, 0, MAX_SEED)), {"anyOf": [{
-        "type": "integer", "minimum": 0, "maximum": MAX_SEED}, NULL]}) = None
+        "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOPS}]}, ())
+    presence_penalty: checked(check_penalty, PENALTY, 0.0)
+    frequency_penalty: checked(check_penalty, PENALTY, 0.0)
+    seed: checked(lambda name, v: check_int(name, v, 0, MAX_SEED), {"type": "integer", "minimum": 0,
+                                                                    "maximum": MAX_SEED}, None)
     user: str | None = None
     # our extra sampling rules (send them in the openai client's extra_body)
-    top_k: checked(RULES["top_k"], {"anyOf": [{"type": "integer", "minimum": 1}, NULL]}) = None
-    min_p: checked(RULES["min_p"], {"type": "number", "minimum": 0, "exclusiveMaximum": 1}) = 0.0
+    top_k: checked(RULES["top_k"], {"type": "integer", "minimum": 1}, None)
+    min_p: checked(RULES["min_p"], {"type": "number", "minimum": 0, "exclusiveMaximum": 1}, 0.0)
     repetition_penalty: checked(RULES["repetition_penalty"], {
-        "type": "number", "minimum": MIN_REPETITION_PENALTY, "maximum": MAX_REPETITION_PENALTY}) = 1.0
+        "type": "number", "minimum": MIN_REPETITION_PENALTY, "maximum": MAX_REPETITION_PENALTY}, 1.0)
 
 
-MAX_TOKENS = {"anyOf": [{"type": "integer", "minimum": 0}, NULL]}
+LENGTH = {"type": "integer", "minimum": 0}
 
 
 class CompletionBody(GenerationFields):
     prompt: checked(check_prompt, {"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, IDS | {"minItems": 1},
-        {"type": "array", "items": IDS, "minItems": 1}]}) = "<|endoftext|>"
-    max_tokens: checked(optional(lambda name, v: check_int(name, v, 0)), MAX_TOKENS) = 16
-    logprobs: checked(optional(check_logprobs), {"anyOf": [
-        {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}, NULL]}) = None
-    echo: StrictBool = False
+        {"type": "array", "items": IDS, "minItems": 1}]}, "<|endoftext|>")
+    # absent: 16; null: up to the context
+    max_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, 16, null=None)
+    logprobs: checked(check_logprobs, {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}, None)
+    echo: checked(check_bool, {"type": "boolean"}, False)
 
 
 class Message(BaseModel):
@@ -178,8 +178,8 @@ class Message(BaseModel):
 
 class ChatBody(GenerationFields):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: checked(optional(lambda name, v: check_int(name, v, 0)), MAX_TOKENS) = None
-    max_completion_tokens: checked(optional(lambda name, v: check_int(name, v, 0)), MAX_TOKENS) = None
+    max_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, None)
+    max_completion_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, None)
 
 
 # ----------------------------------------------------------------------------- response shapes (for /openapi.json)
@@ -348,9 +348,9 @@ class BodyTooLarge(HTTPException):
 
 class BodyLimit:
     """ASGI middleware: a body over MAX_BODY_BYTES is refused (413) by its Content-Length
-    before any of it is read, else as soon as the bytes received pass the limit (a chunked
-    body). The rest of the body is drained first, up to 8 times the limit, so that the
-    client, still sending, reads the answer instead of a reset connection."""
+    before any of it is kept, else as soon as the bytes received pass the limit (a chunked
+    body). What the client is still sending is drained first (up to 8 times the limit,
+    while it keeps coming), so that it reads the answer instead of a reset connection."""
 
     def __init__(self, app):
         self.app = app
@@ -378,9 +378,14 @@ class BodyLimit:
 
 
 async def _drain(receive) -> None:
+    """Read and drop the rest of a body, until it ends, stops coming for half a second
+    (a Content-Length the client never meant to send) or passes 8 times the limit."""
     drained = 0
     while drained < 8 * MAX_BODY_BYTES:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), 0.5)
+        except TimeoutError:
+            return
         drained += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body"):
             return
@@ -584,11 +589,11 @@ def create_app(server: Server) -> FastAPI:
         """FastAPI's document, with the stream chunks' shapes and the model's own bounds on
         token ids and max_tokens."""
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))  # edited
             for model in (CompletionChunk, ChatChunk):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 doc["components"]["schemas"] |= schema.pop("$defs", {}) | {model.__name__: schema}
-            ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"]
+            ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"][0]["anyOf"]
             for item in (ids[2]["items"], ids[3]["items"]["items"]):
                 item["maximum"] = config.vocab_size - 1
             # the fields that always set the completion's length (chat's max_tokens yields
@@ -611,6 +616,10 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc: Exception):  # uvicorn still logs the traceback
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, None, "server_error").response()
 
     @app.get("/health", response_model=Health, responses=COMMON | _errors(503))
     async def health():
