@@ -357,6 +357,8 @@ def raw(base: str, method: str, path: str, body: bytes = b"", headers: dict | No
          "Content-Type: expected application/json, got 'text/plain'"),
         ("POST", "/v1/completions", b"x" * (5 * 2**20), None, 413,
          "body: a Content-Length of 5242880 bytes is more than the 4194304 bytes this server reads"),
+        ("POST", "/v1/completions", b"{}", {"Content-Length": "10000000"}, 413,  # bytes that never come
+         "body: a Content-Length of 10000000 bytes is more than the 4194304 bytes"),
     ],
 )
 def test_the_frameworks_own_errors_are_openai_errors(server, client, method, path, body, headers, status, words):
