@@ -291,6 +291,7 @@ LIMITS = "expected a finite number in"
         (ROOM | {"seed": 2**63}, "seed", "seed: expected an integer in 0..9223372036854775807"),
         (ROOM | {"seed": -1}, "seed", "seed: expected an integer in 0..9223372036854775807, got -1"),
         (ROOM | {"max_tokens": 10**400}, "max_tokens", "maximum context length"),
+        (ROOM | {"temperature": 10**400}, "temperature", "got an int of 1329 bits"),  # beyond float range
         (ROOM | {"max_tokens": 2.0}, "max_tokens", "max_tokens: expected an integer >= 0, got 2.0 (a float)"),
         (ROOM | {"stop": ""}, "stop", "stop: expected a non-empty string or a list"),
         (ROOM | {"stop": [""]}, "stop", "stop: expected a non-empty string or a list"),
