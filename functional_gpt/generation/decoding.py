@@ -85,7 +85,8 @@ def generate(
         raise UserError("prompts: expected a list of token-id lists, e.g. [encode(text)]")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("prompt: empty (give at least one token)")
-    bad = [t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size][:1]  # None is a bad id too
+    # a list, not next(..., None): None is a bad id too
+    bad = [t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size][:1]
     if bad:
         raise UserError(f"prompt: token id {bad[0]!r} is out of range for vocab_size={config.vocab_size}")
     if generators is not None and len(generators) != len(prompts):

@@ -37,7 +37,7 @@ from ..checks import check_bool, check_callable, check_int, check_number, descri
 from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.params import Params
-from ..model.tokenizer import ENDOFTEXT_ID, decode
+from ..model.tokenizer import decode
 from ..model.transformer import decode_step, forward_cached, new_cache
 from .decoding import MAX_SEED, TextStream
 from .sampling import Sampling, sample

@@ -52,8 +52,8 @@ from ..checks import check_bool, check_int, check_number, describe
 from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
-from .engine import (MAX_LOGPROBS, MAX_PENALTY, Done, Engine, Prompt, QueueFull, Request, Token, check_logprobs,
-                     check_penalty, token_text)
+from .engine import (MAX_LOGPROBS, MAX_PENALTY, Done, Engine, Prompt, QueueFull, Request, check_logprobs, check_penalty,
+                     token_text)
 from .sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, RULES, Sampling
 
 MAX_BODY_BYTES = 4 * 2**20  # far above any prompt that fits a context, far below a memory problem
@@ -336,7 +336,8 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-SHUTTING_DOWN = APIError(503, "the server is shutting down", None, "shutting_down", "server_error")
+def shutting_down() -> APIError:  # a new one each time: a raised exception keeps its traceback
+    return APIError(503, "the server is shutting down", None, "shutting_down", "server_error")
 
 
 class BodyTooLarge(HTTPException):
@@ -371,7 +372,7 @@ class BodyLimit:
             if received > MAX_BODY_BYTES:
                 if message.get("more_body"):
                     await _drain(receive)
-                raise BodyTooLarge(f"a body of more than {received} bytes")
+                raise BodyTooLarge(f"a body of at least {received} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -521,13 +522,17 @@ class Server:
                                    prompt_logprobs, body.presence_penalty, body.frequency_penalty))
         return out
 
+    def check_serving(self) -> None:
+        """A 503 while the server shuts down or if its engine's thread has stopped."""
+        if self.closing:
+            raise shutting_down()
+        if not self.thread.is_alive():
+            raise APIError(503, "the engine has stopped (the server's log says why)", None, None, "server_error")
+
     def submit_all(self, requests: list[Request]):
         """-> (handles, one asyncio queue of events per request); 503 while closing, 429
         when the queue is full now."""
-        if self.closing:
-            raise SHUTTING_DOWN
-        if not self.thread.is_alive():
-            raise APIError(503, "the engine has stopped (the server's log says why)", None, None, "server_error")
+        self.check_serving()
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in requests]
         handles = []
@@ -546,7 +551,7 @@ class Server:
         if done.reason == "error":
             return APIError(500, f"the server failed to compute this completion: {done.error}", None,
                             "generation_failed", "server_error")
-        return SHUTTING_DOWN if self.closing else APIError(500, "the completion was cancelled", None, "cancelled",
+        return shutting_down() if self.closing else APIError(500, "the completion was cancelled", None, "cancelled",
                                                            "server_error")
 
 
@@ -572,6 +577,23 @@ def _logprobs_block(entries, top_wanted: int | None, ids: list[int]) -> dict:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+def _document(app: FastAPI, config: GPTConfig) -> dict:
+    """FastAPI's OpenAPI document of `app`, with the stream chunks' shapes and the model's
+    own bounds on token ids and max_tokens."""
+    doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))  # edited below
+    for model in (CompletionChunk, ChatChunk):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        doc["components"]["schemas"] |= schema.pop("$defs", {}) | {model.__name__: schema}
+    ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"][0]["anyOf"]
+    for item in (ids[2]["items"], ids[3]["items"]["items"]):
+        item["maximum"] = config.vocab_size - 1
+    # the fields that always set the completion's length (chat's max_tokens yields to
+    # max_completion_tokens) cannot pass the context
+    for body, name in (("CompletionBody", "max_tokens"), ("ChatBody", "max_completion_tokens")):
+        doc["components"]["schemas"][body]["properties"][name]["anyOf"][0]["maximum"] = config.n_positions
+    return doc
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -585,22 +607,9 @@ def create_app(server: Server) -> FastAPI:
     app.add_middleware(BodyLimit)
     config = server.config
 
-    def openapi() -> dict:
-        """FastAPI's document, with the stream chunks' shapes and the model's own bounds on
-        token ids and max_tokens."""
+    def openapi() -> dict:  # built once, on first use, as FastAPI's own is
         if app.openapi_schema is None:
-            doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))  # edited
-            for model in (CompletionChunk, ChatChunk):
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                doc["components"]["schemas"] |= schema.pop("$defs", {}) | {model.__name__: schema}
-            ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"][0]["anyOf"]
-            for item in (ids[2]["items"], ids[3]["items"]["items"]):
-                item["maximum"] = config.vocab_size - 1
-            # the fields that always set the completion's length (chat's max_tokens yields
-            # to max_completion_tokens) cannot pass the context
-            for body, name in (("CompletionBody", "max_tokens"), ("ChatBody", "max_completion_tokens")):
-                doc["components"]["schemas"][body]["properties"][name]["anyOf"][0]["maximum"] = config.n_positions
-            app.openapi_schema = doc
+            app.openapi_schema = _document(app, config)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -618,15 +627,12 @@ def create_app(server: Server) -> FastAPI:
         return exc.response()
 
     @app.exception_handler(Exception)
-    async def bug(request, exc: Exception):  # uvicorn still logs the traceback
+    async def unexpected(request, exc: Exception):  # uvicorn still logs the traceback
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, None, "server_error").response()
 
     @app.get("/health", response_model=Health, responses=COMMON | _errors(503))
     async def health():
-        if server.closing:
-            raise SHUTTING_DOWN
-        if not server.thread.is_alive():
-            raise APIError(503, "the engine has stopped (the server's log says why)", None, None, "server_error")
+        server.check_serving()
         return {"status": "ok"}
 
     @app.get("/v1/models", response_model=ModelList, responses=COMMON)
