@@ -31,6 +31,8 @@ def describe(value) -> str:
     if isinstance(value, torch.Tensor):
         where = "" if value.device.type == "cpu" else f" on {value.device}"
         return f"{_a(str(value.dtype).removeprefix('torch.'))} tensor {list(value.shape)}{where}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an int of {value.bit_length()} bits"  # repr may refuse (Python's 4300-digit limit)
     if isinstance(value, (bool, int, float, str)):
         text = repr(value)
         return f"{text[:60]}{'...' if len(text) > 60 else ''} ({_a(type(value).__name__)})"
@@ -74,7 +76,10 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
                  low_open: bool = False, high_open: bool = False, finite: bool = True) -> float:
     """value as a float within its bounds: [low, high], or open at an end (low_open: > low)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    plain = float(value) if ok else math.nan
+    try:
+        plain = float(value) if ok else math.nan
+    except OverflowError:  # an int beyond float range (JSON allows any number of digits)
+        plain = math.inf if value > 0 else -math.inf
     if ok and math.isnan(plain):
         ok = False
     if ok and finite and not math.isfinite(plain):
@@ -130,13 +135,14 @@ def check_float_dtype(name: str, value) -> torch.dtype:
 
 
 _KINDS = {"float": torch.Tensor.is_floating_point,
-          "integer": lambda t: not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool}
+          "integer": lambda t: not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+          "bool": lambda t: t.dtype == torch.bool}
 
 
 def check_tensor(name: str, value, *, dims: str | None = None, kind: str | None = None,
                  shape: tuple | None = None, device: torch.device | None = None) -> torch.Tensor:
     """value, a torch.Tensor: of len(dims.split()) dimensions when `dims` names them
-    ("B T"), of `kind` "float" or "integer", of `shape` (None entries match any size), on
+    ("B T"), of `kind` "float", "integer" or "bool", of `shape` (None entries match any size), on
     `device`."""
     want = f"{'an' if kind == 'integer' else 'a'} {kind + ' ' if kind else ''}tensor"
     if dims:

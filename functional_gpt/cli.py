@@ -64,10 +64,10 @@ def _serve(args) -> int:
 
 def _generate(args) -> int:
     from .generation.decoding import print_samples
-    from .generation.sampling import Sampling
+    from .generation.sampling import RULES, Sampling
 
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                        repetition_penalty=args.repetition_penalty, greedy=args.greedy)
+    # Sampling's own rules, called with the flags' names so that a refusal names the flag
+    sampling = Sampling(**{name: rule(f"--{name}", getattr(args, name)) for name, rule in RULES.items()})
     prompt = _text("--prompt", args.prompt)
     if prompt == "-":
         try:
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max_batch", type=int, default=8, metavar="N", help="requests decoded together (rows)")
     srv.add_argument("--max_queue", type=int, default=64, metavar="N",
-                     help="requests that may wait for a row; beyond it, 429")
+                     help="completions that may wait for a row: beyond it, 429 (busy); a request of more "
+                          "completions than N is a 400")
     _device_flag(srv)
     srv.set_defaults(run=_serve)
 

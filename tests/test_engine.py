@@ -1,10 +1,17 @@
 """The continuous-batching engine, driven step by step (no HTTP): admission into free
-rows, retirement, cancellation, OpenAI's penalties against their closed form, idle rows."""
+rows, retirement, cancellation, OpenAI's penalties against their closed form, idle rows,
+a generated <|endoftext|>, failures that belong to one request, checked fields."""
 
+import re
+
+import pytest
 import torch
 
-from functional_gpt import decode_step, forward, forward_cached, new_cache
+from functional_gpt import (GPTConfig, UserError, decode_step, flatten, forward, forward_cached, init_params, new_cache,
+                            unflatten)
+from functional_gpt.generation import engine as engine_module
 from functional_gpt.generation.engine import Done, Engine, Request, Token
+from functional_gpt.model.tokenizer import ENDOFTEXT_ID
 from functional_gpt.generation.decoding import generate
 from functional_gpt.generation.sampling import Sampling
 
@@ -89,3 +96,98 @@ def test_idle_rows_of_a_decode_step_keep_their_length_and_their_cache():
     assert cache.lengths == (7, 6) and torch.equal(cache.k[:, 1], before)
     expected = forward(PARAMS, torch.cat([tokens[:1], torch.tensor([[5]])], 1), TINY)[0, -1]
     assert torch.allclose(logits[0], expected, atol=1e-5)
+
+
+# --- a generated <|endoftext|>, a failure that belongs to its request, checked fields --------------
+
+
+def test_a_generated_endoftext_is_a_token_event_with_its_logprob_then_the_row_stops():
+    """<|endoftext|> is sent as a Token like any other (lm-eval needs its log-prob), with
+    the text it made final, and ends the row: Done "stop" counting it."""
+    config = GPTConfig(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    flat = {k: v.clone() for k, v in flatten(init_params(config, seed=0)).items()}
+    flat["ln_f.weight"].zero_()
+    flat["ln_f.bias"].fill_(1.0)
+    flat["wte.weight"][ENDOFTEXT_ID] = 0.5  # along ln_f's output: greedy always picks it
+    params = unflatten(flat)
+    engine = Engine(params, config, max_batch=1)
+    events = []
+    engine.submit(Request((5, 6), 4, GREEDY, logprobs=1), events.append)
+    while engine.busy:
+        engine.step()
+    token, done = events
+    expected = torch.log_softmax(forward(params, torch.tensor([[5, 6]]), config)[0, -1], -1)[ENDOFTEXT_ID]
+    assert isinstance(token, Token) and token.id == ENDOFTEXT_ID and token.text == ""
+    assert abs(token.logprob - float(expected)) < 1e-5 and list(token.top) == [ENDOFTEXT_ID]
+    assert done.reason == "stop" and done.new_tokens == 1
+
+
+def breaking(monkeypatch, name, broken):
+    """engine.<name> raises RuntimeError("boom") when broken(*args, **kwargs), else works."""
+    real = getattr(engine_module, name)
+
+    def maybe(*args, **kwargs):
+        if broken(*args, **kwargs):
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, name, maybe)
+
+
+def test_a_row_whose_sampling_fails_retires_alone_and_the_others_get_their_tokens(monkeypatch):
+    marked = Sampling(top_k=3)  # the request whose sampling breaks
+    breaking(monkeypatch, "sample", lambda logits, sampling, *rest: sampling is marked)
+    requests = [Request((1, 2), 6, GREEDY), Request((3,), 6, marked), Request((4, 5), 6, GREEDY)]
+    tokens, done = run(requests, max_batch=3)
+    alone, _ = run([requests[0], requests[2]], max_batch=3)
+    assert [d.reason for d in done] == ["length", "error", "length"] and [tokens[0], tokens[2]] == alone
+    assert done[1].error == "sampling failed: RuntimeError: boom" and done[1].new_tokens == 0
+
+
+def test_a_failed_prefill_ends_its_request_and_frees_its_row(monkeypatch):
+    breaking(monkeypatch, "forward_cached", lambda params, tokens, *rest, **kw: int(tokens[0, 0]) == 9)
+    tokens, done = run([Request((9, 9), 4, GREEDY), Request((1,), 4, GREEDY)], max_batch=1)
+    assert done[0].reason == "error" and done[0].error == "prefill failed: RuntimeError: boom"
+    assert done[1].reason == "length" and len(tokens[1]) == 4
+
+
+def test_a_failed_shared_decode_step_ends_every_row_it_held_and_the_engine_goes_on(monkeypatch):
+    steps = []
+    breaking(monkeypatch, "decode_step", lambda *args, **kw: steps.append(1) or len(steps) == 2)
+    engine = Engine(PARAMS, TINY, max_batch=2)
+    events = [[], [], []]
+    for i in range(2):
+        engine.submit(Request((1 + i,), 5, GREEDY), events[i].append)
+    for _ in range(3):
+        engine.step()
+    engine.submit(Request((7,), 3, GREEDY), events[2].append)
+    while engine.busy:
+        engine.step()
+    assert [e[-1].reason for e in events] == ["error", "error", "length"]
+    assert events[0][-1].error == "the batched decode step failed: RuntimeError: boom"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=()), "prompt: expected a non-empty tuple of token ids, got a tuple of 0"),
+    (dict(prompt=(1, -2)), "prompt: expected an integer >= 0, got -2 (an int)"),
+    (dict(max_tokens=-1), "max_tokens: expected an integer >= 0, got -1 (an int)"),
+    (dict(seed=2**64), "seed: expected an integer in 0..18446744073709551615, got 18446744073709551616 (an int)"),
+    (dict(logprobs=6), "logprobs: expected an integer in 0..5, got 6 (an int)"),
+    (dict(stop=("a", "")), "stop: expected a tuple of non-empty strings, got a tuple of 2"),
+    (dict(presence_penalty=float("nan")), "presence_penalty: expected a finite number in [-2, 2], got nan (a float)"),
+    (dict(frequency_penalty=2.5), "frequency_penalty: expected a finite number in [-2, 2], got 2.5 (a float)"),
+    (dict(sampling={"temperature": 0}), "sampling: expected a Sampling, got a dict"),
+])
+def test_a_request_names_the_field_it_refuses(kwargs, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        Request(**({"prompt": (1,), "max_tokens": 2} | kwargs))
+
+
+def test_submit_checks_the_prompt_against_the_model_and_the_sizes():
+    engine = Engine(PARAMS, TINY, max_batch=1, max_queue=1)
+    with pytest.raises(UserError, match="^prompt: token id 128 is out of range for vocab_size=128$"):
+        engine.submit(Request((1, 128), 2), print)
+    with pytest.raises(UserError, match="^max_tokens: a prompt of 30 tokens and max_tokens 3 exceed the context of 32"):
+        engine.submit(Request((1,) * 30, 3), print)
+    with pytest.raises(UserError, match="^max_queue: expected an integer >= 1, got 0"):
+        Engine(PARAMS, TINY, max_queue=0)

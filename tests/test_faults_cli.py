@@ -307,11 +307,11 @@ GEN = ["--max_new_tokens", "3", "--prompt", "Hi", "--seed", "0"]
 
 
 @pytest.mark.parametrize("flags, culprit", [
-    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or at least 1e-06, got 1e-40"),
-    (["--temperature", "inf"], "--temperature must be a finite number"),
-    (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--repetition_penalty", "inf"], "--repetition_penalty must be a finite number"),
-    (["--top_p", "nan"], "--top_p must be a finite number"),
+    (["--temperature", "1e-40"], "--temperature: expected 0 (greedy) or a finite number >= 1e-06, got 1e-40 (a float)"),
+    (["--temperature", "inf"], "--temperature: expected 0 (greedy) or a finite number >= 1e-06, got inf"),
+    (["--temperature", "nan"], "--temperature: expected 0 (greedy) or a finite number >= 1e-06, got nan"),
+    (["--repetition_penalty", "inf"], "--repetition_penalty: expected a finite number in [1e-06, 1e+06], got inf"),
+    (["--top_p", "nan"], "--top_p: expected a finite number in (0, 1], got nan"),
     (["--seed", "99999999999999999999999"], "--seed must be an integer in 0..18446744073709551615"),
     (["--seed", "-1"], "--seed must be an integer in 0..18446744073709551615 ("),
     (["--seed", str(2**64 - 1), "--num_samples", "2"], "--seed must be an integer in 0..18446744073709551614"),
@@ -353,10 +353,10 @@ def test_temperature_floor_keeps_the_draw_finite():
     draws = sample(logits.expand(50, 3), Sampling(temperature=MIN_TEMPERATURE), generator=torch.Generator().manual_seed(0))
     assert draws.tolist() == [0] * 50
     for bad in (1e-40, 5e-7, float("inf"), "hot", True):
-        with pytest.raises(UserError, match="--temperature"):
+        with pytest.raises(UserError, match="^temperature: expected"):
             Sampling(temperature=bad)
     for kwargs in (dict(top_k=2.5), dict(top_k=True)):
-        with pytest.raises(UserError, match="--top_k must be an integer"):
+        with pytest.raises(UserError, match="^top_k: expected an integer"):
             Sampling(**kwargs)
 
 

@@ -3,12 +3,14 @@ batches against rows alone, stop tokens, streaming text and the CLI. The same pa
 against transformers (greedy generate, the window, sampled distributions) are in
 test_reference.py."""
 
+import time
+
 import pytest
 import torch
 
 from functional_gpt import UserError, forward, forward_cached, init_params, load_params, new_cache, preset, save_params
 from functional_gpt.cli import main
-from functional_gpt.generation.decoding import encode_prompt, generate, prefill, stream_text
+from functional_gpt.generation.decoding import TextStream, encode_prompt, generate, prefill, stream_text
 from functional_gpt.generation.sampling import Sampling
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode, encode
 
@@ -183,3 +185,19 @@ def test_cli_bad_input_is_one_line(checkpoint, capsys, flags, message):
 def test_cli_directory_without_checkpoint(tmp_path, capsys):
     assert main(["generate", "--weights", str(tmp_path), "--prompt", "a"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_a_stop_string_far_longer_than_the_text_costs_no_more_than_a_short_one():
+    """The held-back tail is looked for only within the text not yet given: a 100,000-
+    character stop string once cost O(its length squared) per token (a server hung on it)."""
+    tokens = encode("hello world, this is a test. " * 10)
+    text = TextStream(("x" * 100_000, "test."))
+    t0 = time.perf_counter()
+    pieces = [text.push(t) for t in tokens]
+    assert time.perf_counter() - t0 < 1.0
+    assert "".join(pieces) == "hello world, this is a " and text.stopped
+
+
+def test_a_prompt_holding_none_is_named(tiny_params, tiny_config):
+    with pytest.raises(UserError, match="^prompt: token id None is out of range"):
+        next(generate(tiny_params, [[1, None]], tiny_config, max_new_tokens=2))

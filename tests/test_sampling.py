@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from functional_gpt import UserError
+from functional_gpt.checks import describe
 from functional_gpt.generation.sampling import (
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
     Sampling,
     apply_repetition_penalty,
@@ -122,17 +125,17 @@ def test_sampled_frequencies_follow_the_distribution():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
-        (dict(temperature=-0.1), "--temperature"),
-        (dict(top_k=0), "--top_k"),
-        (dict(top_p=0.0), "--top_p"),
-        (dict(top_p=1.5), "--top_p"),
-        (dict(min_p=1.0), "--min_p"),
-        (dict(min_p=-0.1), "--min_p"),
-        (dict(repetition_penalty=0.0), "--repetition_penalty"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
     ],
 )
-def test_bad_settings_name_the_flag(kwargs, flag):
-    with pytest.raises(UserError, match=flag):
+def test_bad_settings_name_the_field(kwargs, flag):
+    with pytest.raises(UserError, match=f"^{flag}: expected"):
         Sampling(**kwargs)
 
 
@@ -207,16 +210,41 @@ def test_settings_at_the_edge_of_their_range_are_accepted(kwargs):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "1", True, None])
 def test_a_setting_that_is_not_a_finite_number_is_named(name, value):
     """bool is refused although it is an int: Sampling(temperature=True) is a mistake."""
-    with pytest.raises(UserError, match=f"--{name} must be a finite number, got {re.escape(repr(value))}"):
+    with pytest.raises(UserError, match=f"^{name}: expected (0 .greedy. or )?a finite number.*, got "
+                                        f"{re.escape(describe(value))}$"):
         Sampling(**{name: value})
 
 
 @pytest.mark.parametrize("value", [True, 2.5, "3"])
 def test_top_k_must_be_an_integer(value):
-    with pytest.raises(UserError, match=f"--top_k must be an integer >= 1, got {re.escape(repr(value))}"):
+    with pytest.raises(UserError, match=f"^top_k: expected an integer >= 1, got {re.escape(describe(value))}$"):
         Sampling(top_k=value)
 
 
 def test_temperature_just_below_the_minimum_is_refused():
-    with pytest.raises(UserError, match="--temperature must be 0 .greedy. or at least"):
+    with pytest.raises(UserError, match="^temperature: expected 0 .greedy. or a finite number >= 1e-06, got 5e-07"):
         Sampling(temperature=MIN_TEMPERATURE / 2)
+
+
+@pytest.mark.parametrize("p", [1e-300, 5e-324, 1e-46])
+def test_a_top_p_that_rounds_to_zero_in_float32_still_keeps_the_top_token(logits, p):
+    """p below float32's smallest positive becomes 0 against the float32 masses, and every
+    mass-before (0 for the top token) reached it: the top token must stay all the same."""
+    kept = ~torch.isinf(top_p_filter(logits, p))
+    assert torch.equal(kept, torch.nn.functional.one_hot(logits.argmax(-1), V).bool())
+    assert torch.equal(sample(logits, Sampling(top_p=p), generator=torch.Generator().manual_seed(0)),
+                       logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(repetition_penalty=1e-300), dict(repetition_penalty=1e7),
+                                    dict(repetition_penalty=float("inf")), dict(temperature=1e-30)])
+def test_settings_whose_arithmetic_overflows_are_refused(kwargs):
+    """repetition_penalty 1e-300 once passed and made inf logits inside a decode step."""
+    with pytest.raises(UserError, match=f"^{next(iter(kwargs))}: expected"):
+        Sampling(**kwargs)
+
+
+def test_the_repetition_penalty_at_its_bounds_keeps_logits_finite():
+    logits, seen = torch.tensor([[3e32, -3e32, 1.0]]), torch.tensor([[True, True, False]])
+    for penalty in (MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY):
+        assert torch.isfinite(process_logits(logits, Sampling(repetition_penalty=penalty), seen)).all()

@@ -6,13 +6,13 @@ The server's names (`serve`, `create_app`) import FastAPI, so they load on first
 """
 
 from .decoding import TextStream, encode_prompt, generate, prefill, print_samples, stream_text
-from .engine import Done, Engine, Request, Token
+from .engine import Done, Engine, Prompt, Request, Token
 from .sampling import Sampling, process_logits, sample, sample_rows
 
 _SERVER_NAMES = ("create_app", "serve")
 
 __all__ = [
-    "Done", "Engine", "Request", "Sampling", "TextStream", "Token", "create_app", "encode_prompt", "generate",
+    "Done", "Engine", "Prompt", "Request", "Sampling", "TextStream", "Token", "create_app", "encode_prompt", "generate",
     "prefill", "print_samples", "process_logits", "sample", "sample_rows", "serve", "stream_text",
 ]
 

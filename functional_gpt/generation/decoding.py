@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ..model.config import GPTConfig
+from ..checks import check_callable, describe
 from ..errors import UserError
 from ..model.transformer import KVCache, decode_step, forward_cached, new_cache
 from ..model.params import Params
@@ -84,11 +85,15 @@ def generate(
         raise UserError("prompts: expected a list of token-id lists, e.g. [encode(text)]")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("prompt: empty (give at least one token)")
-    bad = next((t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size), None)
-    if bad is not None:
-        raise UserError(f"prompt: token id {bad!r} is out of range for vocab_size={config.vocab_size}")
+    # a list, not next(..., None): None is a bad id too
+    bad = [t for p in prompts for t in p if not _is_int(t) or not 0 <= t < config.vocab_size][:1]
+    if bad:
+        raise UserError(f"prompt: token id {bad[0]!r} is out of range for vocab_size={config.vocab_size}")
     if generators is not None and len(generators) != len(prompts):
         raise UserError(f"generators: {len(generators)} for {len(prompts)} prompts (one per row)")
+    if not isinstance(stop_tokens, (tuple, list, set, frozenset)) or not all(_is_int(t) for t in stop_tokens):
+        raise UserError(f"stop_tokens: expected a tuple of token ids, got {describe(stop_tokens)}")
+    check_callable("tap", tap)
     device = params["wte"]["weight"].device
     seqs = [list(p) for p in prompts]
     starts = [max(0, len(s) - P) for s in seqs]
@@ -174,7 +179,11 @@ class TextStream:
             self.done = self.stopped = True
             return text[self.emitted : cut]
         safe = len(text.rstrip("\ufffd"))
-        safe -= max((k for s in self.stop for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        # Hold back the longest tail that may begin a stop string: a tail within the text
+        # not yet given (a stop string starting earlier is not looked for), so a stop string
+        # far longer than the text costs little more than a short one.
+        held = range(1, safe - self.emitted + 1)
+        safe -= max((k for s in self.stop for k in held if k < len(s) and text[:safe].endswith(s[:k])), default=0)
         piece, self.emitted = text[self.emitted : max(safe, self.emitted)], max(safe, self.emitted)
         return piece
 

@@ -3,18 +3,24 @@
 An `Engine` owns a KV cache of `max_batch` rows. Each `step()`:
 1. admits waiting requests into free rows: each prompt is prefilled alone into its row
    (`KVCache.row`), exactly as it would be with nothing else running;
-2. decodes one token for every active row in one `decode_step` over all `max_batch`
-   rows (idle rows are skipped in attention and cost only their share of the matrix
-   products); the products always have max_batch rows, so a row's logits never depend
-   on how many other rows are busy;
-3. samples each row with its own rules and its own seeded generator, and retires the
-   rows that finished (`<|endoftext|>`, a stop string, max_tokens, cancelled), freeing
-   them at once for the next request.
+2. samples each active row with its own rules and its own seeded generator, and retires
+   the rows that finished (`<|endoftext|>`, a stop string, max_tokens, cancelled),
+   freeing them at once for the next request;
+3. decodes the new token of every row still active in one `decode_step` over all
+   `max_batch` rows (idle rows are skipped in attention and cost only their share of the
+   matrix products); the products always have max_batch rows, so a row's logits never
+   depend on how many other rows are busy.
 
-So a request gets the same tokens whichever requests share its batch. Events go to each
-request's `sink` (called on the engine's thread): `Token` per new token, then one `Done`.
-The engine is not thread-safe except for `submit` and `Handle.cancel`, which only touch
-a locked queue and a flag.
+So a request gets the same tokens whichever requests share its batch. A failure belongs
+to its request, as vLLM aborts one sequence and not the batch: a prefill or a sampling
+step that raises retires that row alone (`Done` "error", saying where and why) and the
+others go on; only a failure of the shared decode step ends every row it held.
+
+Events go to each request's `sink` (called on the engine's thread): one `Prompt` after
+the prefill when the prompt's log-probs were asked for, a `Token` per new token (the
+`<|endoftext|>` that ends a row included), then one `Done`. The engine is not
+thread-safe except for `submit` and `Handle.cancel`, which only touch a locked queue and
+a flag.
 """
 
 import math
@@ -27,23 +33,38 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..model.config import GPTConfig
+from ..checks import check_bool, check_callable, check_int, check_number, describe
 from ..errors import UserError
-from .decoding import TextStream
-from ..model.transformer import decode_step, forward_cached, new_cache
+from ..model.config import GPTConfig
 from ..model.params import Params
-from .sampling import Sampling, process_logits
-from ..model.tokenizer import ENDOFTEXT_ID, decode
+from ..model.tokenizer import decode
+from ..model.transformer import decode_step, forward_cached, new_cache
+from .decoding import MAX_SEED, TextStream
+from .sampling import Sampling, sample
 
 MAX_LOGPROBS = 5
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's do
+
+
+def check_penalty(name: str, value) -> float:
+    """A presence or frequency penalty: a finite number in [-2, 2]."""
+    return check_number(name, value, -MAX_PENALTY, MAX_PENALTY)
+
+
+def check_logprobs(name: str, value) -> int:
+    """How many alternatives to report per token: 0..MAX_LOGPROBS."""
+    return check_int(name, value, 0, MAX_LOGPROBS)
 
 
 @dataclass(frozen=True)
 class Request:
-    """One completion. prompt: token ids (non-empty, prompt + max_tokens within the
-    context). logprobs: how many alternatives to report per token (0..5), None for no
-    log-probs. prompt_logprobs: also score every prompt token (echo with logprobs).
-    presence_penalty, frequency_penalty: OpenAI's, over the tokens generated so far:
+    """One completion, its fields checked (and kept in plain form) when it is made.
+    prompt: token ids (non-empty; within the vocabulary, and prompt + max_tokens within
+    the context, checked by `Engine.submit`). seed: 0..2**64-1, None for a fresh one.
+    stop: strings that end the text (non-empty). logprobs: how many alternatives to report
+    per token (0..5), None for no log-probs. prompt_logprobs: also score every prompt
+    token (echo with logprobs). presence_penalty, frequency_penalty: OpenAI's, in [-2, 2],
+    over the tokens generated so far:
     logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)."""
 
     prompt: tuple[int, ...]
@@ -56,12 +77,40 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
+    def __post_init__(self):
+        if not isinstance(self.prompt, (tuple, list)) or not self.prompt:
+            raise UserError(f"prompt: expected a non-empty tuple of token ids, got {describe(self.prompt)}")
+        plain = {"prompt": tuple(check_int("prompt", t, 0) for t in self.prompt),
+                 "max_tokens": check_int("max_tokens", self.max_tokens, 0),
+                 "seed": None if self.seed is None else check_int("seed", self.seed, 0, MAX_SEED),
+                 "logprobs": None if self.logprobs is None else check_logprobs("logprobs", self.logprobs),
+                 "prompt_logprobs": check_bool("prompt_logprobs", self.prompt_logprobs),
+                 "presence_penalty": check_penalty("presence_penalty", self.presence_penalty),
+                 "frequency_penalty": check_penalty("frequency_penalty", self.frequency_penalty)}
+        if not isinstance(self.sampling, Sampling):
+            raise UserError(f"sampling: expected a Sampling, got {describe(self.sampling)}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError(f"stop: expected a tuple of non-empty strings, got {describe(self.stop)}")
+        plain["stop"] = tuple(self.stop)
+        for name, value in plain.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt's own log-probs, after its prefill, when `prompt_logprobs` was asked:
+    [(token, log-prob or None, {alt: log-prob} or None)] per prompt token (the first has
+    no log-prob)."""
+
+    logprobs: list
+
 
 @dataclass(frozen=True)
 class Token:
-    """A new token: its id, the text it makes final (see generate.TextStream), its
-    log-probability under the model (log-softmax of the raw logits) and the top
-    alternatives {token id: log-prob} when asked."""
+    """A new token: its id, the text it makes final (see decoding.TextStream; a closing
+    `<|endoftext|>` brings what was held back), its log-probability under the model
+    (log-softmax of the raw logits) and the top alternatives {token id: log-prob} when
+    asked."""
 
     id: int
     text: str
@@ -72,15 +121,14 @@ class Token:
 @dataclass(frozen=True)
 class Done:
     """The end of a request: reason "stop" (<|endoftext|> or a stop string), "length"
-    (max_tokens) or "cancelled"; text: what the text stream held back to the end;
-    prompt_logprobs: [(token, log-prob or None, {alt: log-prob} or None)] per prompt
-    token (the first has no log-prob), when asked; the time to the first token."""
+    (max_tokens), "cancelled" or "error" (then `error` says where and why); text: what
+    the text stream held back to the end; the time to the first token."""
 
-    reason: str  # "stop", "length", "cancelled" or "error"
+    reason: str
     new_tokens: int
     text: str = ""
-    prompt_logprobs: list | None = None
     first_token_s: float = math.nan
+    error: str | None = None
 
 
 @dataclass
@@ -104,7 +152,6 @@ class _Row:  # an active row's state
     counts: torch.Tensor  # int [V]: how often each token was generated (penalties)
     seen: torch.Tensor | None  # bool [1, V]: prompt and generated tokens (repetition penalty)
     logits: torch.Tensor  # [V]: the next token's logits
-    prompt_logprobs: list | None = None
     produced: int = 0
     first_token_s: float = math.nan
 
@@ -113,11 +160,11 @@ class QueueFull(Exception):
     pass
 
 
-def check_sizes(max_batch, max_queue) -> None:
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise UserError(f"--max_batch must be an integer >= 1, got {max_batch!r}")
-    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-        raise UserError(f"--max_queue must be an integer >= 0, got {max_queue!r}")
+def check_sizes(max_batch, max_queue, flag: str = "") -> None:
+    """max_batch >= 1 rows and max_queue >= 1 waiting places (0 would refuse every
+    request); a refusal names them with `flag` before ("--" for the command line)."""
+    check_int(f"{flag}max_batch", max_batch, 1)
+    check_int(f"{flag}max_queue", max_queue, 1)
 
 
 class Engine:
@@ -135,8 +182,19 @@ class Engine:
     # ---------------------------------------------------------------- any thread
 
     def submit(self, request: Request, sink: Callable) -> Handle:
-        """Queue a request (checked by the caller: see `check_request`); raises QueueFull
-        when max_queue requests already wait."""
+        """Queue a request whose prompt fits the vocabulary and, with max_tokens, the
+        context (else a UserError naming the field); raises QueueFull when max_queue
+        requests already wait."""
+        if not isinstance(request, Request):
+            raise UserError(f"request: expected a Request, got {describe(request)}")
+        check_callable("sink", sink)
+        V, P = self.config.vocab_size, self.config.n_positions
+        bad = next((t for t in request.prompt if t >= V), None)
+        if bad is not None:
+            raise UserError(f"prompt: token id {bad} is out of range for vocab_size={V}")
+        if len(request.prompt) + request.max_tokens > P:
+            raise UserError(f"max_tokens: a prompt of {len(request.prompt)} tokens and max_tokens "
+                            f"{request.max_tokens} exceed the context of {P} tokens")
         handle = Handle(request, sink)
         with self.lock:
             if len(self.waiting) >= self.max_queue:
@@ -152,36 +210,45 @@ class Engine:
     # ---------------------------------------------------------------- the engine's thread
 
     def step(self) -> None:
-        """Admit, decode one token per active row, retire (see the module doc)."""
+        """Admit, sample one token per active row, retire, decode (see the module doc)."""
         with torch.inference_mode():
             self._admit()
-            active = [i for i, r in enumerate(self.rows) if r is not None]
-            if not active:
-                return
             tokens = [0] * len(self.rows)
-            for i in active:
-                if self.rows[i].handle.cancelled:
+            for i, row in enumerate(self.rows):
+                if row is None:
+                    continue
+                if row.handle.cancelled:
                     self._retire(i, "cancelled")
-                else:
-                    tokens[i] = self._sample(self.rows[i])
+                    continue
+                try:
+                    tokens[i] = self._sample(row)
                     self._emit(i, tokens[i])
+                except Exception as e:  # this row's failure: the others go on
+                    self._fail(i, "sampling", e)
             live = tuple(r is not None for r in self.rows)
-            if any(live):
+            if not any(live):
+                return
+            try:
                 logits, self.cache = decode_step(self.params, torch.tensor(tokens, device=self.device), self.cache,
                                                  self.config, rows=live)
+            except Exception as e:  # the shared step: every row it held fails with it
                 for i, on in enumerate(live):
                     if on:
-                        self.rows[i].logits = logits[i]
+                        self._fail(i, "the batched decode step", e)
+                return
+            for i, on in enumerate(live):
+                if on:
+                    self.rows[i].logits = logits[i]
 
-    def cancel_all(self, reason: str = "cancelled") -> None:
-        """Finish every request, waiting or running, with `reason`."""
+    def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
+        """Finish every request, waiting or running, with `reason` (and `error`)."""
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
         for handle in waiting:
-            handle.sink(Done(reason, 0))
+            handle.sink(Done(reason, 0, error=error))
         for i, row in enumerate(self.rows):
             if row is not None:
-                self._retire(i, reason)
+                self._retire(i, reason, error=error)
 
     def _admit(self) -> None:
         for i in range(len(self.rows)):
@@ -196,10 +263,10 @@ class Engine:
                 continue
             try:
                 self._prefill(i, handle)
-            except Exception:
+            except Exception as e:  # this request's failure: its row stays free for the next
                 self.rows[i] = None
-                handle.sink(Done("error", 0))
-                raise
+                self.cache = self.cache.with_length(i, 0)
+                handle.sink(Done("error", 0, error=_failure("prefill", e)))
 
     def _prefill(self, i: int, handle: Handle) -> None:
         request, V = handle.request, self.config.vocab_size
@@ -207,24 +274,23 @@ class Engine:
         logits, row_cache = forward_cached(self.params, tokens, self.cache.with_length(i, 0).row(i), self.config,
                                            last_only=not request.prompt_logprobs)
         self.cache = self.cache.with_length(i, row_cache.lengths[0])
-        prompt_logprobs = None
-        if request.prompt_logprobs:
-            prompt_logprobs = self._prompt_logprobs(logits[0], request)
         generator = torch.Generator(device=self.device)
         generator.seed() if request.seed is None else generator.manual_seed(request.seed)
         seen = None
         if request.sampling.repetition_penalty != 1.0:
             seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
             seen[0, tokens[0]] = True
+        if request.prompt_logprobs:
+            handle.sink(Prompt(self._prompt_logprobs(logits[0], request)))
         self.rows[i] = _Row(handle, generator, TextStream(request.stop), torch.zeros(V, device=self.device), seen,
-                            logits[0, -1], prompt_logprobs)
+                            logits[0, -1])
         if request.max_tokens == 0:
             self._retire(i, "length")
 
     def _prompt_logprobs(self, logits: torch.Tensor, request: Request) -> list:
         """[(token, log-prob or None, {alt: log-prob} or None)] for each prompt token."""
         logp = F.log_softmax(logits[:-1].float(), dim=-1)  # position t predicts token t + 1
-        ids = torch.tensor(request.prompt[1:], device=logp.device)
+        ids = torch.tensor(request.prompt[1:], device=logp.device, dtype=torch.long)
         chosen = logp.gather(-1, ids[:, None])[:, 0].tolist()
         k = request.logprobs or 0
         top = logp.topk(k, dim=-1) if k else None
@@ -239,12 +305,7 @@ class Engine:
         logits = row.logits.float()
         if request.frequency_penalty or request.presence_penalty:
             logits = logits - request.frequency_penalty * row.counts - request.presence_penalty * (row.counts > 0)
-        processed = process_logits(logits[None], request.sampling, row.seen)
-        if request.sampling.is_greedy:
-            token = int(processed.argmax(-1))
-        else:
-            token = int(torch.multinomial(processed.softmax(-1), 1, generator=row.generator))
-        return token
+        return int(sample(logits[None], request.sampling, row.seen, row.generator)[0])
 
     def _emit(self, i: int, token: int) -> None:
         """Send row i's new token; retire the row if that finishes it."""
@@ -255,10 +316,7 @@ class Engine:
         row.counts[token] += 1
         if row.seen is not None:
             row.seen[0, token] = True
-        text = row.text.push(token)
-        if token == ENDOFTEXT_ID:
-            self._retire(i, "stop", text)
-            return
+        text = row.text.push(token)  # <|endoftext|> ends the stream and brings what it held back
         logprob = top = None
         if request.logprobs is not None:
             logp = F.log_softmax(row.logits.float(), dim=-1)
@@ -272,11 +330,22 @@ class Engine:
         elif row.produced >= request.max_tokens:
             self._retire(i, "length", row.text.finish())
 
-    def _retire(self, i: int, reason: str, text: str = "") -> None:
+    def _fail(self, i: int, stage: str, e: Exception) -> None:
+        """Retire row i, if a failure left it active, with an error saying where and why."""
+        if self.rows[i] is not None:
+            self._retire(i, "error", error=_failure(stage, e))
+
+    def _retire(self, i: int, reason: str, text: str = "", error: str | None = None) -> None:
         row = self.rows[i]
         self.rows[i] = None
         self.cache = self.cache.with_length(i, 0)
-        row.handle.sink(Done(reason, row.produced, text, row.prompt_logprobs, row.first_token_s))
+        row.handle.sink(Done(reason, row.produced, text, row.first_token_s, error))
+
+
+def _failure(stage: str, e: Exception) -> str:
+    """One line on a failure: where it happened, the exception and its first line."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{stage} failed: {type(e).__name__}: {first}"
 
 
 def token_text(token: int) -> str:

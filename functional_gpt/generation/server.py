@@ -1,72 +1,173 @@
 """`fgpt serve`: the OpenAI completions API over the continuous-batching `Engine`.
 
-A thin layer: requests are checked (pydantic models, OpenAI's field names and ranges),
-turned into `engine.Request`s (one per prompt and per `n`), and the engine's events are
-gathered into OpenAI's response shapes, or streamed as server-sent events ending in
-`data: [DONE]`. The engine runs on its own thread; each request waits on an asyncio
-queue the engine's events are put on. Errors have OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`.
+A thin layer: requests are checked (pydantic models with OpenAI's field names, each
+field checked by the library's own rule: `sampling.RULES`, the engine's `Request` rules,
+through checks.py, so what the server accepts the engine accepts, and a refusal is a 400
+naming the field in the same words as `Sampling(...)` and `fgpt generate`), turned into
+`engine.Request`s (one per prompt and per `n`), and the engine's events are gathered
+into OpenAI's response shapes, or streamed as server-sent events ending in
+`data: [DONE]`. The engine runs on its own thread; prompts are tokenized on worker
+threads, so the event loop keeps answering; each request waits on an asyncio queue the
+engine's events are put on.
+
+Every error is OpenAI's object `{"error": {"message", "type", "param", "code"}}`, the
+framework's own too (404, 405, 413, a body that is not JSON). A request that fails while
+it runs fails alone (engine.py): a non-streamed one gets a 500, a stream ends with an
+error event (`data: {"error": {...}}`) before `data: [DONE]`; a stream never ends with a
+finish_reason it did not reach.
 
 Log-probs are the model's own (log-softmax of its logits, before penalties, temperature
-and filters), as vLLM reports them. Choice i of a request with `seed` s draws with seed
-s + i (as `fgpt generate` does for sample i).
+and filters), as vLLM reports them; a generated `<|endoftext|>` has one like any token.
+Choice i of a request with `seed` s draws with seed s + i (as `fgpt generate` does for
+sample i).
 
 Chat: GPT-2 has no chat format. /v1/chat/completions renders the messages as plain text,
 one "Role: content" paragraph each ("System", "User", "Assistant"), then "Assistant:",
 and stops at "\nUser:" (besides the request's own stop strings).
+
+Shutdown: the first SIGTERM or Ctrl-C stops admitting requests (503) and ends every
+request in flight at once (a stream with an error event saying so, then [DONE]).
 """
 
 import asyncio
+import copy
 import json
+import socket
 import sys
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal, Union
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
-from ..model.config import GPTConfig
-from .engine import MAX_LOGPROBS, Done, Engine, QueueFull, Request, Token, token_text
+from ..checks import check_bool, check_int, check_number, describe
 from ..errors import UserError
-from .sampling import Sampling
+from ..model.config import GPTConfig
 from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
+from .engine import (MAX_LOGPROBS, MAX_PENALTY, Done, Engine, Prompt, QueueFull, Request, check_logprobs, check_penalty,
+                     token_text)
+from .sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, RULES, Sampling
 
-Number = Union[StrictInt, StrictFloat]
+MAX_BODY_BYTES = 4 * 2**20  # far above any prompt that fits a context, far below a memory problem
+MAX_N, MAX_STOPS = 16, 4  # OpenAI's
+MAX_TEMPERATURE = 2.0  # OpenAI's range; the sampling rule alone allows more
+MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64 (the engine takes 0..2**64-1)
 CHAT_STOP = "\nUser:"
+NULL = {"type": "null"}
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+def checked(check, schema: dict, default, *, null=...):
+    """The type of a request field checked by `check(name, value)` (a library rule,
+    through checks.py): a UserError becomes a 400 naming the field in the rule's words.
+    `default` when absent; JSON null, which OpenAI allows for its fields, means the
+    default too (or `null` when given). `schema`, and null, say the same in /openapi.json."""
+    null = default if null is ... else null
+
+    def validate(value, info):
+        value = null if value is None else value
+        if value is None:
+            return None
+        try:
+            return check(info.field_name, value)
+        except UserError as e:
+            raise PydanticCustomError("checked", "{message}", {"message": str(e)}) from None
+
+    return Annotated[Any, Field(default), BeforeValidator(validate), WithJsonSchema({"anyOf": [schema, NULL]})]
+
+
+def api_temperature(name: str, value) -> float:
+    """Sampling's temperature rule, within OpenAI's range [0, 2]."""
+    return check_number(name, RULES["temperature"](name, value), 0.0, MAX_TEMPERATURE)
+
+
+def check_stop(name: str, value) -> tuple[str, ...]:
+    """None, a non-empty string or a list of at most 4 of them -> a tuple of stop strings."""
+    stops = () if value is None else (value,) if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOPS or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"{name}: expected a non-empty string or a list of at most {MAX_STOPS} non-empty strings, "
+                        f"got {describe(value)}")
+    return tuple(stops)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def check_prompt(name: str, value) -> list:
+    """A string, a list of strings, token ids or lists of them -> a list of prompts (each
+    a string or a list of ids; the ids' range is the model's, checked in `prompts_of`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return value
+        if all(_is_id(t) for t in value):
+            return [value]
+        if all(isinstance(p, list) and all(_is_id(t) for t in p) for p in value):
+            return value
+    raise UserError(f"{name}: expected a string, a list of strings, a list of token ids (integers >= 0) or a list "
+                    f"of token-id lists, got {describe(value)}")
+
+
+IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+PENALTY = {"type": "number", "minimum": -MAX_PENALTY, "maximum": MAX_PENALTY}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
 
 
 class GenerationFields(BaseModel):
-    """The fields completions and chat share: OpenAI's names and ranges, unknown fields refused."""
+    """The fields completions and chat share: OpenAI's names, the library's rules,
+    unknown fields refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     model: str | None = None
-    temperature: Number = Field(1.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=16)
-    stream: StrictBool = False
-    stream_options: dict | None = None
-    stop: Union[str, list[str], None] = None
-    presence_penalty: Number = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: checked(api_temperature, {"anyOf": [{"type": "number", "const": 0}, {
+        "type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}]}, 1.0)
+    top_p: checked(RULES["top_p"], {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, 1.0)
+    n: checked(lambda name, v: check_int(name, v, 1, MAX_N), {"type": "integer", "minimum": 1, "maximum": MAX_N}, 1)
+    stream: checked(check_bool, {"type": "boolean"}, False)
+    stream_options: StreamOptions | None = None
+    stop: checked(check_stop, {"anyOf": [{"type": "string", "minLength": 1}, {
+        "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOPS}]}, ())
+    presence_penalty: checked(check_penalty, PENALTY, 0.0)
+    frequency_penalty: checked(check_penalty, PENALTY, 0.0)
+    seed: checked(lambda name, v: check_int(name, v, 0, MAX_SEED), {"type": "integer", "minimum": 0,
+                                                                    "maximum": MAX_SEED}, None)
     user: str | None = None
     # our extra sampling rules (send them in the openai client's extra_body)
-    top_k: StrictInt | None = Field(None, ge=1)
-    min_p: Number = Field(0.0, ge=0, lt=1)
-    repetition_penalty: Number = Field(1.0, gt=0)
+    top_k: checked(RULES["top_k"], {"type": "integer", "minimum": 1}, None)
+    min_p: checked(RULES["min_p"], {"type": "number", "minimum": 0, "exclusiveMaximum": 1}, 0.0)
+    repetition_penalty: checked(RULES["repetition_penalty"], {
+        "type": "number", "minimum": MIN_REPETITION_PENALTY, "maximum": MAX_REPETITION_PENALTY}, 1.0)
+
+
+LENGTH = {"type": "integer", "minimum": 0}
 
 
 class CompletionBody(GenerationFields):
-    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = "<|endoftext|>"
-    max_tokens: StrictInt | None = Field(16, ge=0)
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
+    prompt: checked(check_prompt, {"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, IDS | {"minItems": 1},
+        {"type": "array", "items": IDS, "minItems": 1}]}, "<|endoftext|>")
+    # absent: 16; null: up to the context
+    max_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, 16, null=None)
+    logprobs: checked(check_logprobs, {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}, None)
+    echo: checked(check_bool, {"type": "boolean"}, False)
 
 
 class Message(BaseModel):
@@ -77,23 +178,266 @@ class Message(BaseModel):
 
 class ChatBody(GenerationFields):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=0)
-    max_completion_tokens: StrictInt | None = Field(None, ge=0)
+    max_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, None)
+    max_completion_tokens: checked(lambda name, v: check_int(name, v, 0), LENGTH, None)
+
+
+# ----------------------------------------------------------------------------- response shapes (for /openapi.json)
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorObject
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None  # the last chunk's, with stream_options.include_usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorBody, "description": "OpenAI's error object"} for status in statuses}
+
+
+def _events(chunk: type[BaseModel]) -> dict:
+    """The server-sent events of a stream ("stream": true), as OpenAPI 3.1 describes one
+    event: its data a JSON chunk, a JSON error object (a stream cut short) or [DONE]."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorBody"}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}}
+    return {"text/event-stream": {"schema": event}}
+
+
+# The framework's own errors can meet any path; 415 and 413 any body.
+COMMON = _errors(400, 404, 405, 413, 415)
+GENERATION = COMMON | _errors(429, 500, 503)
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 class APIError(Exception):
+    """An error answer: its status, OpenAI's error object, and any headers it needs (Allow)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def error_response(status, message, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+def shutting_down() -> APIError:  # a new one each time: a raised exception keeps its traceback
+    return APIError(503, "the server is shutting down", None, "shutting_down", "server_error")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read, so the app's handler answers it (413)."""
+
+    def __init__(self, size: str):
+        super().__init__(413, f"body: {size} is more than the {MAX_BODY_BYTES} bytes this server reads")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over MAX_BODY_BYTES is refused (413) by its Content-Length
+    before any of it is kept, else as soon as the bytes received pass the limit (a chunked
+    body). What the client is still sending is drained first (up to 8 times the limit,
+    while it keeps coming), so that it reads the answer instead of a reset connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        received = 0
+
+        async def limited():
+            nonlocal received
+            if int(declared) > MAX_BODY_BYTES:
+                await _drain(receive)
+                raise BodyTooLarge(f"a Content-Length of {int(declared)} bytes")
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                if message.get("more_body"):
+                    await _drain(receive)
+                raise BodyTooLarge(f"a body of at least {received} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of a body, until it ends, stops coming for half a second
+    (a Content-Length the client never meant to send) or passes 8 times the limit."""
+    drained = 0
+    while drained < 8 * MAX_BODY_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), 0.5)
+        except TimeoutError:
+            return
+        drained += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+def _validation_error(request: HTTPRequest, exc: RequestValidationError) -> APIError:
+    """pydantic's first complaint as one line naming the field, and what was given."""
+    first = exc.errors()[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    kind, given = first.get("type"), first.get("input")
+    if kind == "json_invalid":
+        return APIError(400, f"body: not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))} at "
+                             f"character {loc[0] if loc else 0})", None, "invalid_json")
+    if not loc and isinstance(given, bytes):  # FastAPI reads a body as JSON only if the type says so
+        return APIError(415, f"Content-Type: expected application/json, got "
+                             f"{request.headers.get('content-type', 'none')!r}", None, "unsupported_media_type")
+    if not loc:
+        what = "missing" if kind == "missing" else f"expected a JSON object, got {describe(given)}"
+        return APIError(400, f"body: {what}")
+    field = ".".join(loc)
+    if kind == "checked":
+        return APIError(400, first["msg"], loc[0])
+    if kind == "extra_forbidden":
+        return APIError(400, f"{field}: unknown field", loc[0])
+    if kind == "missing":
+        return APIError(400, f"{field}: required", loc[0])
+    return APIError(400, f"{field}: {first.get('msg')}, got {describe(given)}", loc[0])
+
+
+def _http_error(request: HTTPRequest, exc: HTTPException) -> APIError:
+    """The framework's own errors in OpenAI's shape, saying what was wrong."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return APIError(404, f"{where}: no such endpoint", None, "not_found")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return APIError(405, f"{where}: method not allowed (allowed: {allowed})", None, "method_not_allowed",
+                        headers={"Allow": allowed})
+    if exc.status_code == 413:
+        return APIError(413, exc.detail, None, "body_too_large")
+    cause = exc.__cause__  # FastAPI raises its 400 "error parsing the body" from the reason
+    if isinstance(cause, UnicodeDecodeError):
+        return APIError(400, f"body: not UTF-8 ({cause.reason} at byte {cause.start})", None, "invalid_json")
+    if isinstance(cause, RecursionError):
+        return APIError(400, "body: JSON nested too deeply", None, "invalid_json")
+    if isinstance(cause, ValueError):  # e.g. an integer of more digits than Python reads
+        return APIError(400, f"body: not valid JSON ({cause})", None, "invalid_json")
+    return APIError(exc.status_code, f"{where}: {exc.detail}", None, None)
+
+
+# ----------------------------------------------------------------------------- the server
 
 
 def chat_prompt(messages: list[Message]) -> str:
@@ -101,64 +445,69 @@ def chat_prompt(messages: list[Message]) -> str:
     return "".join(f"{m.role.capitalize()}: {m.content}\n\n" for m in messages) + "Assistant:"
 
 
-def prompts_of(prompt, config: GPTConfig) -> list[list[int]]:
-    """The request's prompt field -> token-id lists (each checked against the vocabulary)."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt: empty list", "prompt")
+def prompts_of(prompts: list, config: GPTConfig, param: str = "prompt") -> list[list[int]]:
+    """Checked prompts (strings or id lists) -> token-id lists, each within the vocabulary.
+    Slow for long texts: the server calls it on a worker thread."""
     ids = []
     for p in prompts:
+        if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{param}: not valid Unicode (U+{ord(p[e.start]):04X}, a lone surrogate, at "
+                                    f"character {e.start})", param) from None
         tokens = (encode(p) if p else []) if isinstance(p, str) else list(p)
         tokens = tokens or [ENDOFTEXT_ID]
-        bad = next((t for t in tokens if not 0 <= t < config.vocab_size), None)
+        bad = next((t for t in tokens if t >= config.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"prompt: token id {bad} is out of range for vocab_size={config.vocab_size}",
-                           "prompt")
+            raise APIError(400, f"{param}: token id {bad} is out of range for vocab_size={config.vocab_size}", param)
         ids.append(tokens)
     return ids
 
 
-def stops_of(stop) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > 4:
-        raise APIError(400, f"stop: at most 4 stop strings, got {len(stops)}", "stop")
-    if any(s == "" for s in stops):
-        raise APIError(400, "stop: empty stop string", "stop")
-    return stops
-
-
 class Server:
-    """The app's state: the engine, its thread, the model's name."""
+    """The app's state: the engine, its thread, the model's name, whether it is closing."""
 
     def __init__(self, engine: Engine, config: GPTConfig, model_name: str, log=print):
         self.engine, self.config, self.model_name, self.log = engine, config, model_name, log
-        self.stopping = threading.Event()
+        self.closing = False  # set once by the first signal: no new requests, those in flight end
+        self.stopping = threading.Event()  # the engine's thread ends
         self.thread = threading.Thread(target=self._run, name="fgpt-engine", daemon=True)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting and end what runs (the engine's thread does it within a step)."""
+        self.closing = True
+        self.engine.wake.set()
 
     def _run(self) -> None:
         while not self.stopping.is_set():
+            if self.closing:
+                self.engine.cancel_all()  # each request reads its "cancelled" as the shutdown
             if self.engine.busy:
                 try:
                     self.engine.step()
-                except Exception as e:  # a bug or a device failure: end what runs, keep serving
-                    self.log(f"fgpt serve: error in a decode step, its requests ended: {type(e).__name__}: {e}")
-                    self.engine.cancel_all(reason="error")
+                except Exception as e:  # a bug in the engine's own bookkeeping: end what runs, keep serving
+                    self.log(f"fgpt serve: error in an engine step, its requests ended: {type(e).__name__}: {e}")
+                    self.engine.cancel_all("error", f"the engine failed: {type(e).__name__}: {e}")
             else:
                 self.engine.wake.wait(0.05)
                 self.engine.wake.clear()
         self.engine.cancel_all()
 
-    def requests_for(self, body, prompts: list[list[int]], stops, prompt_logprobs: bool) -> list[Request]:
-        max_tokens = body.max_tokens
-        P = self.config.n_positions
-        greedy = body.temperature == 0
+    def check_room(self, prompts: int, n: int) -> None:
+        """A request of more completions than the queue can ever hold is a 400, not a 429."""
+        if prompts * n > self.engine.max_queue:
+            param = "n" if prompts == 1 else "prompt"
+            raise APIError(400, f"{param}: {prompts} prompt(s) x n {n} = {prompts * n} completions, more than the "
+                                f"server's queue can ever hold (--max_queue {self.engine.max_queue}); send at most "
+                                f"{self.engine.max_queue} at once", param, "too_many_completions")
+
+    def requests_for(self, body, prompts: list[list[int]], stops: tuple[str, ...], prompt_logprobs: bool):
+        """One engine Request per prompt and per n, or a 400 when a prompt and max_tokens
+        overflow the context (OpenAI's wording)."""
+        max_tokens, P = body.max_tokens, self.config.n_positions
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-                            repetition_penalty=body.repetition_penalty, greedy=greedy)
+                            repetition_penalty=body.repetition_penalty)
         out = []
         for prompt in prompts:
             limit = max_tokens if max_tokens is not None else max(0, P - len(prompt))
@@ -170,18 +519,26 @@ class Server:
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
                 out.append(Request(tuple(prompt), limit, sampling, seed, stops, getattr(body, "logprobs", None),
-                                   prompt_logprobs, float(body.presence_penalty), float(body.frequency_penalty)))
+                                   prompt_logprobs, body.presence_penalty, body.frequency_penalty))
         return out
 
+    def check_serving(self) -> None:
+        """A 503 while the server shuts down or if its engine's thread has stopped."""
+        if self.closing:
+            raise shutting_down()
+        if not self.thread.is_alive():
+            raise APIError(503, "the engine has stopped (the server's log says why)", None, None, "server_error")
+
     def submit_all(self, requests: list[Request]):
-        """-> (handles, one asyncio queue of events per request)."""
+        """-> (handles, one asyncio queue of events per request); 503 while closing, 429
+        when the queue is full now."""
+        self.check_serving()
         loop = asyncio.get_running_loop()
         queues = [asyncio.Queue() for _ in requests]
         handles = []
         try:
             for request, queue in zip(requests, queues):
-                handles.append(self.engine.submit(request, lambda e, q=queue: loop.call_soon_threadsafe(
-                    q.put_nowait, e)))
+                handles.append(self.engine.submit(request, lambda e, q=queue: _deliver(loop, q, e)))
         except QueueFull as e:
             for h in handles:
                 h.cancel()
@@ -189,18 +546,52 @@ class Server:
                            "rate_limit_error") from None
         return handles, queues
 
+    def failure(self, done: Done) -> APIError:
+        """The error a request that ended without finishing gets."""
+        if done.reason == "error":
+            return APIError(500, f"the server failed to compute this completion: {done.error}", None,
+                            "generation_failed", "server_error")
+        return shutting_down() if self.closing else APIError(500, "the completion was cancelled", None, "cancelled",
+                                                           "server_error")
 
-def _logprobs_block(entries, top_wanted: int | None):
-    """entries: [(token, log-prob or None, {alt: log-prob} or None)] -> OpenAI's logprobs object."""
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+
+def _deliver(loop, queue: asyncio.Queue, event) -> None:
+    """Hand an engine event to the event loop (from the engine's thread)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    except RuntimeError:  # the loop has closed: the server stopped, nobody waits for the event
+        pass
+
+
+def _logprobs_block(entries, top_wanted: int | None, ids: list[int]) -> dict:
+    """entries: [(token, log-prob or None, {alt: log-prob} or None)] -> OpenAI's logprobs
+    object. ids: the choice's tokens before these (extended with them here), whose text
+    gives each token's text_offset."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
     for token, logprob, alts in entries:
-        text = token_text(token)
-        tokens.append(text)
+        offsets.append(len(decode(ids)))
+        ids.append(token)
+        tokens.append(token_text(token))
         token_logprobs.append(logprob)
-        top.append(None if alts is None else {token_text(a): v for a, v in alts.items()} if top_wanted else None)
-        offsets.append(offset)
-        offset += len(text)
+        top.append({token_text(a): v for a, v in alts.items()} if alts is not None and top_wanted else None)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _document(app: FastAPI, config: GPTConfig) -> dict:
+    """FastAPI's OpenAPI document of `app`, with the stream chunks' shapes and the model's
+    own bounds on token ids and max_tokens."""
+    doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))  # edited below
+    for model in (CompletionChunk, ChatChunk):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        doc["components"]["schemas"] |= schema.pop("$defs", {}) | {model.__name__: schema}
+    ids = doc["components"]["schemas"]["CompletionBody"]["properties"]["prompt"]["anyOf"][0]["anyOf"]
+    for item in (ids[2]["items"], ids[3]["items"]["items"]):
+        item["maximum"] = config.vocab_size - 1
+    # the fields that always set the completion's length (chat's max_tokens yields to
+    # max_completion_tokens) cannot pass the context
+    for body, name in (("CompletionBody", "max_tokens"), ("ChatBody", "max_completion_tokens")):
+        doc["components"]["schemas"][body]["properties"][name]["anyOf"][0]["maximum"] = config.n_positions
+    return doc
 
 
 def create_app(server: Server) -> FastAPI:
@@ -213,219 +604,284 @@ def create_app(server: Server) -> FastAPI:
         server.thread.join(timeout=10)
 
     app = FastAPI(title="fgpt serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
+    config = server.config
+
+    def openapi() -> dict:  # built once, on first use, as FastAPI's own is
+        if app.openapi_schema is None:
+            app.openapi_schema = _document(app, config)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"the body is not valid JSON: {first.get('msg')}", None, "invalid_json")
-        param = loc[0] if loc else None
-        same = [e for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]]
-        if first.get("type") == "extra_forbidden":
-            message = f"{param}: unknown field"
-        elif len(same) > 1 or len(loc) > 1 and not loc[1].isdigit():  # a field of several accepted types
-            kinds = sorted({str(e["loc"][2]) for e in same if len(e.get("loc", ())) > 2})
-            message = f"{param}: {first.get('input')!r} is none of the accepted types ({', '.join(kinds)})"
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
-        return error_response(400, message, param)
+        return _validation_error(request, exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _http_error(request, exc).response()
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
 
-    @app.exception_handler(404)
-    async def not_found(request, exc):
-        return error_response(404, f"{request.method} {request.url.path}: no such endpoint", None, "not_found")
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):  # uvicorn still logs the traceback
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, None, "server_error").response()
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses=COMMON | _errors(503))
     async def health():
+        server.check_serving()
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=COMMON)
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
                                             "owned_by": "functional-gpt"}]}
 
-    def check_model(name):
-        if name is not None and name != server.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server has {server.model_name!r}", "model",
-                           "model_not_found")
+    def check_body(body) -> None:
+        if body.model is not None and body.model != server.model_name:
+            raise APIError(404, f"model: {body.model!r} does not exist; this server has {server.model_name!r}",
+                           "model", "model_not_found")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only allowed with \"stream\": true", "stream_options")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses={200: {"model": CompletionResponse, "content": _events(CompletionChunk)}} | GENERATION)
     async def completions(body: CompletionBody, http: HTTPRequest):
-        check_model(body.model)
-        prompts = prompts_of(body.prompt, server.config)
-        stops = stops_of(body.stop)
-        want_prompt_logprobs = body.echo and body.logprobs is not None
-        requests = server.requests_for(body, prompts, stops, want_prompt_logprobs)
+        check_body(body)
+        server.check_room(len(body.prompt), body.n)
+        prompts = await asyncio.to_thread(prompts_of, body.prompt, config)
+        requests = server.requests_for(body, prompts, body.stop, body.echo and body.logprobs is not None)
         return await respond(body, http, prompts, requests, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={200: {"model": ChatResponse, "content": _events(ChatChunk)}} | GENERATION)
     async def chat(body: ChatBody, http: HTTPRequest):
-        check_model(body.model)
-        prompt = prompts_of(chat_prompt(body.messages), server.config)[0]
-        stops = stops_of(body.stop) + (CHAT_STOP,)
+        check_body(body)
+        server.check_room(1, body.n)
+        prompt = (await asyncio.to_thread(prompts_of, [chat_prompt(body.messages)], config, "messages"))[0]
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         body = body.model_copy(update={"max_tokens": limit})
-        requests = server.requests_for(body, [prompt], stops, False)
+        requests = server.requests_for(body, [prompt], body.stop + (CHAT_STOP,), False)
         return await respond(body, http, [prompt], requests, chat=True)
 
     async def respond(body, http, prompts, requests, *, chat: bool):
-        started = time.perf_counter()
         handles, queues = server.submit_all(requests)
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        echo = getattr(body, "echo", False)
-        top_wanted = getattr(body, "logprobs", None)
-        per_prompt = body.n
-
-        def log(usage, ttft):
-            elapsed = time.perf_counter() - started
-            rate = usage["completion_tokens"] / elapsed if elapsed > 0 else float("nan")
-            server.log(f"POST {http.url.path}: {len(requests)} choice(s), {usage['prompt_tokens']} prompt + "
-                       f"{usage['completion_tokens']} new tokens, first token {ttft:.3f} s, {rate:.1f} tok/s")
-
+        reply = _Reply(server, body, http, prompts, requests, chat)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-            async def events():
-                done = [False] * len(requests)
-                usage = {"prompt_tokens": sum(len(p) for p in prompts) * per_prompt, "completion_tokens": 0}
-                ttft = float("nan")
-                try:
-                    if chat:
-                        for i in range(len(requests)):
-                            yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                        "model": server.model_name, "choices": [
-                                            {"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
-                    if echo and not chat:
-                        for i, r in enumerate(requests):
-                            yield _sse(_chunk(ident, created, server.model_name, i, decode(list(r.prompt)), None,
-                                              None))
-                    pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
-                    while pending:
-                        finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                        for fut in finished:
-                            i = pending.pop(fut)
-                            event = fut.result()
-                            if isinstance(event, Token):
-                                usage["completion_tokens"] += 1
-                                lp = None
-                                if top_wanted is not None and not chat:
-                                    lp = _logprobs_block([(event.id, event.logprob, event.top)], top_wanted)
-                                if event.text or lp:
-                                    yield _sse(_chunk(ident, created, server.model_name, i, event.text, None, lp,
-                                                      chat))
-                                pending[asyncio.ensure_future(queues[i].get())] = i
-                            else:
-                                done[i] = True
-                                ttft = event.first_token_s if ttft != ttft else min(ttft, event.first_token_s)
-                                reason = "length" if event.reason == "length" else "stop"
-                                yield _sse(_chunk(ident, created, server.model_name, i, event.text, reason, None,
-                                                  chat))
-                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                    if include_usage:
-                        yield _sse({"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
-                                    "model": server.model_name, "choices": [], "usage": usage})
-                    yield "data: [DONE]\n\n"
-                    log(usage, ttft)
-                finally:
-                    if not all(done):
-                        for h, d in zip(handles, done):
-                            if not d:
-                                h.cancel()
-                        server.engine.wake.set()
-                        server.log(f"POST {http.url.path}: the client left after {usage['completion_tokens']} new "
-                                   f"tokens; its {done.count(False)} row(s) are freed")
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
+            return StreamingResponse(reply.events(handles, queues), media_type="text/event-stream")
         try:
             results = await asyncio.gather(*(_collect(q) for q in queues))
         finally:
             for h in handles:
                 h.cancel()
-        if any(done.reason == "error" for _, done in results):
-            raise APIError(500, "the server failed to compute this completion (its log says why)", None, None,
-                           "server_error")
-        choices, completion_tokens, ttft = [], 0, float("nan")
-        for i, (request, (tokens, done)) in enumerate(zip(requests, results)):
-            text = "".join(t.text for t in tokens) + done.text
-            completion_tokens += done.new_tokens
-            ttft = done.first_token_s if ttft != ttft else min(ttft, done.first_token_s)
-            reason = "length" if done.reason == "length" else "stop"
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": reason, "logprobs": None})
-                continue
-            logprobs = None
-            if top_wanted is not None:
-                entries = [(t.id, t.logprob, t.top) for t in tokens]
-                if echo:
-                    entries = [(tok, lp, alts if top_wanted else None) for tok, lp, alts in done.prompt_logprobs] \
-                        + entries
-                logprobs = _logprobs_block(entries, top_wanted)
-            full = (decode(list(request.prompt)) if echo else "") + text
-            choices.append({"text": full, "index": i, "logprobs": logprobs, "finish_reason": reason})
-        prompt_tokens = sum(len(p) for p in prompts) * per_prompt
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        log(usage, ttft)
-        return {"id": ident, "object": kind, "created": created, "model": server.model_name, "choices": choices,
-                "usage": usage}
+        return reply.whole(results)
 
     return app
 
 
 async def _collect(queue: asyncio.Queue):
-    tokens = []
+    """-> (the Prompt event or None, [Token], Done) of one request."""
+    prompt, tokens = None, []
     while True:
         event = await queue.get()
         if isinstance(event, Done):
-            return tokens, event
-        tokens.append(event)
+            return prompt, tokens, event
+        if isinstance(event, Prompt):
+            prompt = event
+        else:
+            tokens.append(event)
 
 
-def _chunk(ident, created, model, index, text, reason, logprobs, chat=False) -> dict:
-    if chat:
-        delta = {"content": text} if text else {}
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "finish_reason": reason}]}
-    return {"id": ident, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}]}
+class _Reply:
+    """One HTTP request's answer in OpenAI's shapes: whole, or as server-sent events."""
+
+    def __init__(self, server: Server, body, http, prompts, requests, chat: bool):
+        self.server, self.body, self.http, self.prompts, self.requests, self.chat = \
+            server, body, http, prompts, requests, chat
+        self.started = time.perf_counter()
+        self.ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.echo = getattr(body, "echo", False)
+        self.top_wanted = getattr(body, "logprobs", None)
+        self.prompt_tokens = sum(len(p) for p in prompts) * body.n
+
+    def log(self, completion_tokens: int, ttft: float) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = completion_tokens / elapsed if elapsed > 0 else float("nan")
+        self.server.log(f"POST {self.http.url.path}: {len(self.requests)} choice(s), {self.prompt_tokens} prompt + "
+                        f"{completion_tokens} new tokens, first token {ttft:.3f} s, {rate:.1f} tok/s")
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def whole(self, results) -> dict:
+        """The non-streamed answer, or the error of the first choice that failed."""
+        failed = next((done for _, _, done in results if done.reason not in ("stop", "length")), None)
+        if failed is not None:
+            error = self.server.failure(failed)
+            self.server.log(f"POST {self.http.url.path}: failed: {error.message}")
+            raise error
+        choices, completion_tokens = [], 0
+        for i, (request, (prompt, tokens, done)) in enumerate(zip(self.requests, results)):
+            text = "".join(t.text for t in tokens) + done.text
+            completion_tokens += done.new_tokens
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": done.reason, "logprobs": None})
+                continue
+            logprobs = None
+            if self.top_wanted is not None:
+                entries = (prompt.logprobs if prompt else []) + [(t.id, t.logprob, t.top) for t in tokens]
+                logprobs = _logprobs_block(entries, self.top_wanted, [])
+            full = (decode(list(request.prompt)) if self.echo else "") + text
+            choices.append({"text": full, "index": i, "logprobs": logprobs, "finish_reason": done.reason})
+        self.log(completion_tokens, min((d.first_token_s for _, _, d in results), default=float("nan")))
+        return {"id": self.ident, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.server.model_name, "choices": choices,
+                "usage": self.usage(completion_tokens)}
+
+    def chunk(self, index: int, text: str, reason=None, logprobs=None) -> str:
+        if self.chat:
+            delta = {"content": text} if text else {}
+            choice = {"index": index, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        return _sse({"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": self.created, "model": self.server.model_name, "choices": [choice]})
+
+    async def events(self, handles, queues):
+        """The server-sent events: per choice its pieces, then its finish; a request that
+        fails or is cut short ends with an error event instead; then [DONE]."""
+        done, completion_tokens, ttft = [False] * len(queues), 0, float("nan")
+        ids = [[] for _ in queues]  # each choice's tokens so far, for text_offset
+        echo_now = self.echo and not any(r.prompt_logprobs for r in self.requests)  # else with the Prompt event
+        pending, failed = {}, False
+        try:
+            for i, request in enumerate(self.requests):
+                if self.chat:
+                    yield _sse({"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.server.model_name, "choices": [
+                                    {"index": i, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None}]})
+                elif echo_now:
+                    yield self.chunk(i, decode(list(request.prompt)))
+            pending = {asyncio.ensure_future(q.get()): i for i, q in enumerate(queues)}
+            while pending:
+                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in finished:
+                    i, event = pending.pop(fut), fut.result()
+                    if isinstance(event, Done):
+                        done[i] = True
+                        if event.reason not in ("stop", "length"):
+                            failed, error = True, self.server.failure(event)
+                            self.server.log(f"POST {self.http.url.path}: stream failed: {error.message}")
+                            yield _sse(error.body())
+                            yield "data: [DONE]\n\n"
+                            return
+                        ttft = event.first_token_s if ttft != ttft else min(ttft, event.first_token_s)
+                        yield self.chunk(i, event.text, event.reason)
+                        continue
+                    if isinstance(event, Prompt):
+                        lp = _logprobs_block(event.logprobs, self.top_wanted, ids[i])
+                        yield self.chunk(i, decode(list(self.requests[i].prompt)), logprobs=lp)
+                    else:
+                        completion_tokens += 1
+                        lp = None
+                        if self.top_wanted is not None and not self.chat:
+                            lp = _logprobs_block([(event.id, event.logprob, event.top)], self.top_wanted, ids[i])
+                        if event.text or lp:
+                            yield self.chunk(i, event.text, logprobs=lp)
+                    pending[asyncio.ensure_future(queues[i].get())] = i
+            if self.body.stream_options is not None and self.body.stream_options.include_usage:
+                yield _sse({"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                            "created": self.created, "model": self.server.model_name, "choices": [],
+                            "usage": self.usage(completion_tokens)})
+            yield "data: [DONE]\n\n"
+            self.log(completion_tokens, ttft)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if not all(done):
+                for h in handles:
+                    h.cancel()
+                self.server.engine.wake.set()
+                if not failed:
+                    self.server.log(f"POST {self.http.url.path}: the client left after {completion_tokens} new "
+                                    f"tokens; its {done.count(False)} row(s) are freed")
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a UserError naming --port when something else
+    listens there. SO_REUSEADDR, as uvicorn sets it: a port whose last server has gone
+    (its connections in TIME_WAIT) is free at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _http_protocol():
+    """uvicorn's HTTP/1.1 protocol (h11, whichever else is installed), its own 400 for a
+    request it cannot parse (a bad request line, a header block too large) in OpenAI's
+    shape instead of plain text."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(APIError(400, "the request is not valid HTTP/1.1", None, "invalid_http").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           device: str | None = None, err=sys.stderr) -> None:
-    """Load the weights (before binding), check the port is free, serve until Ctrl-C / SIGTERM."""
-    import socket
-
+    """Load the weights, listen (refusing a port another server holds), serve until
+    Ctrl-C / SIGTERM, then shut down as the module doc says."""
     import uvicorn
 
-    from ..model.checkpoint import load_params
     from ..device import pick_device
+    from ..model.checkpoint import load_params
     from .engine import check_sizes
 
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise UserError(f"--port must be an integer in 0..65535, got {port!r}")
-    check_sizes(max_batch, max_queue)
+    check_int("--port", port, 0, 65535)
+    check_sizes(max_batch, max_queue, flag="--")
     params, config = load_params(weights, device=pick_device(device))
     engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue)
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock = _listen(host, port)
     server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True))
-    print(f"fgpt serve: {weights} on http://{host}:{port}/v1 (max_batch {max_batch}, max_queue {max_queue})",
-          file=err, flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
+          f"{max_queue})", file=err, flush=True)
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            server.begin_shutdown()  # at the first signal, not after uvicorn's graceful wait
+            super().handle_exit(sig, frame)
+
+    config_ = uvicorn.Config(create_app(server), http=_http_protocol(), log_level="warning",
+                             timeout_graceful_shutdown=2)
+    Uvicorn(config_).run(sockets=[sock])

@@ -283,6 +283,8 @@ def _counts(counts, B: int, T: int) -> tuple[int, ...]:
 
 def _length(tokens) -> int:
     check_tensor("tokens", tokens, dims="B T", kind="integer")
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise UserError(f"tokens: empty batch or sequence (shape {list(tokens.shape)})")
     return tokens.shape[-1]
 
 

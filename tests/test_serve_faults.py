@@ -1,0 +1,217 @@
+"""`fgpt serve`'s app on a real uvicorn in this process (a thread, 127.0.0.1, a free
+port), so that a test can build the weights it needs and break the engine where it wants:
+a generated <|endoftext|> in the log-probs, a failure that belongs to one request, a
+failed shared decode step, the error events that end a cut stream. Every request has a
+timeout; each server stops at the end of its test."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from functional_gpt import GPTConfig, flatten, forward, init_params, unflatten
+from functional_gpt.generation import engine as engine_module
+from functional_gpt.generation.engine import Engine
+from functional_gpt.generation.server import Server, create_app
+from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode
+
+from conftest import hf_model, params_of
+
+uvicorn = pytest.importorskip("uvicorn")
+
+CONFIG = GPTConfig(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
+TIMEOUT = 30
+PROMPT = [5, 17, 33, 60, 2]
+
+
+def eot_params():
+    """Weights whose greedy next token is always <|endoftext|>: ln_f outputs its bias, and
+    wte[50256] lies along it (as tools/bad_input_census.py's newline fixture)."""
+    flat = {k: v.clone() for k, v in flatten(init_params(CONFIG, seed=0)).items()}
+    flat["ln_f.weight"].zero_()
+    flat["ln_f.bias"].fill_(1.0)
+    flat["wte.weight"][ENDOFTEXT_ID] = 0.5
+    return unflatten(flat)
+
+
+TRAINED = params_of(hf_model(CONFIG, seed=4))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(params, *, max_batch=4, max_queue=8):
+    """-> (port, log lines) of the app serving `params` on a uvicorn thread; stopped after."""
+    logs = []
+    server = Server(Engine(params, CONFIG, max_batch=max_batch, max_queue=max_queue), CONFIG, "m", log=logs.append)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + TIMEOUT
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield port, logs
+    finally:
+        uv.should_exit = True
+        thread.join(TIMEOUT)
+
+
+def post(port: int, body: dict, path="/v1/completions"):
+    """-> (status, the JSON reply, or the list of SSE payloads of a stream, "[DONE]" included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    if reply.getheader("content-type", "").startswith("text/event-stream"):
+        events = [line[6:].strip() for line in reply.read().decode().split("\n") if line.startswith("data: ")]
+        return reply.status, [e if e == "[DONE]" else json.loads(e) for e in events]
+    return reply.status, json.loads(reply.read())
+
+
+def log_softmax_next(params, tokens) -> torch.Tensor:
+    return torch.log_softmax(forward(params, torch.tensor([tokens]), CONFIG)[0, -1].double(), -1)
+
+
+# --- a generated <|endoftext|> is a token of the log-probs ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eot_server():
+    with running(eot_params()) as (port, _):
+        yield port
+
+
+def test_a_generated_endoftext_is_in_the_logprobs_as_lm_eval_reads_them(eot_server):
+    """echo, max_tokens 1, logprobs 1 on a 5-token prompt: 6 entries (the prompt's and the
+    <|endoftext|>'s), so lm-eval's token_logprobs[ctxlen:-1] is the continuation's."""
+    status, reply = post(eot_server, {"prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                      "temperature": 0})
+    choice = reply["choices"][0]
+    lp = choice["logprobs"]
+    assert status == 200 and len(lp["token_logprobs"]) == len(lp["tokens"]) == 6
+    assert lp["tokens"][-1] == "<|endoftext|>" and choice["text"] == decode(PROMPT)  # it adds no text
+    assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == 1
+    expected = float(log_softmax_next(eot_params(), PROMPT)[ENDOFTEXT_ID])
+    assert lp["token_logprobs"][-1] == pytest.approx(expected, abs=1e-5)
+    assert lp["text_offset"][-1] == len(decode(PROMPT))
+    ctxlen = 3  # lm-eval's slice is the continuation PROMPT[3:], each token given those before
+    want = [float(log_softmax_next(eot_params(), PROMPT[:t])[PROMPT[t]]) for t in (3, 4)]
+    assert lp["token_logprobs"][ctxlen:-1] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_streamed_endoftext_has_its_logprobs_and_is_counted(eot_server):
+    status, events = post(eot_server, {"prompt": PROMPT, "max_tokens": 5, "logprobs": 0, "temperature": 0,
+                                       "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert [c["choices"][0]["logprobs"]["tokens"] for c in chunks[:-1]] == [["<|endoftext|>"]]
+    assert chunks[0]["choices"][0]["text"] == "" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["usage"]["completion_tokens"] == 1
+
+
+def test_a_streamed_echo_carries_the_prompts_logprobs_with_running_offsets(eot_server):
+    """The same log-probs and text_offsets, streamed and whole."""
+    body = {"prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0}
+    whole = post(eot_server, body)[1]["choices"][0]["logprobs"]
+    events = post(eot_server, body | {"stream": True})[1]
+    streamed = {k: [] for k in whole}
+    for e in events[:-1]:
+        for k in streamed:
+            streamed[k] += (e["choices"][0]["logprobs"] or {}).get(k, [])
+    assert streamed == whole and len(whole["tokens"]) == 6
+
+
+# --- a failure belongs to its request -----------------------------------------------------------
+
+
+def fail_when(monkeypatch, name: str, broken):
+    """Replace engine.<name> by a version that raises RuntimeError("injected") when
+    broken(*args, **kwargs) is true, and calls the real one otherwise."""
+    real = getattr(engine_module, name)
+
+    def maybe(*args, **kwargs):
+        if broken(*args, **kwargs):
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, name, maybe)
+
+
+LONG = {"prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0.8, "seed": 1, "stream": True}
+
+
+def stream_text(events) -> str:
+    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e.get("choices"))
+
+
+def test_one_streams_failing_sampling_ends_it_alone_with_an_error_event(monkeypatch):
+    """top_k 7 marks the request whose sampling breaks (as repetition_penalty 1e-300 broke
+    before it was refused): it ends with an error event then [DONE], never a
+    finish_reason; the stream beside it runs to its length with the text it has alone."""
+    fail_when(monkeypatch, "sample", lambda logits, sampling, *rest, **kw: sampling.top_k == 7)
+    with running(TRAINED) as (port, logs):
+        alone = post(port, LONG)[1]
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(post, port, LONG)
+            bad = pool.submit(post, port, LONG | {"top_k": 7})
+            (_, good), (status, bad) = good.result(TIMEOUT), bad.result(TIMEOUT)
+    assert stream_text(good) == stream_text(alone) and len(stream_text(alone)) > 300
+    assert good[-2]["choices"][0]["finish_reason"] == "length"
+    assert status == 200 and bad[-1] == "[DONE]" and all(
+        c["finish_reason"] is None for e in bad[:-2] for c in e["choices"])
+    assert bad[-2]["error"] == {"message": "the server failed to compute this completion: sampling failed: "
+                                           "RuntimeError: injected", "type": "server_error", "param": None,
+                                "code": "generation_failed"}
+    assert any("stream failed: the server failed" in line for line in logs)
+
+
+def test_a_failing_prefill_is_a_500_for_its_request_alone(monkeypatch):
+    fail_when(monkeypatch, "forward_cached", lambda params, tokens, *rest, **kw: int(tokens[0, 0]) == 4242)
+    with running(TRAINED) as (port, _):
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(post, port, LONG | {"stream": False})
+            bad = pool.submit(post, port, {"prompt": [4242, 1], "max_tokens": 5})
+            (status, good), (bad_status, bad) = good.result(TIMEOUT), bad.result(TIMEOUT)
+        again = post(port, {"prompt": [1, 2], "max_tokens": 3})[0]
+    assert status == 200 and good["choices"][0]["finish_reason"] == "length"
+    assert bad_status == 500 and bad["error"]["type"] == "server_error" and \
+        "prefill failed: RuntimeError: injected" in bad["error"]["message"]
+    assert again == 200
+
+
+def test_a_failing_shared_decode_step_ends_every_stream_it_held_with_an_error(monkeypatch):
+    """Only a failure of the batched step itself ends all its rows, each with an error
+    event; the next request is served."""
+    fail_when(monkeypatch, "decode_step", lambda *args, rows: sum(rows) == 2)  # once both streams run
+    with running(TRAINED) as (port, _):
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda s: post(port, LONG | {"seed": s}), (1, 2)))
+        after = post(port, LONG | {"stream": False})
+    for _, events in results:
+        assert events[-1] == "[DONE]" and "the batched decode step failed: RuntimeError: injected" in \
+            events[-2]["error"]["message"]
+    assert after[0] == 200 and after[1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_unexpected_exception_is_a_500_in_openai_shape(monkeypatch):
+    """A bug anywhere in a handler still answers with OpenAI's error object."""
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Server, "requests_for", broken)
+    with running(TRAINED) as (port, _):
+        status, reply = post(port, {"prompt": [1], "max_tokens": 2})
+    assert status == 500 and reply == {"error": {"message": "internal error: RuntimeError: a bug",
+                                                 "type": "server_error", "param": None, "code": None}}

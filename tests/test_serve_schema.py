@@ -1,0 +1,90 @@
+"""Schemathesis over `fgpt serve`'s own OpenAPI document, against a real server process
+(a tiny model, 127.0.0.1, a free port, stopped at the end of the module).
+
+Every operation gets generated requests, valid and invalid, and each answer must: not be
+a 5xx, have a status and a content type the document lists, match the document's schema
+(OpenAI's error object for every error), and refuse what the document refuses
+(negative_data_rejection). Left out: positive_data_acceptance, since no schema can say
+that a prompt and max_tokens must fit the context together or that token ids must be
+below the vocabulary's size in each prompt of a list: those valid-looking requests get a
+400 naming the field. After the run the server must still answer /health and give the
+same greedy text as before.
+
+CI's budget is bounded and derandomized (conftest's "ci" profile: at most 60 generated
+cases per operation and phase, the same every run); SCHEMATHESIS_MAX_EXAMPLES=N sets the
+number per operation for a deeper run (README, maintainers)."""
+
+import json
+import os
+import urllib.request
+
+import pytest
+from hypothesis import settings
+
+from functional_gpt import GPTConfig, init_params, save_params
+
+from test_serve import TIMEOUT, start_server, stop_server
+
+schemathesis = pytest.importorskip("schemathesis")
+
+TINY = GPTConfig(vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+CHECKS_OFF = ("positive_data_acceptance",)
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "0")) or None
+GREEDY = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+CALLS = {}  # "METHOD /path": cases sent
+
+
+def greedy(base: str) -> str:
+    request = urllib.request.Request(base + "/v1/completions", data=json.dumps(GREEDY).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+        return json.loads(reply.read())["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base URL, the greedy text before any generated request)."""
+    weights = tmp_path_factory.mktemp("schema") / "tiny.safetensors"
+    save_params(weights, init_params(TINY, seed=1), TINY)
+    proc, base = start_server(weights, "--max_batch", "4", "--max_queue", "32")
+    yield base, greedy(base)
+    log = stop_server(proc)
+    assert "Traceback" not in log, log[-3000:]
+
+
+def document() -> dict:
+    """The OpenAPI document a server of TINY serves (the same function builds it in the
+    process; a test below checks that the process serves this very document)."""
+    from functional_gpt.generation.engine import Engine
+    from functional_gpt.generation.server import Server, create_app
+
+    params = init_params(TINY, seed=1)
+    return create_app(Server(Engine(params, TINY, max_batch=1), TINY, model_name="tiny")).openapi()
+
+
+# Built at import, as Schemathesis parametrizes at collection: its lazy from_fixture loader
+# fails on this pytest (it sets Function._nodeid, which pytest 9 no longer has).
+schema = schemathesis.openapi.from_dict(document())
+schema.config.checks.update(excluded_check_names=list(CHECKS_OFF))
+
+
+def test_the_server_serves_the_document_the_cases_come_from(served):
+    with urllib.request.urlopen(served[0] + "/openapi.json", timeout=TIMEOUT) as reply:
+        assert json.loads(reply.read()) == document()
+
+
+@schema.parametrize()
+@(settings(max_examples=MAX_EXAMPLES) if MAX_EXAMPLES else (lambda test: test))
+def test_every_answer_conforms_to_the_document_and_none_is_a_5xx(case, served):
+    CALLS[f"{case.method} {case.path}"] = CALLS.get(f"{case.method} {case.path}", 0) + 1
+    case.call_and_validate(base_url=served[0], timeout=TIMEOUT)
+
+
+def test_after_the_generated_requests_the_server_serves_the_same_greedy_text(served):
+    """Also: every POST operation got its share of generated requests (counted above)."""
+    print("Schemathesis cases sent:", CALLS)
+    assert all(CALLS.get(f"POST {path}", 0) >= 50 for path in ("/v1/completions", "/v1/chat/completions")), CALLS
+    base, before = served
+    with urllib.request.urlopen(base + "/health", timeout=TIMEOUT) as reply:
+        assert json.loads(reply.read()) == {"status": "ok"}
+    assert greedy(base) == before
