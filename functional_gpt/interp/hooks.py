@@ -110,7 +110,7 @@ def check_hook_names(names, n_layer: int) -> list[str]:
             pass
         nearest = difflib.get_close_matches(name, valid, n=3, cutoff=0.5) or valid[:3]
         raise UserError(f"unknown hook name {name!r}{hint}; nearest valid names: {', '.join(nearest)} "
-                        f"({len(valid)} points: functional_gpt.hooks.hook_names({n_layer}))")
+                        f"({len(valid)} points: functional_gpt.interp.hook_names({n_layer}))")
     return names
 
 
