@@ -1,6 +1,6 @@
 """Generation and serving: `sampling` (the logits rules) -> `decoding` (prefill, decode
-steps, streaming text) -> `engine` (continuous batching) -> `server` (`fgpt serve`, the
-OpenAI API over HTTP).
+steps, streaming text) -> `engine` (continuous batching) -> `openai_api` (OpenAI's request
+and response shapes) -> `server` (`fgpt serve`, the OpenAI API over HTTP).
 
 The server's names (`serve`, `create_app`) import FastAPI, so they load on first use.
 """
