@@ -49,6 +49,12 @@ def check_device(name: str, value, *, meta: bool = False) -> torch.device:
     return pick_device(value, flag=name)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a and b name one device: "cpu" and "cpu:0" do, and "cuda" (the current GPU)
+    matches any index."""
+    return a.type == b.type and (a.type != "cuda" or a.index is None or b.index is None or a.index == b.index)
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes `device` can still allocate: the CPU's MemAvailable (/proc/meminfo), a GPU's
     free memory; None where that cannot be told."""

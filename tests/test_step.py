@@ -360,3 +360,10 @@ def test_the_optimizer_names_bad_arguments_and_changes_nothing(call, message):
     with pytest.raises(step_module.UserError, match=message):
         call(flat)
     assert all(torch.equal(before[k], v) for k, v in flat.items())
+
+
+def test_new_state_takes_cpu_0_for_cpu():
+    """torch.device("cpu:0") != torch.device("cpu"), yet they are one device (--device cpu:0
+    on a rank was refused)."""
+    state = new_state(params_of(hf_model(TINY)), 0, "cpu:0")
+    assert state.step == 0

@@ -196,7 +196,7 @@ def cases() -> list[Case]:
         one_rank("--init missing on rank 1", fresh(init="{F}/none.safetensors"), "error: rank 1: {F}/none.safetensors"),
         one_rank("--init garbage on rank 1", fresh(init="{F}/garbage.safetensors"),
                  "error: rank 1: {F}/garbage.safetensors"),
-        one_rank("--lr -1 on rank 1", fresh(lr=-1), "error: rank 1: --lr must be > 0"),
+        one_rank("--lr -1 on rank 1", fresh(lr=-1), "error: rank 1: --lr: expected a finite number > 0"),
         one_rank("--dtype float16 on rank 1 (CPU)", fresh(dtype="float16"), "error: rank 1: --dtype float16"),
         one_rank("--device mps on rank 1", fresh(device="mps"), "error: rank 1: --device mps"),
         one_rank("--context_length beyond the model on rank 1", fresh(context_length=64),

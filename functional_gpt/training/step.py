@@ -18,7 +18,7 @@ import torch
 from ..model.config import GPTConfig
 from .data import Position
 from ..checks import check_bool, check_choice, check_int, check_tensor, check_tensor_dict, describe
-from ..device import check_device
+from ..device import check_device, same_device
 from ..errors import UserError
 from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
@@ -70,7 +70,7 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None) 
     flat = check_tensor_dict("params", flatten(params))  # train_step checks them against its config
     seed = check_int("seed", seed, -2**63, 2**64 - 1)
     device = check_device("device", device)
-    elsewhere = next((k for k, t in flat.items() if t.device != device), None)
+    elsewhere = next((k for k, t in flat.items() if not same_device(t.device, device)), None)
     if elsewhere is not None:
         raise UserError(f"device: {device}, but the params' {elsewhere} is on {flat[elsewhere].device}")
     rng = {"torch": torch.Generator().manual_seed(seed).get_state()}
