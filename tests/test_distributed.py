@@ -138,7 +138,8 @@ def logged(run: Path) -> list[dict]:
 # --------------------------------------------------------- equal to one process
 
 
-@pytest.mark.parametrize("grad_accum, shard", [(1, False), (2, False), (2, True)],
+@pytest.mark.parametrize("grad_accum, shard", [(1, False), pytest.param(2, False, marks=pytest.mark.slow),
+                                                pytest.param(2, True, marks=pytest.mark.slow)],
                          ids=["batch4", "accum2", "accum2-sharded-optimizer"])
 def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path, grad_accum, shard):
     """--batch_size 4 on 2 ranks (2 windows each) gives, after 5 AdamW steps with clipping
@@ -170,6 +171,7 @@ def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path,
     assert min(norms) > CLIP
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_number_of_processes(setup, tmp_path):
     """2 ranks to step 3, then 1 process to step 5; and 1 process to step 3, then 2 ranks
     with --shard_optimizer to step 5: both end at the uninterrupted run's params (1e-5)."""
@@ -190,6 +192,7 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(setup, tmp_path):
     assert json.loads((one_then_two / "state.json").read_text())["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_train_and_checkpoint(setup, tmp_path):
     """Two torchrun launchers (--nnodes 2, one process each) meet through torchrun's c10d
     rendezvous on 127.0.0.1, train and checkpoint: the params of one process (1e-5)."""
@@ -215,7 +218,8 @@ def error_lines(done: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("nproc, batch_size, message", [
     (2, 3, "--batch_size 3 does not split evenly over 2 processes; give a multiple of 2"),
-    (4, 2, "--batch_size 2 is fewer windows than the 4 processes: each needs at least one; give a multiple of 4"),
+    pytest.param(4, 2, "--batch_size 2 is fewer windows than the 4 processes: each needs at least one; give a "
+                       "multiple of 4", marks=pytest.mark.slow),
 ])
 def test_a_batch_the_ranks_cannot_share_is_one_line_from_rank_0(setup, tmp_path, nproc, batch_size, message):
     data, init = setup
@@ -244,6 +248,7 @@ def test_a_world_without_a_rendezvous_endpoint_is_one_line():
         "endpoint): start data parallel runs with torchrun"]
 
 
+@pytest.mark.slow
 def test_a_rank_with_other_data_is_one_line_from_rank_0_and_nothing_is_written(setup, tmp_path):
     data, init = setup
     other = tmp_path / "other"

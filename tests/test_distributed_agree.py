@@ -301,6 +301,7 @@ def test_a_rank_with_other_flags_or_weights_stops_the_job_in_one_line(files, tmp
     assert seconds < 30 and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_read_its_config_stops_the_other_machine(files, tmp_path):
     """Two torchrun launchers (--nnodes 2): the rank whose --config is missing fails in the
     CLI, before the run starts; the other, with no launcher in common to kill it, waited

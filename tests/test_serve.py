@@ -520,6 +520,7 @@ def in_flight(base: str):
     return stream, waiter, queued
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
 def test_a_signal_ends_streams_with_an_error_event_and_the_port_is_free_at_once(long_model, sig, code):
     """One row: a client that leaves frees it for the next request. Then a stream in
@@ -557,6 +558,7 @@ def test_a_signal_ends_streams_with_an_error_event_and_the_port_is_free_at_once(
     stop_server(again)
 
 
+@pytest.mark.slow
 def test_a_server_killed_with_a_client_connected_can_restart_on_its_port_at_once(long_model):
     proc, base = start_server(long_model)
     port = int(base.rsplit(":", 1)[1])
