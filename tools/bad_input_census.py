@@ -1098,24 +1098,35 @@ def run_census(only: str | None = None) -> list[Result]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def report(results: list[Result], show_all: bool) -> str:
+def report(results: list, show_all: bool, *, classes=CLASSES, column=("owner", 16, lambda r: r.case.owner)) -> str:
+    """The census's table (the rows not clean or correct; every row with show_all), its
+    totals in `classes` and its slowest cases. column: (header, width, row -> text), the
+    table's third column. The censuses of the server and of data-parallel runs print theirs
+    with it too."""
+    header, size, cell = column
     width = min(62, max(len(r.case.name) for r in results))
-    lines = [f"{'case':<{width}}  {'class':<9}  {'owner':<16}  message"]
+    lines = [f"{'case':<{width}}  {'class':<9}  {header:<{size}}  message"]
     for r in results:
         if show_all or r.cls not in ("clean", "correct"):
-            lines.append(f"{r.case.name[:width]:<{width}}  {r.cls:<9}  {r.case.owner:<16}  {first_line(r.message)[:150]}")
-    counts = {c: sum(r.cls == c for r in results) for c in CLASSES}
+            lines.append(f"{r.case.name[:width]:<{width}}  {r.cls:<9}  {str(cell(r))[:size]:<{size}}  "
+                         f"{first_line(r.message)[:150]}")
+    counts = {c: sum(r.cls == c for r in results) for c in classes}
     lines += ["", f"{len(results)} cases: " + ", ".join(f"{n} {c}" for c, n in counts.items())]
     slow = sorted(results, key=lambda r: -r.seconds)[:3]
     lines.append("slowest: " + ", ".join(f"{r.case.name} {r.seconds:.1f}s" for r in slow))
     return "\n".join(lines)
 
 
-def main_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(argv=None) -> argparse.Namespace:
+    """The censuses' flags: --only SUBSTRING, --all."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--all", action="store_true", help="print every row, not only the failures")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main_cli(argv=None) -> int:
+    args = arguments(argv)
     t0 = time.time()
     results = run_census(args.only)
     print(report(results, args.all))

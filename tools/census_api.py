@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import functional_gpt as fg
-from bad_input_census import EITHER, OK, TINY, Case, E, returned, tiny_flat
+from bad_input_census import OK, TINY, Case, E, returned, tiny_flat
 from functional_gpt import interp, reference, training
 from functional_gpt.training.data import Position
 

@@ -28,7 +28,6 @@ Prints a table (the rows that are neither clean nor correct; every row with --al
 the totals; exits 1 unless every case is clean or correct. About 5 minutes on 2 cores.
 """
 
-import argparse
 import json
 import os
 import re
@@ -51,7 +50,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import functional_gpt as fg  # noqa: E402
-from bad_input_census import first_line, fingerprint, lost  # noqa: E402
+from bad_input_census import arguments, fingerprint, first_line, lost, report  # noqa: E402
 
 CLASSES = ("clean", "correct", "traceback", "wrong", "hang", "data loss")
 TINY = fg.GPTConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4,
@@ -416,25 +415,11 @@ def run_census(only: str | None = None) -> list[Result]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def report(results: list[Result], show_all: bool) -> str:
-    width = min(52, max(len(r.case.name) for r in results))
-    lines = [f"{'case':<{width}}  {'class':<9}  {'s':>4}  message"]
-    for r in results:
-        if show_all or r.cls not in ("clean", "correct"):
-            lines.append(f"{r.case.name[:width]:<{width}}  {r.cls:<9}  {r.seconds:4.1f}  {first_line(r.message)[:150]}")
-    counts = {c: sum(r.cls == c for r in results) for c in CLASSES}
-    lines += ["", f"{len(results)} cases: " + ", ".join(f"{n} {c}" for c, n in counts.items())]
-    return "\n".join(lines)
-
-
 def main_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="run the cases whose name contains this")
-    parser.add_argument("--all", action="store_true", help="print every row, not only the failures")
-    args = parser.parse_args(argv)
+    args = arguments(argv)
     t0 = time.time()
     results = run_census(args.only)
-    print(report(results, args.all))
+    print(report(results, args.all, classes=CLASSES, column=("s", 4, lambda r: f"{r.seconds:4.1f}")))
     print(f"{time.time() - t0:.0f} s")
     return 0 if all(r.cls in ("clean", "correct") for r in results) else 1
 

@@ -22,7 +22,6 @@ exits 1 unless every case is clean or correct. Every request has a timeout; the 
 stopped on the way out. About a minute on 2 cores.
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Callable
 import torch
 
 import functional_gpt as fg
+from bad_input_census import arguments, report
 from functional_gpt.generation import Sampling, stream_text
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode, encode
 
@@ -592,24 +592,8 @@ def run(case: Case, served: Served) -> Result:
     return Result(case, cls, message, seconds)
 
 
-def report(results: list[Result], show_all: bool) -> str:
-    width = min(60, max(len(r.case.name) for r in results))
-    lines = [f"{'case':<{width}}  {'class':<8}  {'group':<28}  message"]
-    for r in results:
-        if show_all or r.cls not in ("clean", "correct"):
-            lines.append(f"{r.case.name[:width]:<{width}}  {r.cls:<8}  {r.case.group[:28]:<28}  {r.message[:150]}")
-    counts = {c: sum(r.cls == c for r in results) for c in CLASSES}
-    lines += ["", f"{len(results)} cases: " + ", ".join(f"{n} {c}" for c, n in counts.items())]
-    slow = sorted(results, key=lambda r: -r.seconds)[:3]
-    lines.append("slowest: " + ", ".join(f"{r.case.name} {r.seconds:.1f}s" for r in slow))
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="run the cases whose name contains this")
-    parser.add_argument("--all", action="store_true", help="print every row, not only the failures")
-    args = parser.parse_args(argv)
+    args = arguments(argv)
     torch.set_num_threads(1)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="fgpt_census_server_") as tmp:
@@ -625,7 +609,7 @@ def main(argv=None) -> int:
             served.stop()
         if "Traceback" in served.stderr():
             print("the server's log holds a traceback:\n" + served.stderr()[-3000:])
-    print(report(results, args.all))
+    print(report(results, args.all, classes=CLASSES, column=("group", 28, lambda r: r.case.group)))
     print(f"{time.time() - t0:.0f} s")
     return 0 if all(r.cls in ("clean", "correct") for r in results) else 1
 
