@@ -65,7 +65,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     if not isinstance(value, bool) and not (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         try:
             plain = operator.index(value)
-        except TypeError:
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value to give
             pass
     if plain is None or (low is not None and plain < low) or (high is not None and plain > high):
         raise UserError(f"{name}: expected an integer{_span(low, high)}, got {describe(value)}")

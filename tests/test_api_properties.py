@@ -64,7 +64,7 @@ HOSTILE = st.one_of(
     st.text(max_size=4).filter(lambda t: not t or not Path(t).exists()),  # no walk of "/" or "."
     st.lists(st.integers(-3, 200), max_size=3), st.just({}), st.just(()), TENSORS,
     st.builds(np.int64, st.integers(-3, 200)), st.builds(np.float32, st.floats(-1e3, 1e3, width=32)),
-    st.just(torch.zeros(2, 3, device="meta")), st.just(object()),
+    st.just(torch.zeros(2, 3, device="meta")), st.just(torch.tensor(3, device="meta")), st.just(object()),
 )
 
 
