@@ -257,8 +257,17 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             metavar=field.name.upper(), help=helps[field.name] + shown)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line like every other error, through
+    main's one path (so a rank of a data-parallel job that cannot parse its flags stops the
+    others too, instead of leaving them waiting)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fgpt", description="GPT-2 as pure functions.")
+    parser = _Parser(prog="fgpt", description="GPT-2 as pure functions.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="environment, config, parameter count, one forward pass")
@@ -411,8 +420,10 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "fgpt"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"fgpt {args.command}"
         return args.run(args)
     except UserError as e:
         if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank of a data-parallel job: see stop_together
@@ -421,17 +432,17 @@ def main(argv: list[str] | None = None) -> int:
             e = stop_together(e)
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            print(f"fgpt {args.command}: error: {e}", file=sys.stderr)
+            print(f"{command}: error: {e}", file=sys.stderr)
         elif not isinstance(e, AgreedError):  # rank 0 says the errors every rank meets alike
-            print(f"fgpt {args.command}: error (rank {rank}): {e}", file=sys.stderr)
+            print(f"{command}: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fgpt {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not _out_of_memory(e):
             raise
-        print(f"fgpt {args.command}: error: out of memory ({_first_line(e)}); try smaller sizes (--batch_size, "
+        print(f"{command}: error: out of memory ({_first_line(e)}); try smaller sizes (--batch_size, "
               f"--num_samples, --max_batch, --context_length)", file=sys.stderr)
         return 2
 

@@ -302,14 +302,21 @@ def test_a_rank_with_other_flags_or_weights_stops_the_job_in_one_line(files, tmp
 
 
 @pytest.mark.slow
-def test_a_rank_that_cannot_read_its_config_stops_the_other_machine(files, tmp_path):
-    """Two torchrun launchers (--nnodes 2): the rank whose --config is missing fails in the
-    CLI, before the run starts; the other, with no launcher in common to kill it, waited
-    for the 10-minute rendezvous timeout before. Now both stop in one line, status 2."""
+@pytest.mark.parametrize("bad, said", [
+    (["--config", "{missing}"], r"{missing}: cannot read \(No such file or directory\)"),
+    (["--lr", "abc"], r"argument --lr: invalid float value: 'abc' \(see fgpt train --help\)"),
+], ids=["config-missing", "flag-unparsable"])
+def test_a_rank_that_cannot_read_its_config_stops_the_other_machine(files, tmp_path, bad, said):
+    """Two torchrun launchers (--nnodes 2): the rank whose --config is missing, or whose
+    flag does not parse, fails in the CLI, before the run starts; the other, with no
+    launcher in common to kill it, waited for the 10-minute rendezvous timeout before. Now
+    both stop in one line, status 2."""
     missing = tmp_path / "missing.json"
+    bad = [arg.replace("{missing}", str(missing)) for arg in bad]
+    said = said.replace("{missing}", re.escape(str(missing)))
     launcher = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
                 "--rdzv_id", "agree"]
-    extra = [[], ["--config", str(missing)]]
+    extra = [[], bad]
     began = time.monotonic()
     data, init, _ = files
     argv = as_argv(flags(data, init, tmp_path / "run"))
@@ -317,7 +324,6 @@ def test_a_rank_that_cannot_read_its_config_stops_the_other_machine(files, tmp_p
     errs = [finished(node, JOB_SECONDS) for node in nodes]
     assert time.monotonic() - began < 40
     lines = [line for err in errs for line in err.splitlines() if "error" in line and line.startswith("fgpt")]
-    assert len(lines) == 1 and re.fullmatch(rf"fgpt train: error: rank [01]: {missing}: cannot read \(No such file "
-                                            r"or directory\)", lines[0]), errs
+    assert len(lines) == 1 and re.fullmatch(rf"fgpt( train)?: error: rank [01]: {said}", lines[0]), errs
     assert [re.findall(r"^  exitcode +: (\S+)", err, re.M) for err in errs] == [["2"], ["2"]]
     assert not (tmp_path / "run").exists()
