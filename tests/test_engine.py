@@ -64,21 +64,76 @@ def test_a_cancelled_request_frees_its_row_for_the_next():
     assert events[1][-1].reason == "length" and events[1][-1].new_tokens == 4
 
 
-def test_presence_and_frequency_penalties_follow_openais_definition():
-    """Greedy with penalties: each token is the argmax of the logits of the whole sequence
-    minus frequency_penalty x count + presence_penalty x (count > 0), counts over the
-    tokens generated so far (the prompt is not counted)."""
-    prompt, fp, pp = [7, 7, 9], 0.7, 1.3
-    tokens, _ = run([Request(tuple(prompt), 12, GREEDY, presence_penalty=pp, frequency_penalty=fp)])
+def penalised_greedy(prompt, n, fp, pp, counted=lambda c: c):
+    """OpenAI's penalties in closed form: each token is the argmax of the whole sequence's
+    last logits minus fp x count + pp x (count > 0), counts over the generated tokens only.
+    `counted` rewrites the counts (a wrong rule, to show the test can tell it apart)."""
     seq, counts = list(prompt), torch.zeros(TINY.vocab_size)
-    for _ in range(12):
+    for _ in range(n):
         logits = forward(PARAMS, torch.tensor([seq]), TINY)[0, -1]
-        token = int((logits - fp * counts - pp * (counts > 0)).argmax())
+        c = counted(counts)
+        token = int((logits - fp * c - pp * (c > 0)).argmax())
         seq.append(token)
         counts[token] += 1
-    assert tokens[0] == seq[len(prompt):]
-    plain, _ = run([Request(tuple(prompt), 12, GREEDY)])
-    assert plain[0] != tokens[0]  # the penalties changed the text
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("fp, pp", [(0.0, -1.5), (0.7, 0.0), (0.4, -0.9)])
+def test_presence_and_frequency_penalties_follow_openais_definition(fp, pp):
+    """Each penalty alone and both together (one negative) give the closed form's tokens,
+    which differ from plain greedy's, from the penalties swapped and from counts of 0/1."""
+    prompt, n = (7, 7, 9), 29
+    tokens, _ = run([Request(prompt, n, GREEDY, presence_penalty=pp, frequency_penalty=fp)])
+    assert tokens[0] == penalised_greedy(prompt, n, fp, pp)
+    assert tokens[0] != penalised_greedy(prompt, n, 0.0, 0.0)
+    assert tokens[0] != penalised_greedy(prompt, n, pp, fp)
+    if fp:
+        assert tokens[0] != penalised_greedy(prompt, n, fp, pp, counted=lambda c: (c > 0).float())
+
+
+@pytest.mark.parametrize("penalty", [1.8, 0.6])
+def test_a_repetition_penalty_counts_the_prompt_as_transformers_does(penalty):
+    """repetition_penalty divides (or multiplies) the logits of every token seen so far,
+    the prompt's included: greedy with it equals transformers' generate on the same weights."""
+    prompt, n = [7, 7, 9, 3, 3, 3, 50], 20
+    with torch.no_grad():
+        expected = hf_model(TINY, seed=2).generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, repetition_penalty=penalty,
+            pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    tokens, _ = run([Request(tuple(prompt), n, Sampling(greedy=True, repetition_penalty=penalty))])
+    assert tokens[0] == expected
+    prompt_unseen, _ = run([Request(tuple(prompt[-1:]), n, Sampling(greedy=True, repetition_penalty=penalty))])
+    assert prompt_unseen[0] != expected[: n]  # the prompt's tokens mattered
+
+
+def events_of(request):
+    """-> ([Token], Done) of one request run alone."""
+    engine, events = Engine(PARAMS, TINY, max_batch=1), []
+    engine.submit(request, events.append)
+    while engine.busy:
+        engine.step()
+    return events[:-1], events[-1]
+
+
+def text_of(tokens, done) -> str:
+    return "".join(t.text for t in tokens) + done.text
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_any_of_several_stop_strings_ends_the_text_before_it(first):
+    text = text_of(*events_of(Request((1, 2, 3), 20, GREEDY)))
+    stop = text[6:8]
+    stops = (stop, "\x00never") if first else ("\x00never", stop)
+    tokens, done = events_of(Request((1, 2, 3), 20, GREEDY, stop=stops))
+    assert text_of(tokens, done) == text[: text.index(stop)] and done.reason == "stop"
+
+
+def test_text_held_back_for_a_stop_string_arrives_when_the_length_ends_the_row():
+    """A stop string that the text's end begins is held back; at max_tokens it is sent."""
+    text = text_of(*events_of(Request((1, 2, 3), 12, GREEDY)))
+    tokens, done = events_of(Request((1, 2, 3), 12, GREEDY, stop=(text[-1] + "\x00",)))
+    assert done.reason == "length" and done.text.endswith(text[-1])
+    assert text_of(tokens, done) == text
 
 
 def test_a_seeded_sample_does_not_depend_on_its_neighbours_or_its_row():

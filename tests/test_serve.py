@@ -204,6 +204,48 @@ def test_stop_strings_cut_where_fgpt_generate_cuts(client, model):
     assert got.choices[0].finish_reason == "stop"
 
 
+def test_a_stop_given_as_one_string_is_that_whole_string(client, model):
+    """stop: "xyz" (not a list) stops at the first "xyz", not at the first "x"."""
+    _, params, _ = model
+    prompt = decode(PROMPT)
+    full = generate_text(params, prompt, 40, sampling=Sampling(greedy=True))
+    stop = next(full[i:i + 3] for i in range(1, len(full) - 3)
+                if full.index(full[i:i + 3]) == i and full[i] in full[:i] and "\ufffd" not in full[i:i + 3])
+    got = client.completions.create(model=None, prompt=prompt, max_tokens=40, temperature=0, stop=stop)
+    assert got.choices[0].text == full[: full.index(stop)] and got.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_count_the_prompt_once_as_openai_does(client):
+    got = client.completions.create(model=None, prompt=PROMPT, max_tokens=5, n=3, seed=2, temperature=1.0)
+    assert got.usage.prompt_tokens == len(PROMPT) and got.usage.completion_tokens == 15
+    assert got.usage.total_tokens == len(PROMPT) + 15
+
+
+WORDS = "The quick brown fox jumps over the lazy dog"  # tokens of several characters each
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_zero_gives_every_token_its_text_offset_and_no_alternatives(client, stream):
+    """echo + logprobs 0: one entry per prompt and generated token, the first None; each
+    text_offset is the length of the text before its token; the prompt is echoed once."""
+    args = dict(model=None, prompt=WORDS, max_tokens=6, temperature=0, echo=True, logprobs=0)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**args, stream=True)]
+        text = "".join(c.text for c in chunks)
+        parts = [c.logprobs for c in chunks if c.logprobs is not None]
+        lp = {k: sum((getattr(part, k) for part in parts), []) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                        "text_offset")}
+    else:
+        choice = client.completions.create(**args).choices[0]
+        text, lp = choice.text, vars(choice.logprobs)
+    plain = client.completions.create(model=None, prompt=WORDS, max_tokens=6, temperature=0).choices[0].text
+    assert text == WORDS + plain and "".join(lp["tokens"]) == text
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 9 + 6
+    assert lp["token_logprobs"][0] is None and all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    assert lp["top_logprobs"] == [None] * len(lp["tokens"])
+
+
 def test_chat_completions_follow_the_documented_template(client, model):
     _, params, _ = model
     got = client.chat.completions.create(model=str(model[0]), messages=[{"role": "user", "content": "a"}],

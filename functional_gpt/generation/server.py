@@ -301,7 +301,7 @@ def _deliver(loop, queue: asyncio.Queue, event) -> None:
         pass
 
 
-def _logprobs_block(entries, top_wanted: int | None, ids: list[int]) -> dict:
+def _logprobs_block(entries, ids: list[int]) -> dict:
     """entries: [(token, log-prob or None, {alt: log-prob} or None)] -> OpenAI's logprobs
     object. ids: the choice's tokens before these (extended with them here), whose text
     gives each token's text_offset."""
@@ -311,7 +311,7 @@ def _logprobs_block(entries, top_wanted: int | None, ids: list[int]) -> dict:
         ids.append(token)
         tokens.append(token_text(token))
         token_logprobs.append(logprob)
-        top.append({token_text(a): v for a, v in alts.items()} if alts is not None and top_wanted else None)
+        top.append(None if alts is None else {token_text(a): v for a, v in alts.items()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -444,7 +444,7 @@ class _Reply:
         self.created = int(time.time())
         self.echo = getattr(body, "echo", False)
         self.top_wanted = getattr(body, "logprobs", None)
-        self.prompt_tokens = sum(len(p) for p in prompts) * body.n
+        self.prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n is (OpenAI's count)
 
     def log(self, completion_tokens: int, ttft: float) -> None:
         elapsed = time.perf_counter() - self.started
@@ -474,7 +474,7 @@ class _Reply:
             logprobs = None
             if self.top_wanted is not None:
                 entries = (prompt.logprobs if prompt else []) + [(t.id, t.logprob, t.top) for t in tokens]
-                logprobs = _logprobs_block(entries, self.top_wanted, [])
+                logprobs = _logprobs_block(entries, [])
             full = (decode(list(request.prompt)) if self.echo else "") + text
             choices.append({"text": full, "index": i, "logprobs": logprobs, "finish_reason": done.reason})
         self.log(completion_tokens, min((d.first_token_s for _, _, d in results), default=float("nan")))
@@ -524,13 +524,13 @@ class _Reply:
                         yield self.chunk(i, event.text, event.reason)
                         continue
                     if isinstance(event, Prompt):
-                        lp = _logprobs_block(event.logprobs, self.top_wanted, ids[i])
+                        lp = _logprobs_block(event.logprobs, ids[i])
                         yield self.chunk(i, decode(list(self.requests[i].prompt)), logprobs=lp)
                     else:
                         completion_tokens += 1
                         lp = None
                         if self.top_wanted is not None and not self.chat:
-                            lp = _logprobs_block([(event.id, event.logprob, event.top)], self.top_wanted, ids[i])
+                            lp = _logprobs_block([(event.id, event.logprob, event.top)], ids[i])
                         if event.text or lp:
                             yield self.chunk(i, event.text, logprobs=lp)
                     pending[asyncio.ensure_future(queues[i].get())] = i
