@@ -165,6 +165,62 @@ def test_patching_resid_and_mlp_post_with_values_equals_transformers(pair):
     assert_rel_close(got, expected, 1e-5)
 
 
+def transformers_logits(model, tokens, module, hook, pre=False):
+    """transformers' logits with one forward (or pre-forward) hook on `module`."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(tokens).logits
+    finally:
+        handle.remove()
+
+
+def test_several_hooks_on_one_point_run_in_the_order_given(pair):
+    """x*2 then x+0.5 on h.1.mlp.post is transformers' 2x+0.5 on the same activation;
+    the other order is a different model (2x+1)."""
+    model, params = pair
+    tokens = _tokens()
+    expected = transformers_logits(model, tokens, model.transformer.h[1].mlp.act, lambda m, a, out: out * 2 + 0.5)
+    double, shift = (lambda x: x * 2), (lambda x: x + 0.5)
+    got = run_with_hooks(params, tokens, [("h.1.mlp.post", double), ("h.1.mlp.post", shift)])
+    assert_rel_close(got, expected, 1e-5)
+    other = run_with_hooks(params, tokens, [("h.1.mlp.post", shift), ("h.1.mlp.post", double)])
+    assert (other - expected).abs().max() > 1e-2
+
+
+def test_a_hook_on_a_point_formed_only_when_named_runs_without_recording_it(pair):
+    """The pattern is formed only for the points a tap names: a hook alone names it. A
+    zero pattern leaves block 0's attention its c_proj bias (transformers: c_proj of zeros)."""
+    model, params = pair
+    tokens = _tokens()
+    expected = transformers_logits(model, tokens, model.transformer.h[0].attn.c_proj,
+                                   lambda m, args: (torch.zeros_like(args[0]),), pre=True)
+    got = run_with_hooks(params, tokens, {"h.0.attn.pattern": torch.zeros_like})
+    assert_rel_close(got, expected, 1e-5)
+    assert (got - forward(params, tokens, TINY)).abs().max() > 1e-2
+
+
+def test_a_patch_of_another_dtype_takes_the_activations_dtype(pair):
+    _, params = pair
+    tokens = _tokens()
+    resid = torch.randn(2, 12, TINY.n_embd, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = run_with_hooks(params, tokens, {"h.1.resid_pre": resid})
+    assert got.dtype == torch.float32
+    assert torch.equal(got, run_with_hooks(params, tokens, {"h.1.resid_pre": resid.float()}))
+
+
+def test_the_gradient_at_an_activation_the_metric_does_not_reach_is_zero(pair):
+    """With the last block's output patched by a constant, nothing before it reaches the
+    logits: its gradient is zeros (not missing), the patched point's is not."""
+    _, params = pair
+    tokens = _tokens()
+    constant = torch.randn(2, 12, TINY.n_embd, generator=torch.Generator().manual_seed(8))
+    _, cache = run_with_cache(params, tokens, ["h.0.mlp", "h.1"], hooks={"h.1": constant},
+                              grad_of=lambda logits: logits.sum())
+    assert torch.equal(cache.grads["h.0.mlp"], torch.zeros(2, 12, TINY.n_embd))
+    assert cache.grads["h.1"].abs().min() > 0
+
+
 def test_gradients_of_cached_activations_equal_autograd(pair):
     _, params = pair
     tokens = _tokens()
