@@ -109,6 +109,39 @@ def test_epoch_visits_every_window_once_and_batches_chain():
     assert torch.equal(epoch_order(n, 1, 0), epoch_order(n, 1, 0))
 
 
+def test_the_windows_are_every_stride_th_start_whose_window_fits_up_to_the_last_token():
+    """Closed form: starts are the multiples of stride s with s + T + 1 <= n (inputs plus
+    the next token), so with stride 1 the last token is a target; a stride past the end
+    leaves the one window at 0."""
+    T = 6
+    for n in range(T + 1, T + 30):
+        for stride in (1, 2, 3, 5, 7, 40):
+            expected = [s for s in range(0, n, stride) if s + T + 1 <= n]
+            assert window_starts(n, T, stride).tolist() == expected, (n, stride)
+        assert window_starts(n, T, 2**63 - 1).tolist() == window_starts(n, T, 2**70).tolist() == [0]
+    tokens = np.arange(23, dtype="<u2")
+    x, y, _ = next_batch(tokens, Position(), batch_size=len(window_starts(23, T, 1)), context_length=T, stride=1,
+                         seed=0)
+    assert int(y.max()) == 22 and sorted(set(y.flatten().tolist())) == list(range(1, 23))
+
+
+def test_batches_walk_each_epochs_order_and_roll_over_exactly_at_its_end():
+    """Batches of 3 over 7 windows for three epochs are the concatenated epoch orders;
+    each position is where the stream stands (index 6 is still in the epoch)."""
+    tokens, T, stride = np.arange(7 * 4 + 1, dtype="<u2"), 4, 4
+    starts = window_starts(len(tokens), T, stride)
+    assert len(starts) == 7
+    expected = torch.cat([starts[epoch_order(7, 9, e)] for e in range(3)]).tolist()
+    position, got, positions = Position(), [], []
+    for _ in range(7):
+        x, _, position = next_batch(tokens, position, batch_size=3, context_length=T, stride=stride, seed=9)
+        got += x[:, 0].tolist()
+        positions.append(position)
+    assert got == expected
+    assert positions == [Position(0, 3), Position(0, 6), Position(1, 2), Position(1, 5), Position(2, 1),
+                         Position(2, 4), Position(3, 0)]
+
+
 def test_eval_windows_do_not_overlap_and_cover_the_split():
     starts = eval_starts(1001, 100)
     assert starts.tolist() == list(range(0, 1000, 100))  # 10 windows predict tokens 1..1000

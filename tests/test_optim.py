@@ -48,6 +48,37 @@ def test_adamw_matches_torch_adamw(tiny_config):
         torch.testing.assert_close(state.exp_avg[k], reference.state[theirs[k]]["exp_avg"], rtol=1e-6, atol=1e-9)
 
 
+def test_adamw_over_tensors_larger_than_a_group_matches_torch_adamw():
+    """Tensors over GROUP_ELEMENTS (2**20) go through in flat pieces: a decayed matrix, a
+    non-contiguous one (a transposed view, updated whole), a long bias and small ones
+    around them match torch.optim.AdamW, decay by each tensor's own shape."""
+    g = torch.Generator().manual_seed(2)
+    big = 2**20 + 1000
+    flat = {"h.0.mlp.c_fc.weight": torch.randn(1025, 1024, generator=g),
+            "h.0.mlp.c_fc.bias": torch.randn(big, generator=g),
+            "h.0.ln_1.weight": torch.randn(7, generator=g),
+            "h.0.mlp.c_proj.weight": torch.randn(1024, 1030, generator=g).t(),
+            "h.0.attn.c_proj.weight": torch.randn(3, 5, generator=g)}
+    assert not flat["h.0.mlp.c_proj.weight"].is_contiguous()
+    ours = {k: t.clone() if t.is_contiguous() else t.clone().t().contiguous().t() for k, t in flat.items()}
+    theirs = {k: t.clone().requires_grad_(True) for k, t in flat.items()}
+    reference = torch.optim.AdamW(
+        [{"params": [t for k, t in theirs.items() if decays(k, t)], "weight_decay": 0.1},
+         {"params": [t for k, t in theirs.items() if not decays(k, t)], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    state = adamw_init(ours)
+    for _ in range(3):
+        grads = {k: torch.randn(t.shape, generator=g) for k, t in flat.items()}
+        for k, t in theirs.items():
+            t.grad = grads[k].clone()
+        reference.step()
+        state = adamw_step(ours, grads, state, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for k in flat:
+        torch.testing.assert_close(ours[k], theirs[k].detach(), rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(state.exp_avg_sq[k], reference.state[theirs[k]]["exp_avg_sq"], rtol=1e-6,
+                                   atol=1e-9, msg=k)
+
+
 def test_schedule_warmup_cosine_floor():
     kw = dict(lr=1.0, warmup_steps=10, decay_steps=110, min_lr=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1)
