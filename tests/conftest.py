@@ -12,6 +12,7 @@ the logits by 2e-4 of their scale and a layer-norm epsilon of 1e-6 instead of 1e
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY = GPTConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 MACHINE_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout_or_root():
+    """No test leaves files in the checkout's top level or in / (a drawn relative path
+    once put 574 files into the checkout and two into /)."""
+    places = (Path(__file__).resolve().parents[1], Path("/"))
+    before = [set(os.listdir(p)) for p in places]
+    yield
+    expected = {".pytest_cache", ".hypothesis", "mutants"}
+    new = [sorted(set(os.listdir(p)) - b - expected) for p, b in zip(places, before)]
+    assert not any(new), f"tests wrote into the checkout or /: {new[0][:5]}, {new[1][:5]}"
 
 
 @pytest.fixture(autouse=True)

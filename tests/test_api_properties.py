@@ -16,6 +16,7 @@ derandomized); `HYPOTHESIS_PROFILE=deep` digs further. The generation face's fun
 are in tests/test_generation_properties.py.
 """
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -61,7 +62,9 @@ TENSORS = st.builds(_tensor, st.lists(st.integers(0, 4), max_size=4).map(tuple),
                                      torch.uint8, torch.bool]), st.integers(0, 2**16))
 HOSTILE = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=4).filter(lambda t: not t or not Path(t).exists()),  # no walk of "/" or "."
+    # Relative names only, resolved in the module's scratch directory (the fixture below
+    # works there): a drawn path is written to, and must not land in the checkout or in /.
+    st.text(max_size=4).filter(lambda t: not t.startswith("/") and (not t or not Path(t).exists())),
     st.lists(st.integers(-3, 200), max_size=3), st.just({}), st.just(()), TENSORS,
     st.builds(np.int64, st.integers(-3, 200)), st.builds(np.float32, st.floats(-1e3, 1e3, width=32)),
     st.just(torch.zeros(2, 3, device="meta")), st.just(torch.tensor(3, device="meta")), st.just(object()),
@@ -305,12 +308,16 @@ CASES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def workspace():
-    """The work directory, and a memory bound: whatever would allocate more than 256 MiB
+    """The work directory (the current one while the module runs), and a memory bound: whatever would allocate more than 256 MiB
     is refused as on a machine with that much free (device.check_memory), so a drawn size
     that fits the real machine cannot make the test take minutes and gigabytes."""
-    real = device_module.free_memory
+    real, cwd = device_module.free_memory, os.getcwd()
     device_module.free_memory = lambda device: min(real(device) or 0, 2**28)
+    scratch = WORK / "cwd"
+    scratch.mkdir(parents=True)
+    os.chdir(scratch)
     yield
+    os.chdir(cwd)
     device_module.free_memory = real
     shutil.rmtree(WORK, ignore_errors=True)
 
