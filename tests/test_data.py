@@ -114,11 +114,12 @@ def test_the_windows_are_every_stride_th_start_whose_window_fits_up_to_the_last_
     the next token), so with stride 1 the last token is a target; a stride past the end
     leaves the one window at 0."""
     T = 6
-    for n in range(T + 1, T + 30):
+    for n in range(0, T + 30):
         for stride in (1, 2, 3, 5, 7, 40):
             expected = [s for s in range(0, n, stride) if s + T + 1 <= n]
             assert window_starts(n, T, stride).tolist() == expected, (n, stride)
-        assert window_starts(n, T, 2**63 - 1).tolist() == window_starts(n, T, 2**70).tolist() == [0]
+        assert window_starts(n, T, 2**63 - 1).tolist() == window_starts(n, T, 2**70).tolist() == \
+            ([0] if n > T else [])
     tokens = np.arange(23, dtype="<u2")
     x, y, _ = next_batch(tokens, Position(), batch_size=len(window_starts(23, T, 1)), context_length=T, stride=1,
                          seed=0)
@@ -140,6 +141,73 @@ def test_batches_walk_each_epochs_order_and_roll_over_exactly_at_its_end():
     assert got == expected
     assert positions == [Position(0, 3), Position(0, 6), Position(1, 2), Position(1, 5), Position(2, 1),
                          Position(2, 4), Position(3, 0)]
+
+
+NEXT = dict(batch_size=2, context_length=4, stride=2, seed=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=0), r"^batch_size: expected an integer >= 1, got 0 \(an int\)$"),
+    (dict(context_length=0), r"^context_length: expected an integer >= 1, got 0 \(an int\)$"),
+    (dict(stride=0), r"^stride: expected an integer >= 1, got 0 \(an int\)$"),
+    (dict(seed=-1), r"^seed: expected an integer in 0\.\.9223372036854775807, got -1 \(an int\)$"),
+    (dict(seed=2**63), r"^seed: expected an integer in 0\.\.9223372036854775807, got 9223372036854775808"),
+    (dict(tokens=np.zeros((2, 20), dtype="<u2")), r"^tokens: expected the 1-D token array load_tokens gives, "
+                                                 r"got a ndarray"),
+    (dict(tokens=[1, 2, 3]), r"^tokens: expected the 1-D token array load_tokens gives, got a list"),
+    (dict(position=(0, 1, 2)), r"^position: expected a data\.Position\(epoch, index\), got a tuple of 3$"),
+    (dict(position=None), r"^position: expected a data\.Position\(epoch, index\), got None$"),
+    (dict(tokens=np.arange(4, dtype="<u2")), r"^4 tokens hold no window of context_length=4 \(need at least 5\)$"),
+    (dict(position=Position(0, 8)), r"^data position \(epoch 0, index 8\) is outside an epoch of 8 windows "
+                                    r"\(context_length 4, stride 2: index 0\.\.7, epoch >= 0\)$"),
+    (dict(position=Position(-1, 0)), r"^data position \(epoch -1, index 0\) is outside an epoch of 8 windows"),
+    (dict(position=Position(0, -1)), r"^data position \(epoch 0, index -1\)"),
+    (dict(position=Position(True, 0)), r"^data position \(epoch True \(a bool\), index 0\)"),
+    (dict(position=Position(0, 1.0)), r"^data position \(epoch 0, index 1\.0 \(a float\)\)"),
+])
+def test_next_batch_names_each_bad_argument(change, message):
+    """20 tokens, windows of 4 at stride 2: starts 0..14, 8 windows (index 0..7)."""
+    arguments = dict(NEXT, tokens=np.arange(20, dtype="<u2"), position=Position()) | change
+    tokens, position = arguments.pop("tokens"), arguments.pop("position")
+    with pytest.raises(UserError, match=message):
+        next_batch(tokens, position, **arguments)
+
+
+def test_the_last_index_of_an_epoch_and_a_corpus_of_exactly_one_window_are_valid():
+    x, _, after = next_batch(np.arange(20, dtype="<u2"), Position(0, 7), **NEXT)
+    assert after == Position(1, 1) and x.shape == (2, 4)
+    one = np.arange(5, dtype="<u2")  # context 4 + 1 target: one window
+    check_fits(one, 4, "train")
+    x, y, after = next_batch(one, Position(), **NEXT)
+    assert x.tolist() == [[0, 1, 2, 3]] * 2 and y.tolist() == [[1, 2, 3, 4]] * 2 and after == Position(2, 0)
+    with pytest.raises(UserError, match=r"^train holds 4 tokens; one window of context_length=4 needs at least 5$"):
+        check_fits(one[:4], 4, "train")
+
+
+def test_a_batch_is_refused_exactly_when_its_bytes_exceed_the_free_memory(monkeypatch):
+    """x and y of int64: 2 x batch_size x context_length x 8 bytes."""
+    import functional_gpt.device as device_module
+    needed = 2 * 2 * 4 * 8
+    monkeypatch.setattr(device_module, "free_memory", lambda device: needed)
+    next_batch(np.arange(20, dtype="<u2"), Position(), **NEXT)
+    monkeypatch.setattr(device_module, "free_memory", lambda device: needed - 1)
+    with pytest.raises(UserError, match=r"^a batch of batch_size=2 windows of context_length=4 tokens needs "):
+        next_batch(np.arange(20, dtype="<u2"), Position(), **NEXT)
+
+
+def test_a_directory_gives_its_text_files_only_after_the_files_before_it(tmp_path):
+    from functional_gpt.training.data import text_sources
+    corpus = tmp_path / "corpus"
+    (corpus / "sub.txt").mkdir(parents=True)  # a directory with a text suffix is not a file
+    (corpus / "sub.txt" / "b.md").write_text("b")
+    (corpus / "a.txt").write_text("a")
+    (corpus / "tokens.bin").write_bytes(b"\0\1")
+    (tmp_path / "first.txt").write_text("first")
+    got = [s.path.relative_to(tmp_path).as_posix() for s in text_sources([tmp_path / "first.txt", corpus])]
+    assert got == ["first.txt", "corpus/a.txt", "corpus/sub.txt/b.md"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: directory holds no \.txt or \.md files$"):
+        text_sources([tmp_path / "first.txt", tmp_path / "empty"])
 
 
 def test_eval_windows_do_not_overlap_and_cover_the_split():

@@ -77,3 +77,10 @@ def test_commands_writing_to_a_device_node_keep_it_a_device(tmp_path, command, c
     argv = [command, "--weights", str(tmp_path / "m.safetensors"), "--prompt", "Hello there", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     assert is_char_device(out) and sorted(os.listdir(tmp_path)) == ["m.safetensors", "out.png"]
+
+
+def test_an_os_error_is_named_by_its_reason_or_its_text_or_its_kind():
+    from functional_gpt.files import os_error
+    assert str(os_error("f", OSError(28, "No space left on device"))) == "f: cannot write (No space left on device)"
+    assert str(os_error("f", OSError("the disk went away"), "cannot read")) == "f: cannot read (the disk went away)"
+    assert str(os_error("f", PermissionError())) == "f: cannot write (PermissionError)"

@@ -282,6 +282,21 @@ def test_bad_hook_names_and_patch_shapes_are_one_line_errors(pair):
         run_with_hooks(params, _tokens(), {"h.1.attn.z": torch.zeros(2, 12, 32)})
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: to_transformer_lens("embed"), r"^hook 'embed' has no TransformerLens name; blocks\.0\.hook_resid_pre "
+                                           r"holds the same value$"),
+    (lambda: to_transformer_lens("logits"), r"^hook 'logits' has no TransformerLens name: it is the model's output$"),
+    (lambda: to_transformer_lens("h.0.bogus"), r"^unknown hook name 'h\.0\.bogus'$"),
+    (lambda: to_transformer_lens(3), r"^name: expected a non-empty string, got 3 \(an int\)$"),
+    (lambda: from_transformer_lens("blocks.0.bogus"), r"^'blocks\.0\.bogus' is not a TransformerLens hook point of "
+                                                      r"GPT-2 that functional_gpt has$"),
+    (lambda: from_transformer_lens(None), r"^name: expected a non-empty string, got None$"),
+])
+def test_names_without_a_translation_are_named(call, message):
+    with pytest.raises(UserError, match=message):
+        call()
+
+
 def test_the_documented_names_table_is_the_code_table():
     """docs/09's table lists every block point with its TransformerLens name and shape."""
     from pathlib import Path

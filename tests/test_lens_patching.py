@@ -120,6 +120,27 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(pair):
     assert a.heads.abs().max() > 1e-3
 
 
+def test_each_heads_share_is_its_centred_result_along_the_scaled_unembedding_difference(pair):
+    """Closed form per head: (r - mean(r)) . (g * (w_t - w_o)) / sigma, r the head's result
+    at the position, sigma ln_f's divisor of the last block's output there; layers() is the
+    heads' sum plus the bias share, beside the MLP's."""
+    from functional_gpt.interp.hooks import run_with_cache
+    _, params = pair
+    tokens = _tokens(B=1)[0]
+    a = logit_attribution(params, tokens, 3, 5, position=4, config=TINY)
+    _, cache = run_with_cache(params, tokens[None], ["h.0.attn.result", "h.1.attn.result", "h.1"], config=TINY)
+    final = cache["h.1"][0, 4].double()
+    sigma = (final.var(unbiased=False) + TINY.layer_norm_epsilon).sqrt()
+    w = params["wte"]["weight"].double()
+    direction = params["ln_f"]["weight"].double() * (w[3] - w[5]) / sigma
+    for layer in range(2):
+        r = cache[f"h.{layer}.attn.result"][0, 4].double()  # [H, C]
+        expected = (r - r.mean(-1, keepdim=True)) @ direction
+        assert_rel_close(a.heads[layer].double(), expected, 1e-5)
+    assert torch.equal(a.layers(), torch.stack([a.heads.sum(1) + a.attn_bias, a.mlp], 1))
+    assert (a.attn_bias.abs() > 1e-4).all()
+
+
 def test_fgpt_lens_writes_a_png_and_a_table_and_refuses_bad_input(tmp_path, capsys):
     config = GPTConfig(n_positions=16, n_embd=64, n_layer=2, n_head=2)  # GPT-2's vocabulary, for text prompts
     weights = tmp_path / "w.safetensors"
@@ -149,6 +170,14 @@ def test_fgpt_lens_writes_a_png_and_a_table_and_refuses_bad_input(tmp_path, caps
 def test_ablate_heads_names_bad_arguments(args, message):
     with pytest.raises(UserError, match=message):
         ablate_heads(*args)
+
+
+def test_a_head_past_the_models_heads_is_named_when_the_hook_runs(pair):
+    _, params = pair
+    tokens = _tokens()
+    run_with_hooks(params, tokens, [ablate_heads(1, [TINY.n_head - 1])], TINY)  # the last head is a head
+    with pytest.raises(UserError, match=r"^ablate_heads: heads \[4\] must be in 0\.\.3$"):
+        run_with_hooks(params, tokens, [ablate_heads(1, [TINY.n_head])], TINY)
 
 
 def test_numpy_integers_are_integers(pair):
