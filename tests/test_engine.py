@@ -246,3 +246,9 @@ def test_submit_checks_the_prompt_against_the_model_and_the_sizes():
         engine.submit(Request((1,) * 30, 3), print)
     with pytest.raises(UserError, match="^max_queue: expected an integer >= 1, got 0"):
         Engine(PARAMS, TINY, max_queue=0)
+
+
+def test_a_failure_is_one_line_of_at_most_200_characters_of_its_first_line():
+    from functional_gpt.generation.engine import _failure
+    assert _failure("prefill", RuntimeError("x" * 300 + "\nsecond")) == "prefill failed: RuntimeError: " + "x" * 200
+    assert _failure("sampling", RuntimeError()) == "sampling failed: RuntimeError"

@@ -84,3 +84,12 @@ def test_an_os_error_is_named_by_its_reason_or_its_text_or_its_kind():
     assert str(os_error("f", OSError(28, "No space left on device"))) == "f: cannot write (No space left on device)"
     assert str(os_error("f", OSError("the disk went away"), "cannot read")) == "f: cannot read (the disk went away)"
     assert str(os_error("f", PermissionError())) == "f: cannot write (PermissionError)"
+
+
+def test_json_is_written_as_utf8_and_refuses_what_json_cannot_hold(tmp_path):
+    path = tmp_path / "state.json"
+    write_json(path, {"name": "Ünïcode ✓"})
+    assert path.read_bytes() == '{\n  "name": "\\u00dcn\\u00efcode \\u2713"\n}\n'.encode()
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_json(path, {"loss": float("nan")})
+    assert path.read_text(encoding="utf-8").startswith('{\n  "name"')  # the file before is kept

@@ -1,6 +1,8 @@
 """torch.func over the model: per-example gradients against a loop of autograd.grad, an
 ensemble against each member run alone."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,3 +70,35 @@ def test_bad_input_to_the_transforms_is_named(params):
         stack_params([params, unflatten({k: v.double() for k, v in other.items()})])
     with pytest.raises(UserError, match=r"^members: expected a non-empty list of params, got a list of 0$"):
         stack_params([])
+
+
+def test_an_ensemble_takes_its_config_from_the_stack_or_from_the_call(params):
+    """One member is an ensemble too; a plain dict of stacked tensors runs with config=
+    and without it is refused by name; a config that is not the params' is refused."""
+    tokens, _ = _windows(2, 6, 3)
+    one = ensemble_logits(stack_params([params]), tokens)
+    assert one.shape == (1, 2, 6, TINY.vocab_size) and torch.allclose(one[0], forward(params, tokens, TINY), atol=1e-5)
+    plain = unflatten(dict(flatten(stack_params([params, params]))))
+    assert torch.equal(ensemble_logits(plain, tokens, TINY)[1], ensemble_logits(plain, tokens, TINY)[0])
+    with pytest.raises(UserError, match=r"^config: these stacked params do not carry their config; pass config= or "
+                                        r"stack them with stack_params\(members, config\)$"):
+        ensemble_logits(plain, tokens)
+    two_heads = dataclasses.replace(TINY, n_head=2)  # the same shapes: the config given is the one run
+    assert torch.allclose(ensemble_logits(stack_params([params]), tokens, two_heads)[0],
+                          forward(params, tokens, two_heads), atol=1e-5)
+    assert not torch.allclose(forward(params, tokens, two_heads), one[0], atol=1e-3)
+    with pytest.raises(UserError, match=r"^stacked: expected the params stack_params returns \(tensors with a leading "
+                                        r"\[M\]\)$"):
+        ensemble_logits(unflatten({k: v[0, 0] if v.dim() == 2 else v.sum()
+                                   for k, v in flatten(stack_params([params])).items()}), tokens, TINY)
+    with pytest.raises(UserError, match=r"^stacked: expected the params stack_params returns, got a list of 1$"):
+        ensemble_logits([params], tokens, TINY)
+
+
+def test_per_example_grads_name_their_targets(params):
+    tokens, targets = _windows(2, 5, 4)
+    with pytest.raises(UserError, match=r"^targets: expected an integer tensor, got a float32 tensor \[2, 5\]$"):
+        per_example_grads(params, tokens, targets.float(), TINY)
+    two_heads = dataclasses.replace(TINY, n_head=2)  # the same shapes: the config given is the one run
+    assert not torch.allclose(per_example_grads(params, tokens, targets, two_heads)["wte.weight"],
+                              per_example_grads(params, tokens, targets, TINY)["wte.weight"], atol=1e-6)

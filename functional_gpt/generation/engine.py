@@ -345,7 +345,7 @@ class Engine:
 def _failure(stage: str, e: Exception) -> str:
     """One line on a failure: where it happened, the exception and its first line."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{stage} failed: {type(e).__name__}: {first}"
+    return f"{stage} failed: {type(e).__name__}" + (f": {first}" if first else "")
 
 
 def token_text(token: int) -> str:
