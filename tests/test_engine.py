@@ -3,6 +3,7 @@ rows, retirement, cancellation, OpenAI's penalties against their closed form, id
 a generated <|endoftext|>, failures that belong to one request, checked fields."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -252,3 +253,78 @@ def test_a_failure_is_one_line_of_at_most_200_characters_of_its_first_line():
     from functional_gpt.generation.engine import _failure
     assert _failure("prefill", RuntimeError("x" * 300 + "\nsecond")) == "prefill failed: RuntimeError: " + "x" * 200
     assert _failure("sampling", RuntimeError()) == "sampling failed: RuntimeError"
+
+
+def test_a_row_after_a_free_one_still_decodes_and_a_late_request_takes_the_free_row():
+    engine = Engine(PARAMS, TINY, max_batch=3)
+    events = [[], [], []]
+    engine.submit(Request((1, 2), 2, GREEDY), events[0].append)  # row 0, ends first
+    engine.submit(Request((3,), 7, GREEDY), events[1].append)  # row 1, decodes on after row 0 is free
+    engine.step()
+    engine.submit(Request((4, 4), 3, GREEDY), events[2].append)  # admitted at once beside the others
+    engine.step()
+    assert engine.rows[1] is not None and engine.rows[2] is not None
+    while engine.busy:
+        engine.step()
+    for request, got in zip(((1, 2), (3,), (4, 4)), events):
+        n = got[-1].new_tokens
+        expected = [int(t[0]) for t in generate(PARAMS, [list(request)], TINY, max_new_tokens=n)]
+        assert [e.id for e in got if isinstance(e, Token)] == expected and got[-1].reason == "length"
+    assert [e[-1].new_tokens for e in events] == [2, 7, 3]
+
+
+def test_a_request_cancelled_while_waiting_ends_at_once_and_the_next_takes_its_place():
+    engine = Engine(PARAMS, TINY, max_batch=1)
+    events = [[], []]
+    engine.submit(Request((1,), 3, GREEDY), events[0].append).cancel()
+    engine.submit(Request((2,), 3, GREEDY), events[1].append)
+    engine.step()
+    assert [(e.reason, e.new_tokens) for e in events[0]] == [("cancelled", 0)] and engine.rows[0] is not None
+    assert engine.rows[0].handle.request.prompt == (2,)
+
+
+def test_prompt_logprobs_are_the_log_softmax_of_every_prompt_position_and_max_tokens_zero_ends_there():
+    prompt = (5, 9, 2, 77, 31)
+    engine, events = Engine(PARAMS, TINY, max_batch=1), []
+    engine.submit(Request(prompt, 0, GREEDY, logprobs=2, prompt_logprobs=True), events.append)
+    while engine.busy:
+        engine.step()
+    scored, done = events
+    expected = torch.log_softmax(forward(PARAMS, torch.tensor([prompt]), TINY)[0].double(), -1)
+    assert scored.logprobs[0] == (5, None, None) and [e[0] for e in scored.logprobs] == list(prompt)
+    for t, (token, logprob, alts) in enumerate(scored.logprobs[1:]):
+        assert abs(logprob - float(expected[t, token])) < 1e-5
+        top = expected[t].topk(2)
+        assert list(alts) == top.indices.tolist() and max(abs(a - b) for a, b in zip(alts.values(), top.values)) < 1e-5
+    assert (done.reason, done.new_tokens) == ("length", 0)
+    one, done = events_of(Request(prompt, 1, GREEDY))
+    assert len(one) == 1 and done.reason == "length" and done.new_tokens == 1
+
+
+def test_the_time_to_the_first_token_is_measured_at_the_first_token():
+    """A sink that takes 50 ms per token: the first token's time is its own, not a later one's."""
+    engine, seen = Engine(PARAMS, TINY, max_batch=1), []
+
+    def slow_sink(event):
+        seen.append((time.perf_counter(), event))
+        if isinstance(event, Token):
+            time.sleep(0.05)
+
+    submitted = time.perf_counter()
+    engine.submit(Request((1, 2), 3, GREEDY), slow_sink)
+    while engine.busy:
+        engine.step()
+    first_at, done = seen[0][0], seen[-1][1]
+    assert 0 <= done.first_token_s <= first_at - submitted + 0.01 and done.first_token_s < 0.04
+
+
+def test_a_failed_prefill_counts_no_tokens_and_its_row_takes_the_next_request_at_once(monkeypatch):
+    breaking(monkeypatch, "forward_cached", lambda params, tokens, *rest, **kw: int(tokens[0, 0]) == 9)
+    engine, events = Engine(PARAMS, TINY, max_batch=1), [[], [], []]
+    for i, prompt in enumerate([(9,), (5,), (6,)]):
+        engine.submit(Request(prompt, 0 if i == 1 else 4, GREEDY), events[i].append)
+    engine.step()
+    done = events[0][-1]
+    assert (done.reason, done.new_tokens, done.error) == ("error", 0, "prefill failed: RuntimeError: boom")
+    assert [(e.reason, e.new_tokens) for e in events[1]] == [("length", 0)]  # max_tokens 0: done at admission
+    assert engine.rows[0] is not None and engine.rows[0].handle.request.prompt == (6,)

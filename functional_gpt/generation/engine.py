@@ -251,22 +251,24 @@ class Engine:
                 self._retire(i, reason, error=error)
 
     def _admit(self) -> None:
+        """Fill the free rows from the queue in order. A request cancelled while waiting, one
+        whose prefill fails and one of max_tokens 0 end at once, and their row takes the next
+        waiting request in the same step."""
         for i in range(len(self.rows)):
-            if self.rows[i] is not None:
-                continue
-            with self.lock:
-                if not self.waiting:
-                    return
-                handle = self.waiting.popleft()
-            if handle.cancelled:
-                handle.sink(Done("cancelled", 0))
-                continue
-            try:
-                self._prefill(i, handle)
-            except Exception as e:  # this request's failure: its row stays free for the next
-                self.rows[i] = None
-                self.cache = self.cache.with_length(i, 0)
-                handle.sink(Done("error", 0, error=_failure("prefill", e)))
+            while self.rows[i] is None:
+                with self.lock:
+                    if not self.waiting:
+                        return
+                    handle = self.waiting.popleft()
+                if handle.cancelled:
+                    handle.sink(Done("cancelled", 0))
+                    continue
+                try:
+                    self._prefill(i, handle)
+                except Exception as e:  # this request's failure: its row stays free for the next
+                    self.rows[i] = None
+                    self.cache = self.cache.with_length(i, 0)
+                    handle.sink(Done("error", 0, error=_failure("prefill", e)))
 
     def _prefill(self, i: int, handle: Handle) -> None:
         request, V = handle.request, self.config.vocab_size
