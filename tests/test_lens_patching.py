@@ -157,6 +157,36 @@ def test_fgpt_lens_writes_a_png_and_a_table_and_refuses_bad_input(tmp_path, caps
     assert "must be a .png file" in capsys.readouterr().err
 
 
+def test_the_lens_table_and_picture_are_the_logit_lens_top_tokens(tmp_path, monkeypatch):
+    """draw_lens: the picture gets each cell's top-1 token and probability; the table's
+    cells are the top 3 tokens (cut to 14 characters), rows h.i in and output."""
+    from functional_gpt.interp import lens as lens_module
+    from functional_gpt.model.tokenizer import decode, encode
+    from functional_gpt.interp.attention_map import token_label
+    config = GPTConfig(n_positions=16, n_embd=64, n_layer=2, n_head=2)
+    params = init_params(config, seed=1)
+    drawn = {}
+    monkeypatch.setattr(lens_module, "_plot_lens", lambda prob, best, rows, columns, path: drawn.update(
+        prob=prob, best=best, rows=rows, columns=columns))
+    prompt = "Hello world, this"
+    table = lens_module.draw_lens(params, prompt, config, tmp_path / "lens.png").splitlines()
+    ids = encode(prompt)
+    probs, best = logit_lens(params, torch.tensor(ids), config).exp().topk(3, dim=-1)
+    assert torch.equal(drawn["best"], best[..., 0]) and torch.allclose(drawn["prob"], probs[..., 0])
+    rows = ["h.0 in", "h.1 in", "output"]
+    assert drawn["rows"] == rows and drawn["columns"] == [token_label(decode([t])) for t in ids]
+    assert table[0] == " " * 10 + " | ".join(f"{token_label(decode([t])):>14}" for t in ids)
+    for r, name in enumerate(rows):
+        cells = [" ".join(token_label(decode([int(k)])) for k in best[r, t])[:14] for t in range(len(ids))]
+        assert table[r + 1] == f"{name:10}" + " | ".join(f"{c:>14}" for c in cells)
+
+
+def test_an_empty_sequence_is_named():
+    params = init_params(TINY, seed=0)
+    with pytest.raises(UserError, match=r"^tokens: an empty sequence$"):
+        logit_lens(params, torch.zeros(0, dtype=torch.long), TINY)
+
+
 # ---------------------------------------------------------- bad input to the interventions
 
 
