@@ -29,12 +29,13 @@ request in flight at once (a stream with an error event saying so, then [DONE]).
 import asyncio
 import copy
 import json
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -615,11 +616,30 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
     print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
           f"{max_queue})", file=err, flush=True)
 
+    caught: list[int] = []
+
     class Uvicorn(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            """uvicorn's, less its re-raise inside the event loop: there asyncio's own
+            Ctrl-C handler may see the SIGINT after the loop's task is done and drop it
+            (the exit status was then 0, not 130). The signal is acted on below."""
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
         def handle_exit(self, sig, frame):
+            caught.append(sig)
             server.begin_shutdown()  # at the first signal, not after uvicorn's graceful wait
             super().handle_exit(sig, frame)
 
     config_ = uvicorn.Config(create_app(server), http=_http_protocol(), log_level="warning",
                              timeout_graceful_shutdown=2)
     Uvicorn(config_).run(sockets=[sock])
+    if caught and caught[-1] == signal.SIGINT:
+        raise KeyboardInterrupt  # the command says "interrupted" and exits 130
+    if caught:
+        signal.raise_signal(caught[-1])  # SIGTERM's own handler: by default the process ends by it
