@@ -5,13 +5,14 @@ a generated <|endoftext|>, failures that belong to one request, checked fields."
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from functional_gpt import (GPTConfig, UserError, decode_step, flatten, forward, forward_cached, init_params, new_cache,
                             unflatten)
 from functional_gpt.generation import engine as engine_module
-from functional_gpt.generation.engine import Done, Engine, Request, Token
+from functional_gpt.generation.engine import Done, Engine, QueueFull, Request, Token, check_sizes
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID
 from functional_gpt.generation.decoding import generate
 from functional_gpt.generation.sampling import Sampling
@@ -233,10 +234,54 @@ def test_a_failed_shared_decode_step_ends_every_row_it_held_and_the_engine_goes_
     (dict(presence_penalty=float("nan")), "presence_penalty: expected a finite number in [-2, 2], got nan (a float)"),
     (dict(frequency_penalty=2.5), "frequency_penalty: expected a finite number in [-2, 2], got 2.5 (a float)"),
     (dict(sampling={"temperature": 0}), "sampling: expected a Sampling, got a dict"),
+    (dict(prompt="ab"), "prompt: expected a non-empty tuple of token ids, got 'ab' (a str)"),
+    (dict(prompt=(1.0,)), "prompt: expected an integer >= 0, got 1.0 (a float)"),
+    (dict(max_tokens=True), "max_tokens: expected an integer >= 0, got True (a bool)"),
+    (dict(seed=-1), "seed: expected an integer in 0..18446744073709551615, got -1 (an int)"),
+    (dict(logprobs=-1), "logprobs: expected an integer in 0..5, got -1 (an int)"),
+    (dict(prompt_logprobs=1), "prompt_logprobs: expected True or False, got 1 (an int)"),
+    (dict(stop=(3,)), "stop: expected a tuple of non-empty strings, got a tuple of 1"),
+    (dict(stop="ab"), "stop: expected a tuple of non-empty strings, got 'ab' (a str)"),
+    (dict(presence_penalty=-2.5), "presence_penalty: expected a finite number in [-2, 2], got -2.5 (a float)"),
 ])
 def test_a_request_names_the_field_it_refuses(kwargs, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         Request(**({"prompt": (1,), "max_tokens": 2} | kwargs))
+
+
+def test_a_request_keeps_its_fields_in_plain_form_and_takes_every_bound():
+    edges = Request([0, 5], 0, GREEDY, seed=0, stop=["x", "y"], logprobs=np.int64(0), prompt_logprobs=True,
+                    presence_penalty=-2, frequency_penalty=2)
+    assert (edges.prompt, edges.max_tokens, edges.seed, edges.stop, edges.logprobs, edges.prompt_logprobs,
+            edges.presence_penalty, edges.frequency_penalty) == ((0, 5), 0, 0, ("x", "y"), 0, True, -2.0, 2.0)
+    assert type(edges.logprobs) is int and type(edges.presence_penalty) is float
+    top = Request((1,), 2, GREEDY, seed=2**64 - 1, logprobs=5, presence_penalty=2, frequency_penalty=-2)
+    assert (top.seed, top.logprobs, top.presence_penalty, top.frequency_penalty) == (2**64 - 1, 5, 2.0, -2.0)
+    plain = Request((1,), 2)
+    assert (plain.seed, plain.stop, plain.logprobs, plain.prompt_logprobs, plain.presence_penalty,
+            plain.frequency_penalty, plain.sampling) == (None, (), None, False, 0.0, 0.0, Sampling())
+
+
+def test_the_queue_holds_max_queue_requests_and_the_edges_of_the_model_fit():
+    engine = Engine(PARAMS, TINY, max_batch=3, max_queue=2)
+    assert len(engine.rows) == 3 and engine.cache.k.shape[1] == 3 and not engine.busy
+    engine.submit(Request((TINY.vocab_size - 1,), 2), print)  # the last id
+    assert engine.busy
+    engine.submit(Request((1,) * 30, 2), print)  # the whole context
+    with pytest.raises(QueueFull, match=r"^2 requests are waiting \(--max_queue 2\)$"):
+        engine.submit(Request((1,), 2), print)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: Engine(PARAMS, TINY, max_batch=0), "max_batch: expected an integer >= 1, got 0 (an int)"),
+    (lambda: check_sizes(0, 1, flag="--"), "--max_batch: expected an integer >= 1, got 0 (an int)"),
+    (lambda: check_sizes(1, 0, flag="--"), "--max_queue: expected an integer >= 1, got 0 (an int)"),
+    (lambda: Engine(PARAMS, TINY).submit("hi", print), "request: expected a Request, got 'hi' (a str)"),
+    (lambda: Engine(PARAMS, TINY).submit(Request((1,), 2), 3), "sink: expected a function, got 3 (an int)"),
+])
+def test_the_engine_names_a_bad_size_request_or_sink(call, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        call()
 
 
 def test_submit_checks_the_prompt_against_the_model_and_the_sizes():

@@ -5,6 +5,7 @@ patches against the same patch through transformers' hooks; taps during generati
 against a full forward; and the bad-input messages."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -329,3 +330,41 @@ def test_hooks_and_names_of_the_wrong_kind_are_named(call, message):
     params = params_of(hf_model(TINY))
     with pytest.raises(UserError, match=message):
         call(params)
+
+
+def test_a_name_missing_from_a_cache_says_how_many_it_holds_and_the_nearest(pair):
+    _, params = pair
+    cache = run_with_cache(params, _tokens(), ["h.0.attn.pattern", "h.0.attn.scores", "h.1.attn.pattern"])[1]
+    assert list(cache) == ["h.0.attn.scores", "h.0.attn.pattern", "h.1.attn.pattern"] and len(cache) == 3
+    assert "h.0.attn.pattern" in cache and "h.0.mlp" not in cache and cache["h.1.attn.pattern"].shape == (2, H, 12, 12)
+    with pytest.raises(UserError, match=r"^'h\.0\.attn\.patern' is not in this cache \(it holds 3 names; nearest: "
+                                        r"h\.0\.attn\.pattern, h\.1\.attn\.pattern, h\.0\.attn\.scores\)$"):
+        cache["h.0.attn.patern"]
+    with pytest.raises(UserError, match=r"^'embed' is not in this cache \(it holds 3 names\)$"):
+        cache["embed"]
+    with pytest.raises(UserError, match=r"^7 is not in this cache \(it holds 3 names\)$"):
+        cache[7]
+
+
+@pytest.mark.parametrize("names, message", [
+    (["h.0.mlp", "h.0.attn.patern"], "unknown hook name 'h.0.attn.patern'; nearest valid names: h.0.attn.pattern, "
+                                     "h.1.attn.pattern, h.0.attn.z (37 points: functional_gpt.interp.hook_names(2))"),
+    (["zzzz"], "unknown hook name 'zzzz'; nearest valid names: wte, wpe, embed (37 points: "
+               "functional_gpt.interp.hook_names(2))"),
+    (["blocks.1.attn.hook_pattern"], "unknown hook name 'blocks.1.attn.hook_pattern' (TransformerLens's name for "
+                                     "'h.1.attn.pattern'); nearest valid names: h.1.attn.pattern, h.0.attn.pattern, "
+                                     "h.1.attn.k (37 points: functional_gpt.interp.hook_names(2))"),
+    (["blocks.5.attn.hook_pattern"], "unknown hook name 'blocks.5.attn.hook_pattern'; nearest valid names: "
+                                     "h.1.attn.pattern, h.0.attn.pattern (37 points: functional_gpt.interp.hook_names(2))"),
+    (["h.0", 3], "hook name 3 (an int): expected a string such as 'h.0.attn.pattern'"),
+])
+def test_an_unknown_hook_name_is_named_with_the_nearest_three_and_the_count(names, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        check_hook_names(names, 2)
+
+
+@pytest.mark.parametrize("names, want", [
+    ("h.0.mlp", ["h.0.mlp"]), (("h.1", "wte"), ["h.1", "wte"]), ({"ln_f"}, ["ln_f"]), ([], []),
+])
+def test_hook_names_come_back_as_a_list(names, want):
+    assert check_hook_names(names, 2) == want
