@@ -93,7 +93,7 @@ def test_presence_and_frequency_penalties_follow_openais_definition(fp, pp):
         assert tokens[0] != penalised_greedy(prompt, n, fp, pp, counted=lambda c: (c > 0).float())
 
 
-@pytest.mark.parametrize("penalty", [1.8, 0.6])
+@pytest.mark.parametrize("penalty", [1.8, 0.6, 2.0])
 def test_a_repetition_penalty_counts_the_prompt_as_transformers_does(penalty):
     """repetition_penalty divides (or multiplies) the logits of every token seen so far,
     the prompt's included: greedy with it equals transformers' generate on the same weights."""
@@ -143,6 +143,54 @@ def test_a_seeded_sample_does_not_depend_on_its_neighbours_or_its_row():
     alone, _ = run([sampled], max_batch=3)
     crowded, _ = run([Request((9,), 10, GREEDY), Request((2, 2), 10, Sampling(), seed=1), sampled], max_batch=3)
     assert alone[0] == crowded[2]
+
+
+def _greedy(prompt, n):
+    return [int(t[0]) for t in generate(PARAMS, [list(prompt)], TINY, max_new_tokens=n)]
+
+
+def test_a_row_after_one_cancelled_mid_run_decodes_on_unchanged():
+    engine, got = Engine(PARAMS, TINY, max_batch=2), [[], []]
+    first = engine.submit(Request((1, 2), 12, GREEDY), lambda e: got[0].append(e))
+    engine.submit(Request((3, 4), 12, GREEDY), lambda e: got[1].append(e))
+    for _ in range(4):
+        engine.step()
+    first.cancel()
+    while engine.busy:
+        engine.step()
+    assert got[0][-1].reason == "cancelled" and len(got[0]) == 5
+    assert [e.id for e in got[1][:-1]] == _greedy((3, 4), 12) and got[1][-1].reason == "length"
+
+
+def test_an_idle_row_never_grows_however_long_the_busy_one_runs():
+    """One row busy for three requests in turn (45 steps) beside an idle one of a
+    32-position context: the idle row's cache stays empty."""
+    engine = Engine(PARAMS, TINY, max_batch=2)
+    for prompt in ((1,), (2,), (3,)):
+        got = []
+        engine.submit(Request(prompt, 15, GREEDY), got.append)
+        while engine.busy:
+            engine.step()
+        assert [e.id for e in got[:-1]] == _greedy(prompt, 15) and got[-1].reason == "length"
+        assert engine.cache.lengths[1] == 0
+
+
+def test_a_seeded_request_draws_what_generate_draws_with_that_seed():
+    sampling = Sampling(temperature=1.5)
+    tokens, done = run([Request((3, 1, 4), 10, sampling, seed=5)])
+    want = [int(t[0]) for t in generate(PARAMS, [[3, 1, 4]], TINY, max_new_tokens=10, sampling=sampling,
+                                         generator=torch.Generator().manual_seed(5))]
+    assert tokens[0] == want and done[0].reason == "length"
+
+
+def test_the_defaults_are_eight_rows_and_sixty_four_waiting():
+    engine = Engine(PARAMS, TINY)
+    assert len(engine.rows) == 8 and engine.max_queue == 64 and engine.cache.k.dtype == PARAMS["wte"]["weight"].dtype
+
+
+def test_a_token_without_logprobs_asked_has_none():
+    tokens, _ = events_of(Request((1, 2), 3, GREEDY))
+    assert all(t.logprob is None and t.top is None for t in tokens)
 
 
 def test_idle_rows_of_a_decode_step_keep_their_length_and_their_cache():
@@ -344,6 +392,21 @@ def test_prompt_logprobs_are_the_log_softmax_of_every_prompt_position_and_max_to
     assert (done.reason, done.new_tokens) == ("length", 0)
     one, done = events_of(Request(prompt, 1, GREEDY))
     assert len(one) == 1 and done.reason == "length" and done.new_tokens == 1
+
+
+@pytest.mark.parametrize("prompt, logprobs", [((5,), 2), ((5, 9, 2), None), ((5, 9, 2), 0)])
+def test_prompt_logprobs_of_one_token_and_without_alternatives(prompt, logprobs):
+    """One prompt token has no log-prob; logprobs None or 0 asks for no alternatives."""
+    engine, events = Engine(PARAMS, TINY, max_batch=1), []
+    engine.submit(Request(prompt, 0, GREEDY, logprobs=logprobs, prompt_logprobs=True), events.append)
+    while engine.busy:
+        engine.step()
+    expected = torch.log_softmax(forward(PARAMS, torch.tensor([prompt]), TINY)[0].double(), -1)
+    scored = events[0].logprobs
+    assert scored[0] == (5, None, None) and len(scored) == len(prompt)
+    for t, (token, logprob, alts) in enumerate(scored[1:]):
+        assert abs(logprob - float(expected[t, token])) < 1e-5 and alts is None
+    assert (events[-1].reason, len(events)) == ("length", 2)
 
 
 def test_the_time_to_the_first_token_is_measured_at_the_first_token():

@@ -55,6 +55,17 @@ def test_a_full_device_is_one_line_and_stays_a_device(tmp_path):
     assert is_char_device(full)
 
 
+def test_a_block_device_is_refused_and_left_as_it_is(tmp_path):
+    """A block node (a loop device's numbers) made here: nothing opens it, the check only stats it."""
+    try:
+        os.mknod(tmp_path / "disk", 0o600 | stat.S_IFBLK, os.makedev(7, 250))
+    except PermissionError:
+        pytest.skip("mknod needs root")
+    with pytest.raises(UserError, match=r"disk: is a block device, not a regular file; refusing to replace it$"):
+        write_json(tmp_path / "disk", {})
+    assert stat.S_ISBLK(os.stat(tmp_path / "disk").st_mode) and os.listdir(tmp_path) == ["disk"]
+
+
 def test_a_fifo_or_a_socket_is_refused_and_left_as_it_is(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UserError, match=r"fifo: is a FIFO, not a regular file; refusing to replace it$"):

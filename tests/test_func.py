@@ -40,6 +40,17 @@ def test_per_example_grads_equal_a_loop_of_autograd_grad(params):
     assert not torch.allclose(got["wte.weight"][0], got["wte.weight"][1])  # the windows really differ
 
 
+def test_more_windows_than_positions_are_fine(params):
+    """33 windows of 2 tokens on a 32-position model: the batch is not a length."""
+    tokens, targets = _windows(33, 2, 1)
+    got = per_example_grads(params, tokens, targets, TINY)
+    flat = {k: v.clone().requires_grad_() for k, v in flatten(params).items()}
+    loss = F.cross_entropy(forward(unflatten(flat), tokens[32:], TINY)[0], targets[32])
+    want = torch.autograd.grad(loss, [flat["ln_f.weight"]])[0]
+    assert got["ln_f.weight"].shape == (33, TINY.n_embd)
+    assert float((got["ln_f.weight"][32] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_an_ensemble_equals_each_member_alone(params):
     members = [params_of(hf_model(TINY, seed=s)) for s in (1, 2, 3)]
     tokens, _ = _windows(2, 9, 1)

@@ -368,3 +368,37 @@ def test_an_unknown_hook_name_is_named_with_the_nearest_three_and_the_count(name
 ])
 def test_hook_names_come_back_as_a_list(names, want):
     assert check_hook_names(names, 2) == want
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: hooks.hook_names(0), "n_layer: expected an integer in 1..4096, got 0 (an int)"),
+    (lambda p: hooks.hook_names(4097), "n_layer: expected an integer in 1..4096, got 4097 (an int)"),
+    (lambda p: run_with_cache(p, _tokens(), ["h.0"], grad_of=lambda logits: 3.0),
+     "grad_of must return a scalar tensor, got 3.0 (a float)"),
+    (lambda p: run_with_cache(p, _tokens(), ["h.0"], grad_of=lambda logits: logits[0, 0]),
+     "grad_of must return a scalar tensor, got a float32 tensor [128]"),
+    (lambda p: run_with_hooks(p, _tokens(), {"h.0.mlp": lambda x: 3}),
+     "hook h.0.mlp: expected a tensor [2, 12, 32] or a function returning one, got 3 (an int)"),
+    (lambda p: run_with_hooks(p, _tokens(), [("h.0.mlp",)]), "hooks: expected {name: hook} or a list of (name, hook) pairs"),
+    (lambda p: run_with_hooks(p, _tokens(), [["h.0.mlp", lambda x: x]]),
+     "hooks: expected {name: hook} or a list of (name, hook) pairs"),
+])
+def test_bad_layer_counts_metrics_hook_results_and_pairs_are_named(pair, call, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        call(pair[1])
+
+
+def test_every_layer_count_up_to_the_limit_has_its_names():
+    assert hooks.hook_names(1)[-3:] == ["h.0", "ln_f", "logits"] and hooks.hook_names(4096)[-3] == "h.4095"
+
+
+def test_a_hook_returning_none_only_looks_and_the_cache_is_detached(pair):
+    """A hook that returns None (TransformerLens's looking hooks do) leaves the activation
+    as it was; what the cache holds never carries a graph, even from a patch that does."""
+    _, params = pair
+    seen = []
+    logits = run_with_hooks(params, _tokens(), {"h.0.mlp": lambda x: seen.append(x.shape)})
+    assert seen == [(2, 12, 32)] and torch.equal(logits, forward(params, _tokens(), TINY))
+    patch = torch.randn(2, 12, 32, requires_grad=True)
+    _, cache = run_with_cache(params, _tokens(), ["h.0.mlp"], hooks={"h.0.mlp": patch})
+    assert torch.equal(cache["h.0.mlp"], patch.detach()) and not cache["h.0.mlp"].requires_grad

@@ -263,3 +263,45 @@ def test_plot_sweep_names_its_labels(tmp_path):
     with pytest.raises(UserError, match=r"^columns: expected 3 labels, one per column of the result, got a list of 2"):
         plot_sweep(torch.zeros(2, 3), tmp_path / "s.png", columns=["a", "b"])
     assert not (tmp_path / "s.png").exists()
+
+
+def test_every_function_runs_plain_params_with_the_config_given(pair):
+    """A plain nested dict carries no config: each function must run the one passed to it
+    (and to every call it makes), giving what the params that carry it give."""
+    from functional_gpt.interp.func import ensemble_logits, per_example_grads, stack_params
+    from functional_gpt.interp.hooks import run_with_cache
+
+    _, params = pair
+    plain = {k: v for k, v in params.items()}
+    assert not hasattr(plain, "config")
+    clean, corrupted = _tokens(1, 6, seed=1), _tokens(1, 6, seed=2)
+
+    def metric(logits):
+        return logits[0, -1, 3] - logits[0, -1, 5]
+
+    calls = [
+        lambda p, c: run_with_hooks(p, clean, [ablate_heads(0, [1])], c),
+        lambda p, c: run_with_cache(p, clean, ["h.1.attn.pattern"], config=c, grad_of=metric)[1].grads["h.1.attn.pattern"],
+        lambda p, c: patch_sweep(p, clean, corrupted, metric, over="positions", config=c),
+        lambda p, c: patch_sweep(p, clean, corrupted, metric, over="heads", config=c),
+        lambda p, c: logit_lens(p, clean[0], c),
+        lambda p, c: torch.stack([logit_attribution(p, clean[0], 3, 5, config=c).heads.flatten()]),
+        lambda p, c: per_example_grads(p, clean, corrupted, c)["h.0.mlp.c_fc.weight"],
+        lambda p, c: ensemble_logits(stack_params([p, p], c), clean, c),
+    ]
+    for i, call in enumerate(calls):
+        assert_rel_close(call(plain, TINY), call(params, None), 1e-6, f"call {i}")
+
+
+def test_the_lens_and_attribution_use_the_model_s_own_layer_norm_epsilon():
+    """An epsilon of 0.5, far from the default 1e-5: every row of the lens and the
+    attribution's total still end in the model's own output."""
+    from dataclasses import replace
+
+    config = replace(TINY, layer_norm_epsilon=0.5)
+    params = params_of(hf_model(config, seed=4))
+    tokens = _tokens(B=1)[0]
+    logits = forward(params, tokens[None], config)[0]
+    assert_rel_close(logit_lens(params, tokens, config)[-1], logits.log_softmax(-1), 1e-5)
+    a = logit_attribution(params, tokens, 3, 5, config=config)
+    assert abs(a.total - float(logits[-1, 3] - logits[-1, 5])) < 1e-5 * max(1.0, abs(a.total))
