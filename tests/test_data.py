@@ -3,6 +3,8 @@ sha256 of the files, and slices of the token stream."""
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 
 from functional_gpt import UserError
 from functional_gpt.training.data import (
-    Position, check_fits, epoch_order, eval_starts, load_tokens, markdown_to_text, next_batch,
-    prepare, window_starts,
+    Position, Source, check_fits, epoch_order, eval_starts, load_tokens, markdown_to_text, next_batch,
+    prepare, split_sources, text_sources, window_starts,
 )
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, gpt2_encoding
 
@@ -250,3 +252,104 @@ def test_a_validation_file_holding_a_training_file_s_text_is_refused(tmp_path):
 def test_data_functions_name_bad_arguments(tmp_path, call, message):
     with pytest.raises(UserError, match=message):
         call(tmp_path)
+
+
+def test_load_tokens_bounds_word_for_word(tmp_path, monkeypatch):
+    """Two tokens are the least a split can hold; the ids are checked below vocab_size when
+    it is given; the memmap is read-only; the hint to prepare names the default directory only."""
+    np.asarray([7, 9], dtype="<u2").tofile(tmp_path / "train.bin")
+    two = load_tokens(tmp_path, "train", vocab_size=10)
+    assert two.tolist() == [7, 9] and isinstance(two, np.memmap)
+    with pytest.raises(ValueError, match="read-only"):
+        two[0] = 1
+    for vocab_size, message in [(9, "holds token id 9, out of range for vocab_size=9"),
+                                (0, "vocab_size: expected an integer >= 1, got 0 (an int)")]:
+        with pytest.raises(UserError, match=f"{re.escape(message)}$"):
+            load_tokens(tmp_path, "train", vocab_size=vocab_size)
+    (tmp_path / "val.bin").write_bytes(b"\1\0")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'val.bin'))}: holds fewer than 2 tokens$"):
+        load_tokens(tmp_path, "val")
+    (tmp_path / "val.bin").write_bytes(b"\1\0\2")
+    with pytest.raises(UserError, match=r"val\.bin: 3 bytes, not a whole number of uint16 token ids$"):
+        load_tokens(tmp_path, "val")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'none' / 'val.bin'))}: no such file; a prepared "
+                                        r"data directory holds train\.bin and val\.bin$"):
+        load_tokens(tmp_path / "none", "val")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^data/shakespeare/val\.bin: no such file; a prepared data directory holds "
+                                        r"train\.bin and val\.bin \(run `fgpt prepare` first\)$"):
+        load_tokens("data/shakespeare", "val")
+
+
+@pytest.mark.parametrize("n, val_files, message", [
+    (1, 1, "--val_files 1: a single input file is split by tokens (its last 10%); give several files to hold "
+           "whole ones out"),
+    (3, 3, "--val_files 3: need between 1 and 2 for 3 files"),
+    (3, 0, "--val_files 0: need between 1 and 2 for 3 files"),
+])
+def test_split_sources_names_a_val_files_that_cannot_be(n, val_files, message):
+    sources = [Source(Path(f"{i}.txt"), markdown=False) for i in range(n)]
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        split_sources(sources, val_files)
+
+
+@pytest.mark.parametrize("n, val_files, held", [(1, None, 0), (2, None, 1), (5, None, 1), (15, None, 2), (25, None, 2),
+                                                (26, None, 3), (3, 2, 2)])
+def test_split_sources_holds_out_the_last_tenth_or_the_number_given(n, val_files, held):
+    sources = [Source(Path(f"{i:02}.txt"), markdown=False) for i in range(n)]
+    train, val = split_sources(sources, val_files)
+    assert train == sources[:n - held] and val == sources[n - held:]
+
+
+def test_text_sources_are_plain_text_and_the_counts_are_integers(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.txt", "b.md", "c.txt"):
+        (tmp_path / "in" / name).write_text(f"{name} holds _this_ **text**.\n" * 3, encoding="utf-8")
+    sources = text_sources([tmp_path / "in"])
+    assert [s.markdown for s in sources] == [False] * 3 and text_sources([tmp_path / "in" / "b.md"])[0].markdown is False
+    meta = prepare([tmp_path / "in"], tmp_path / "out", progress=False)
+    assert type(meta["train_tokens"]) is int and type(meta["val_tokens"]) is int
+    enc = gpt2_encoding()
+    assert load_tokens(tmp_path / "out", "val").tolist() == enc.encode_ordinary("c.txt holds _this_ **text**.\n" * 3)
+
+
+def test_prepare_into_a_data_directory_keeps_nothing_old_and_takes_leftover_temp_files(tmp_path):
+    """A directory of an earlier set, with an interrupted write's temp files, is replaced
+    whole; anything else in it is refused, naming the first three others."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name}: " + "All the world's a stage. " * 20, encoding="utf-8")
+    out = tmp_path / "deep" / "er" / "out"
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], out, progress=False)  # parents made
+    (out / ".train.bin.tmp123").write_bytes(b"x")
+    (out / ".meta.json.tmp9").write_bytes(b"x")
+    prepare([tmp_path / "b.txt", tmp_path / "a.txt"], out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no staging or old directory left
+    for name in ("zz", "notes.txt", ".train.bin.tmp", "train.bin.tmp1", "aa"):
+        (out / name).write_bytes(b"x")
+    with pytest.raises(UserError, match=rf"^--out {re.escape(str(out))}: holds other files than a data set "
+                                        r"\(\.train\.bin\.tmp, aa, notes\.txt\); prepare writes train\.bin, val\.bin, "
+                                        r"meta\.json into a directory of their own$"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], out, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=rf"^--out {re.escape(str(tmp_path / 'file'))}: exists and is not a directory$"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "file", progress=False)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'file' / 'd'))}: cannot write \("
+                                        rf"{re.escape(str(tmp_path / 'file'))} is a file, not a directory\)$"):
+        prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "file" / "d", progress=False)
+
+
+def test_the_set_is_written_in_a_hidden_directory_beside_the_output(tmp_path, monkeypatch):
+    """Beside `out` (the same filesystem, so the swap is a rename), named after it."""
+    from functional_gpt.training import data
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name}: " + "Once more unto the breach. " * 20, encoding="utf-8")
+    seen, read_text = [], data.read_text
+    monkeypatch.setattr(data, "read_text", lambda source: seen.append(sorted(p.name for p in tmp_path.iterdir()))
+                        or read_text(source))
+    prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", progress=False)
+    staging = [n for n in seen[0] if n.startswith(".out.prepare-")]
+    assert len(staging) == 1 and seen[0] == sorted(["a.txt", "b.txt", staging[0]])
+    assert (tmp_path / staging[0] / "train.bin").exists() is False and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.txt", "b.txt", "out"]
