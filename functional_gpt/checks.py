@@ -38,6 +38,8 @@ def describe(value) -> str:
         return f"{text[:60]}{'...' if len(text) > 60 else ''} ({_a(type(value).__name__)})"
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, torch.dtype):
+        return f"{value} (a torch.dtype)"
     return _a(type(value).__name__)
 
 

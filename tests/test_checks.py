@@ -3,13 +3,15 @@ bounds said back (`check_int`, `check_number`), exact to the character, since ev
 face's messages are made of them."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from functional_gpt import UserError
-from functional_gpt.checks import check_int, check_number, describe
+from functional_gpt.checks import (check_callable, check_float_dtype, check_int, check_number, check_path, check_str,
+                                   check_tensor, check_tensor_dict, describe)
 
 
 @pytest.mark.parametrize("value, words", [
@@ -55,3 +57,53 @@ def test_bounds_are_said_back_as_given(call, message):
     with pytest.raises(UserError) as e:
         call()
     assert str(e.value) == message
+
+
+def test_an_int_past_float_range_is_an_infinity_of_its_sign():
+    """JSON allows any number of digits: 10**400 is +inf, -10**400 -inf, refused where a
+    finite number or a bound is asked."""
+    assert check_number("p", 10**400, finite=False) == math.inf
+    assert check_number("p", -10**400, finite=False) == -math.inf
+    for value, kwargs, message in [
+        (10**400, {}, "p: expected a finite number, got an int of 1329 bits"),
+        (-10**400, dict(low=-5, finite=False), "p: expected a number >= -5, got an int of 1329 bits"),
+        (10**400, dict(high=5, finite=False), "p: expected a number <= 5, got an int of 1329 bits"),
+    ]:
+        with pytest.raises(UserError) as e:
+            check_number("p", value, **kwargs)
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: check_tensor("x", 3, kind="float"), "x: expected a float tensor, got 3 (an int)"),
+    (lambda: check_tensor("x", 3), "x: expected a tensor, got 3 (an int)"),
+    (lambda: check_tensor("x", 3, kind="bool", dims="B T"), "x: expected a bool tensor [B, T], got 3 (an int)"),
+    (lambda: check_tensor("x", 3, kind="integer"), "x: expected an integer tensor, got 3 (an int)"),
+    (lambda: check_tensor("x", torch.zeros(2, 3), shape=(None, 4)), "x: expected shape [*, 4], got a float32 tensor [2, 3]"),
+    (lambda: check_tensor("x", torch.zeros(2, device="meta")),
+     "x: a float32 tensor [2] on meta holds no values; a real tensor is needed"),
+    (lambda: check_tensor("x", torch.zeros(2), device="meta"), "x: is on cpu, expected meta (where the params are)"),
+    (lambda: check_tensor_dict("d", {"a": torch.zeros(2, dtype=torch.long)}),
+     "d: expected a dict of {GPT-2 key: floating-point tensor}, got a dict"),
+    (lambda: check_tensor_dict("d", [1]), "d: expected a dict of {GPT-2 key: floating-point tensor}, got a list of 1"),
+    (lambda: check_float_dtype("dtype", torch.int64),
+     "dtype: expected a floating-point torch.dtype such as torch.float32, got torch.int64 (a torch.dtype)"),
+    (lambda: check_float_dtype("dtype", "float32"),
+     "dtype: expected a floating-point torch.dtype such as torch.float32, got 'float32' (a str)"),
+    (lambda: check_path("p", "a\x00b"), "p: expected the path of a file or directory, got 'a\\x00b' (a str)"),
+    (lambda: check_path("p", None), "p: expected the path of a file or directory, got None"),
+    (lambda: check_callable("f", 3), "f: expected a function, got 3 (an int)"),
+    (lambda: check_str("s", 3, empty=True), "s: expected a string, got 3 (an int)"),
+    (lambda: check_str("s", ""), "s: expected a non-empty string, got '' (a str)"),
+])
+def test_each_check_says_what_it_wanted_and_what_it_got(call, message):
+    with pytest.raises(UserError) as e:
+        call()
+    assert str(e.value) == message
+
+
+def test_what_passes_a_check_comes_back():
+    t = torch.zeros(2, 3, dtype=torch.long)
+    assert check_tensor("x", t, dims="B T", kind="integer", shape=(2, None), device="cpu") is t
+    assert check_float_dtype("d", torch.bfloat16) is torch.bfloat16 and check_path("p", "a/b") == Path("a/b")
+    assert check_str("s", "", empty=True) == "" and check_tensor_dict("d", {"w": torch.ones(1)}, {"w": torch.ones(1)})
