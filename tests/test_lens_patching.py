@@ -305,3 +305,89 @@ def test_the_lens_and_attribution_use_the_model_s_own_layer_norm_epsilon():
     assert_rel_close(logit_lens(params, tokens, config)[-1], logits.log_softmax(-1), 1e-5)
     a = logit_attribution(params, tokens, 3, 5, config=config)
     assert abs(a.total - float(logits[-1, 3] - logits[-1, 5])) < 1e-5 * max(1.0, abs(a.total))
+
+
+# ---------------------------------------------------------- what the pictures hold
+
+
+def _saved_figure(monkeypatch):
+    """Capture the figure each PNG is saved from: {"figure", "dpi", "open"} (figures still
+    open right after the save's caller returns are counted by the test)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved, savefig = {}, Figure.savefig
+
+    def spy(fig, fname, **kwargs):
+        saved.update(figure=fig, dpi=kwargs.get("dpi"), format=kwargs.get("format"))
+        return savefig(fig, fname, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_the_sweep_picture_is_the_result_on_a_symmetric_red_blue_scale(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    saved = _saved_figure(monkeypatch)
+    result = torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.25, -0.5]])
+    plot_sweep(result, tmp_path / "s.png", columns=["a", "bb", "c"], title="the sweep")
+    fig = saved["figure"]
+    assert plt.get_fignums() == [] and saved["format"] == "png" and saved["dpi"] == 100
+    assert tuple(fig.get_size_inches()) == pytest.approx((1.0 + 0.6 * 3, 1.0 + 0.5 * 2))
+    ax, bar = fig.axes  # the heatmap and its colour bar
+    image = ax.get_images()[0]
+    assert image.get_array().tolist() == result.tolist() and image.get_cmap().name == "RdBu"
+    assert image.get_clim() == (-2.0, 2.0) and ax.get_aspect() == "auto"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "bb", "c"] and list(ax.get_xticks()) == [0, 1, 2]
+    assert all(t.get_rotation() == 90 for t in ax.get_xticklabels())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["h.0", "h.1"] and list(ax.get_yticks()) == [0, 1]
+    assert ax.get_title() == "the sweep" and bar.get_ylim() == pytest.approx((-2.0, 2.0))
+    assert ax.get_position().x0 != pytest.approx(0.125)  # tight_layout moved the axes from matplotlib's default
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_sweep(torch.zeros(1, 2), tmp_path / "z.png", columns=["a", "b"])
+    assert saved["figure"].axes[0].get_images()[0].get_clim() == (-1e-9, 1e-9)  # all zeros: a scale all the same
+
+
+def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its_blue(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from functional_gpt.interp import lens as lens_module
+    from functional_gpt.model.tokenizer import encode
+
+    saved = _saved_figure(monkeypatch)
+    prob = torch.tensor([[0.9, 0.2, 0.61], [0.6, 0.05, 1.0]])
+    best = torch.tensor([encode(" a")[0], encode(" longer word")[0], encode("\n")[0],
+                         encode(" b")[0], encode(" c")[0], encode(" d")[0]]).reshape(2, 3)
+    best[0, 1] = encode("abcdefghijkl")[0]
+    lens_module._plot_lens(prob, best, ["h.0 in", "output"], ["x", "y", "z"], tmp_path / "l.png")
+    fig = saved["figure"]
+    assert plt.get_fignums() == [] and saved["format"] == "png" and saved["dpi"] == 100
+    assert tuple(fig.get_size_inches()) == pytest.approx((1.5 + 0.9 * 3, 1.0 + 0.45 * 2))
+    assert _png_size(tmp_path / "l.png") == (round(100 * (1.5 + 0.9 * 3)), round(100 * (1.0 + 0.45 * 2)))
+    ax, _ = fig.axes
+    image = ax.get_images()[0]
+    assert torch.equal(torch.as_tensor(image.get_array()), prob) and image.get_cmap().name == "Blues"
+    assert image.get_clim() == (0, 1) and ax.get_aspect() == "auto"
+    from functional_gpt.interp.attention_map import token_label
+    from functional_gpt.model.tokenizer import decode
+
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert sorted(cells) == [(r, c) for r in range(2) for c in range(3)]
+    for (r, c), text in cells.items():
+        assert text.get_text() == token_label(decode([int(best[r, c])]))[:8]
+        assert text.get_color() == ("white" if prob[r, c] > 0.6 else "black")
+        assert (text.get_ha(), text.get_va(), text.get_fontsize()) == ("center", "center", 7)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"] and list(ax.get_xticks()) == [0, 1, 2]
+    assert all(t.get_rotation() == 90 and t.get_fontsize() == 8 for t in ax.get_xticklabels())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["h.0 in", "output"] and list(ax.get_yticks()) == [0, 1]
+    assert all(t.get_fontsize() == 8 for t in ax.get_yticklabels())
+    assert ax.get_title() == "logit lens: top next token (colour: its probability)"
+    assert ax.get_position().x0 != pytest.approx(0.125)  # tight_layout moved the axes from matplotlib's default
