@@ -193,6 +193,22 @@ def test_a_token_without_logprobs_asked_has_none():
     assert all(t.logprob is None and t.top is None for t in tokens)
 
 
+@pytest.mark.parametrize("args, reason, error", [((), "cancelled", None), (("error", "the engine failed"), "error",
+                                                                          "the engine failed")])
+def test_cancel_all_ends_every_waiting_and_running_request_and_frees_every_row(args, reason, error):
+    engine, got = Engine(PARAMS, TINY, max_batch=2), [[] for _ in range(3)]
+    for i in range(3):
+        engine.submit(Request((1 + i,), 10, GREEDY), got[i].append)
+    engine.step()
+    engine.step()
+    engine.cancel_all(*args)
+    assert not engine.busy and engine.cache.lengths == (0, 0)
+    for i, events in enumerate(got):
+        done = events[-1]
+        assert (done.reason, done.error, done.new_tokens) == (reason, error, 2 if i < 2 else 0)
+        assert [e.id for e in events[:-1]] == _greedy((1 + i,), 10)[:done.new_tokens]
+
+
 def test_idle_rows_of_a_decode_step_keep_their_length_and_their_cache():
     tokens = torch.randint(TINY.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     _, cache = forward_cached(PARAMS, tokens, new_cache(TINY, 2), TINY)

@@ -2,15 +2,17 @@
 /dev/null and /dev/full made with mknod (skipped where mknod is not allowed), so the real
 ones are never at risk."""
 
+import errno
 import os
 import socket
 import stat
+from pathlib import Path
 
 import pytest
 
 from functional_gpt import UserError, init_params, preset, save_params
 from functional_gpt.cli import main
-from functional_gpt.files import atomic_path, write_json
+from functional_gpt.files import atomic_path, make_dir, write_json
 
 
 def device(path, minor: int):
@@ -104,3 +106,29 @@ def test_json_is_written_as_utf8_and_refuses_what_json_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         write_json(path, {"loss": float("nan")})
     assert path.read_text(encoding="utf-8").startswith('{\n  "name"')  # the file before is kept
+
+
+def test_make_dir_makes_the_parents_and_leaves_no_probe(tmp_path):
+    made = make_dir(str(tmp_path / "a" / "b"))
+    assert made == tmp_path / "a" / "b" and isinstance(made, Path) and os.listdir(made) == []
+    assert make_dir(made) == made and os.listdir(made) == []  # an existing directory is fine
+
+
+def test_make_dir_names_the_path_it_cannot_use(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    for path, message in [(tmp_path / "f", f"{tmp_path / 'f'}: exists and is not a directory"),
+                          (tmp_path / "f" / "sub", f"{tmp_path / 'f' / 'sub'}: cannot write into this directory "
+                                                   f"(Not a directory)"),
+                          (None, "path: expected the path of a directory, got None")]:
+        with pytest.raises(UserError) as e:
+            make_dir(path)
+        assert str(e.value) == message
+    assert (tmp_path / "f").read_text() == "x"
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError) as e:
+        make_dir(tmp_path / "d")
+    assert str(e.value) == f"{tmp_path / 'd'}: cannot write into this directory (No space left on device)"
