@@ -353,3 +353,81 @@ def test_the_set_is_written_in_a_hidden_directory_beside_the_output(tmp_path, mo
     assert len(staging) == 1 and seen[0] == sorted(["a.txt", "b.txt", staging[0]])
     assert (tmp_path / staging[0] / "train.bin").exists() is False and sorted(p.name for p in tmp_path.iterdir()) == [
         "a.txt", "b.txt", "out"]
+
+
+def _two_files(root):
+    (root / "a.txt").write_text("a", encoding="utf-8")  # one token: the train split can be that small
+    (root / "b.txt").write_text("Hello there, friend. " * 5, encoding="utf-8")
+    return [root / "a.txt", root / "b.txt"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(out_dir=""), "--out: empty path; name the data directory to write"),
+    (dict(out_dir=None), "--out: expected the path of the data directory to write, got None"),
+    (dict(out_dir=3), "--out: expected the path of the data directory to write, got 3 (an int)"),
+    (dict(val_files="1"), "--val_files: expected an integer, got '1' (a str)"),
+    (dict(inputs="a.txt"), "inputs: expected a list of files and directories, got one path 'a.txt'"),
+])
+def test_prepare_names_its_bad_arguments_word_for_word(tmp_path, kwargs, message):
+    with pytest.raises(UserError) as e:
+        prepare(**({"inputs": _two_files(tmp_path), "out_dir": tmp_path / "out", "progress": False} | kwargs))
+    assert str(e.value) == message and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_the_meta_says_what_the_set_is_and_is_written_as_indented_json(tmp_path):
+    inputs = _two_files(tmp_path)
+    meta = prepare(inputs, tmp_path / "out", progress=False)
+    n_b = len(gpt2_encoding().encode_ordinary(inputs[1].read_text()))
+    assert meta == {
+        "tokenizer": "gpt2 (tiktoken r50k_base BPE)", "vocab_size": 50257, "dtype": "uint16 little-endian",
+        "separator": "<|endoftext|> (id 50256) between documents", "split": "whole files: the last 1 of 2 by path",
+        "train_tokens": 1, "val_tokens": n_b,
+        "train": [{"path": str(inputs[0].resolve()), "sha256": hashlib.sha256(b"a").hexdigest(), "tokens": 1}],
+        "val": [{"path": str(inputs[1].resolve()), "sha256": hashlib.sha256(inputs[1].read_bytes()).hexdigest(),
+                 "tokens": n_b}],
+    }
+    assert (tmp_path / "out" / "meta.json").read_text(encoding="utf-8") == json.dumps(meta, indent=2) + "\n"
+    one = prepare(inputs[1:], tmp_path / "one", progress=False)
+    assert one["split"] == "last 10% of the tokens of the single input file"
+
+
+def test_prepare_shows_its_progress_by_file_unless_told_not_to(tmp_path, capsys):
+    inputs = _two_files(tmp_path)
+    prepare(inputs, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "prepare: 100%" in err and "2/2" in err and "file/s" in err
+    prepare(inputs, tmp_path / "out", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("inputs, failing, culprit", [(2, 3, "meta.json"), (1, 3, "val.bin"), (1, 4, "train.bin")])
+def test_a_failed_write_names_the_file_the_user_asked_for(tmp_path, monkeypatch, inputs, failing, culprit):
+    """The n-th flush to disk fails: the error names out/<file>, never the staging copy."""
+    import errno
+    import os as os_module
+
+    files, calls, fsync = _two_files(tmp_path)[-inputs:], [], os_module.fsync
+
+    def flaky(fd):
+        calls.append(fd)
+        if len(calls) == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(os_module, "fsync", flaky)
+    with pytest.raises(UserError) as e:
+        prepare(files, tmp_path / "out", progress=False)
+    assert str(e.value) == f"{tmp_path / 'out' / culprit}: cannot write (No space left on device)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_old_set_left_aside_by_a_killed_run_is_cleared_first(tmp_path):
+    import os as os_module
+
+    inputs = _two_files(tmp_path)
+    aside = tmp_path / f".out.old-{os_module.getpid()}"
+    aside.mkdir()
+    (aside / "train.bin").write_bytes(b"old")
+    prepare(inputs, tmp_path / "out", progress=False)
+    prepare(inputs, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]

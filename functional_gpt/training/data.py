@@ -132,13 +132,13 @@ def prepare(
     """
     if isinstance(inputs, (str, os.PathLike)):
         raise UserError(f"inputs: expected a list of files and directories, got one path {str(inputs)!r}")
-    if not os.fspath(out_dir):
+    if isinstance(out_dir, (str, os.PathLike)) and not os.fspath(out_dir):
         raise UserError("--out: empty path; name the data directory to write")
+    out = check_path("--out", out_dir, "the data directory to write")
     if val_files is not None:
         val_files = check_int("--val_files", val_files)
     sources = text_sources(inputs) if inputs else shakespeare_sources()
     train_sources, val_sources = split_sources(sources, val_files)
-    out = check_path("--out", out_dir, "the data directory to write")
     _check_data_dir(out)
     staging = _staging_dir(out)
     try:
@@ -175,9 +175,8 @@ def prepare(
         if leak is not None:
             raise UserError(f"{leak['path']}: holds the same text as {trained[leak['sha256']]}, so the validation "
                             f"split would be trained on (nothing was written)")
-        if meta["val_tokens"] == 0 or meta["train_tokens"] == 0:
-            empty = "val" if meta["val_tokens"] == 0 else "train"
-            raise UserError(f"{out}: the {empty} split would be empty; give more text (nothing was written)")
+        if meta["val_tokens"] == 0:  # (never the train split: each of its files holds a token at least)
+            raise UserError(f"{out}: the val split would be empty; give more text (nothing was written)")
         with _writing(staging, out, "meta.json") as f:
             f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
         _swap_in(staging, out)
