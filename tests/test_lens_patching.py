@@ -391,3 +391,13 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     assert all(t.get_fontsize() == 8 for t in ax.get_yticklabels())
     assert ax.get_title() == "logit lens: top next token (colour: its probability)"
     assert ax.get_position().x0 != pytest.approx(0.125)  # tight_layout moved the axes from matplotlib's default
+
+
+@pytest.mark.parametrize("as_number", [float, lambda t: int(t > 0)])
+def test_a_metric_may_return_a_python_number(pair, as_number):
+    _, params = pair
+    clean, corrupted = _tokens(seed=1), _tokens(seed=2)
+    metric = lambda logits: logits[:, -1, 3].mean() - logits[:, -1, 5].mean()
+    want = patch_sweep(params, clean, corrupted, lambda logits: as_number(metric(logits)), over="heads")
+    assert want.dtype == torch.float32 and want.shape == (TINY.n_layer, TINY.n_head)
+    assert torch.equal(want, patch_sweep(params, clean, corrupted, metric, over="heads").apply_(as_number))
