@@ -96,6 +96,18 @@ def _special_kind(path: Path) -> str | None:
     return None
 
 
+def save_png(fig, path: str | os.PathLike) -> None:
+    """Write matplotlib figure `fig` to `path` as a PNG (100 dpi), atomically, and close
+    it, also when the write fails (a figure left open is memory held until exit)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

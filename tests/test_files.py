@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from functional_gpt import UserError, init_params, preset, save_params
 from functional_gpt.cli import main
@@ -132,3 +133,31 @@ def test_make_dir_names_the_path_it_cannot_use(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         make_dir(tmp_path / "d")
     assert str(e.value) == f"{tmp_path / 'd'}: cannot write into this directory (No space left on device)"
+
+
+def test_a_picture_whose_write_fails_is_closed_and_nothing_is_left(tmp_path):
+    """Every PNG goes through save_png: a failed write is one line, and the figure is
+    closed anyway (an open one holds its memory until exit: one per failed checkpoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from functional_gpt.files import save_png
+    from functional_gpt.interp.attention_map import plot_attention
+    from functional_gpt.interp.patching import plot_sweep
+    from functional_gpt.training.loop import plot_losses
+
+    (tmp_path / "f").write_text("x")
+    before = plt.get_fignums()
+    draws = [lambda out: save_png(plt.figure(), out),
+             lambda out: plot_sweep(torch.zeros(1, 2), out, columns=["a", "b"]),
+             lambda out: plot_attention(torch.full((1, 1, 2, 2), 0.5), ["a", "b"], out),
+             lambda out: plot_losses([{"step": 1, "loss": 2.0}], out)]
+    for draw in draws:
+        with pytest.raises(UserError, match=r"f/a\.png: cannot write"):
+            draw(tmp_path / "f" / "a.png")
+        assert plt.get_fignums() == before
+    save_png(plt.figure(), tmp_path / "ok.png")
+    assert plt.get_fignums() == before and (tmp_path / "ok.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["f", "ok.png"]

@@ -336,11 +336,11 @@ def _png_size(path) -> tuple[int, int]:
 def test_the_sweep_picture_is_the_result_on_a_symmetric_red_blue_scale(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    saved = _saved_figure(monkeypatch)
+    saved, open_before = _saved_figure(monkeypatch), plt.get_fignums()
     result = torch.tensor([[0.5, -2.0, 1.0], [0.0, 0.25, -0.5]])
     plot_sweep(result, tmp_path / "s.png", columns=["a", "bb", "c"], title="the sweep")
     fig = saved["figure"]
-    assert plt.get_fignums() == [] and saved["format"] == "png" and saved["dpi"] == 100
+    assert plt.get_fignums() == open_before and saved["format"] == "png" and saved["dpi"] == 100
     assert tuple(fig.get_size_inches()) == pytest.approx((1.0 + 0.6 * 3, 1.0 + 0.5 * 2))
     ax, bar = fig.axes  # the heatmap and its colour bar
     image = ax.get_images()[0]
@@ -362,14 +362,14 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     from functional_gpt.interp import lens as lens_module
     from functional_gpt.model.tokenizer import encode
 
-    saved = _saved_figure(monkeypatch)
+    saved, open_before = _saved_figure(monkeypatch), plt.get_fignums()
     prob = torch.tensor([[0.9, 0.2, 0.61], [0.6, 0.05, 1.0]])
     best = torch.tensor([encode(" a")[0], encode(" longer word")[0], encode("\n")[0],
                          encode(" b")[0], encode(" c")[0], encode(" d")[0]]).reshape(2, 3)
     best[0, 1] = encode("abcdefghijkl")[0]
     lens_module._plot_lens(prob, best, ["h.0 in", "output"], ["x", "y", "z"], tmp_path / "l.png")
     fig = saved["figure"]
-    assert plt.get_fignums() == [] and saved["format"] == "png" and saved["dpi"] == 100
+    assert plt.get_fignums() == open_before and saved["format"] == "png" and saved["dpi"] == 100
     assert tuple(fig.get_size_inches()) == pytest.approx((1.5 + 0.9 * 3, 1.0 + 0.45 * 2))
     assert _png_size(tmp_path / "l.png") == (round(100 * (1.5 + 0.9 * 3)), round(100 * (1.0 + 0.45 * 2)))
     ax, _ = fig.axes

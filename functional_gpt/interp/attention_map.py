@@ -9,7 +9,7 @@ import torch
 from ..model.config import GPTConfig
 from ..checks import check_tensor
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import save_png
 from ..model.transformer import checked_config, forward
 from ..model.taps import recorder
 from ..model.params import Params
@@ -62,9 +62,7 @@ def plot_attention(probs: torch.Tensor, labels: list[str], path: str | os.PathLi
                 ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
     if title:
         fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def prompt_ids(prompt_text: str, config: GPTConfig, path: str | os.PathLike) -> list[int]:

@@ -18,7 +18,7 @@ from .attention_map import prompt_ids, token_label
 from ..model.config import GPTConfig
 from ..checks import check_int, check_tensor
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import save_png
 from .hooks import run_with_cache
 from ..model.layers import layer_norm
 from ..model.transformer import checked_config
@@ -133,6 +133,4 @@ def _plot_lens(prob, best, rows, columns, path) -> None:
     ax.set_title("logit lens: top next token (colour: its probability)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

@@ -12,7 +12,7 @@ import torch
 from ..model.config import GPTConfig
 from ..checks import check_callable, check_choice, check_int, check_tensor, describe
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import save_png
 from .hooks import run_with_cache, run_with_hooks
 from ..model.transformer import checked_config
 from ..model.params import Params
@@ -110,6 +110,4 @@ def plot_sweep(result: torch.Tensor, path: str | os.PathLike, *, columns: list[s
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

@@ -31,7 +31,7 @@ from ..device import DTYPES, pick_device, pick_dtype
 from .distributed import SINGLE, World
 from ..checks import check_path, describe
 from ..errors import AgreedError, UserError
-from ..files import atomic_path, make_dir
+from ..files import make_dir, save_png
 from ..generation.decoding import generate
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
@@ -615,6 +615,4 @@ def plot_losses(metrics: list[dict], path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
