@@ -107,3 +107,16 @@ def test_what_passes_a_check_comes_back():
     assert check_tensor("x", t, dims="B T", kind="integer", shape=(2, None), device="cpu") is t
     assert check_float_dtype("d", torch.bfloat16) is torch.bfloat16 and check_path("p", "a/b") == Path("a/b")
     assert check_str("s", "", empty=True) == "" and check_tensor_dict("d", {"w": torch.ones(1)}, {"w": torch.ones(1)})
+
+
+def test_a_large_integer_bound_is_written_in_full_and_non_finite_values_are_counted():
+    from functional_gpt.checks import check_finite_tensor
+
+    with pytest.raises(UserError) as e:
+        check_int("n", 5, 10**7)
+    assert str(e.value) == "n: expected an integer >= 10000000, got 5 (an int)"
+    with pytest.raises(UserError) as e:
+        check_finite_tensor("x", torch.tensor([1.0, math.nan, math.inf, -math.inf]))
+    assert str(e.value) == "x: holds 3 non-finite values (NaN or infinity)"
+    t = torch.tensor([1.0, 2.0])
+    assert check_finite_tensor("x", t) is t and check_finite_tensor("i", torch.tensor([1, 2])).dtype == torch.int64

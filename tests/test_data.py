@@ -425,9 +425,9 @@ def test_an_old_set_left_aside_by_a_killed_run_is_cleared_first(tmp_path):
     import os as os_module
 
     inputs = _two_files(tmp_path)
-    aside = tmp_path / f".out.old-{os_module.getpid()}"
+    prepare(inputs, tmp_path / "out", progress=False)
+    aside = tmp_path / f".out.old-{os_module.getpid()}"  # where the next swap moves the old set
     aside.mkdir()
     (aside / "train.bin").write_bytes(b"old")
-    prepare(inputs, tmp_path / "out", progress=False)
     prepare(inputs, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]

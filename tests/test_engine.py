@@ -183,6 +183,11 @@ def test_a_seeded_request_draws_what_generate_draws_with_that_seed():
     assert tokens[0] == want and done[0].reason == "length"
 
 
+def test_the_cache_takes_the_params_dtype():
+    half = unflatten({k: v.bfloat16() for k, v in flatten(PARAMS).items()})
+    assert Engine(half, TINY, max_batch=1).cache.k.dtype == torch.bfloat16
+
+
 def test_the_defaults_are_eight_rows_and_sixty_four_waiting():
     engine = Engine(PARAMS, TINY)
     assert len(engine.rows) == 8 and engine.max_queue == 64 and engine.cache.k.dtype == PARAMS["wte"]["weight"].dtype
@@ -319,6 +324,8 @@ def test_a_request_keeps_its_fields_in_plain_form_and_takes_every_bound():
     assert (edges.prompt, edges.max_tokens, edges.seed, edges.stop, edges.logprobs, edges.prompt_logprobs,
             edges.presence_penalty, edges.frequency_penalty) == ((0, 5), 0, 0, ("x", "y"), 0, True, -2.0, 2.0)
     assert type(edges.logprobs) is int and type(edges.presence_penalty) is float
+    typed = Request((1,), np.int64(2), GREEDY, seed=np.int64(3), frequency_penalty=1)
+    assert type(typed.max_tokens) is int and type(typed.seed) is int and type(typed.frequency_penalty) is float
     top = Request((1,), 2, GREEDY, seed=2**64 - 1, logprobs=5, presence_penalty=2, frequency_penalty=-2)
     assert (top.seed, top.logprobs, top.presence_penalty, top.frequency_penalty) == (2**64 - 1, 5, 2.0, -2.0)
     plain = Request((1,), 2)

@@ -402,3 +402,16 @@ def test_a_hook_returning_none_only_looks_and_the_cache_is_detached(pair):
     patch = torch.randn(2, 12, 32, requires_grad=True)
     _, cache = run_with_cache(params, _tokens(), ["h.0.mlp"], hooks={"h.0.mlp": patch})
     assert torch.equal(cache["h.0.mlp"], patch.detach()) and not cache["h.0.mlp"].requires_grad
+
+
+def test_a_cache_offers_at_most_three_near_names_and_grads_only_when_asked(pair):
+    _, params = pair
+    names = ["h.0.attn.pattern", "h.1.attn.pattern", "h.0.attn.scores", "h.1.attn.scores", "h.0.attn.z"]
+    _, cache = run_with_cache(params, _tokens(), names)
+    assert cache.grads == {}
+    with pytest.raises(UserError, match=r"^'h\.0\.pat' is not in this cache \(it holds 5 names; nearest: "
+                                        r"h\.0\.attn\.z, h\.0\.attn\.pattern, h\.0\.attn\.scores\)$"):
+        cache["h.0.pat"]
+    with pytest.raises(UserError, match=r"^'attn\.pattern' is not in this cache \(it holds 5 names; nearest: "
+                                        r"h\.1\.attn\.pattern, h\.0\.attn\.pattern\)$"):
+        cache["attn.pattern"]

@@ -363,10 +363,10 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     from functional_gpt.model.tokenizer import encode
 
     saved, open_before = _saved_figure(monkeypatch), plt.get_fignums()
-    prob = torch.tensor([[0.9, 0.2, 0.61], [0.6, 0.05, 1.0]])
+    prob = torch.tensor([[0.9, 0.2, 0.61], [0.6, 0.05, 0.95]])  # the scale is 0..1, not the values
     best = torch.tensor([encode(" a")[0], encode(" longer word")[0], encode("\n")[0],
                          encode(" b")[0], encode(" c")[0], encode(" d")[0]]).reshape(2, 3)
-    best[0, 1] = encode("abcdefghijkl")[0]
+    best[0, 1] = encode(" information")[0]  # one token of 12 characters: cut to 8
     lens_module._plot_lens(prob, best, ["h.0 in", "output"], ["x", "y", "z"], tmp_path / "l.png")
     fig = saved["figure"]
     assert plt.get_fignums() == open_before and saved["format"] == "png" and saved["dpi"] == 100
@@ -380,6 +380,7 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     from functional_gpt.model.tokenizer import decode
 
     cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert cells[0, 1].get_text() == "·informa"
     assert sorted(cells) == [(r, c) for r in range(2) for c in range(3)]
     for (r, c), text in cells.items():
         assert text.get_text() == token_label(decode([int(best[r, c])]))[:8]
@@ -401,3 +402,30 @@ def test_a_metric_may_return_a_python_number(pair, as_number):
     want = patch_sweep(params, clean, corrupted, lambda logits: as_number(metric(logits)), over="heads")
     assert want.dtype == torch.float32 and want.shape == (TINY.n_layer, TINY.n_head)
     assert torch.equal(want, patch_sweep(params, clean, corrupted, metric, over="heads").apply_(as_number))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p, d: plot_sweep("x", d / "s.png", columns=[]), "result: expected a float tensor [L, N], got 'x' (a str)"),
+    (lambda p, d: plot_sweep(torch.zeros(2, 3, dtype=torch.long), d / "s.png", columns=[]),
+     "result: expected a float tensor [L, N], got an int64 tensor [2, 3]"),
+    (lambda p, d: plot_sweep(torch.zeros(3), d / "s.png", columns=[]),
+     "result: expected a float tensor [L, N], got a float32 tensor [3]"),
+    (lambda p, d: plot_sweep(torch.zeros(0, 3), d / "s.png", columns=["a", "b", "c"]),
+     "result: empty (a float32 tensor [0, 3])"),
+    (lambda p, d: patch_sweep(p, _tokens(), "x", lambda logits: logits[0, -1, 0]),
+     "corrupted: expected an integer tensor, got 'x' (a str)"),
+    (lambda p, d: patch_sweep(p, _tokens(), _tokens().float(), lambda logits: logits[0, -1, 0]),
+     "corrupted: expected an integer tensor, got a float32 tensor [2, 10]"),
+    (lambda p, d: patch_sweep(p, _tokens()[:, :0], _tokens()[:, :0], lambda logits: logits[0, -1, 0]),
+     "clean: empty (an int64 tensor [2, 0])"),
+])
+def test_the_sweeps_name_a_bad_result_or_corrupted_run(pair, tmp_path, call, message):
+    with pytest.raises(UserError) as e:
+        call(pair[1], tmp_path)
+    assert str(e.value) == message and not (tmp_path / "s.png").exists()
+
+
+def test_a_sweep_picture_has_no_title_unless_given(tmp_path, monkeypatch):
+    saved = _saved_figure(monkeypatch)
+    plot_sweep(torch.ones(1, 1), tmp_path / "s.png", columns=["a"])
+    assert saved["figure"].axes[0].get_title() == ""
