@@ -429,3 +429,14 @@ def test_a_sweep_picture_has_no_title_unless_given(tmp_path, monkeypatch):
     saved = _saved_figure(monkeypatch)
     plot_sweep(torch.ones(1, 1), tmp_path / "s.png", columns=["a"])
     assert saved["figure"].axes[0].get_title() == ""
+
+
+def test_draw_lens_runs_plain_params_with_the_config_given(tmp_path, monkeypatch):
+    from functional_gpt.interp import lens as lens_module
+
+    config = GPTConfig(n_positions=16, n_embd=64, n_layer=2, n_head=2)
+    params = init_params(config, seed=1)
+    monkeypatch.setattr(lens_module, "_plot_lens", lambda *args: None)
+    plain = {k: v for k, v in params.items()}
+    assert lens_module.draw_lens(plain, "Hello world", config, tmp_path / "l.png") == lens_module.draw_lens(
+        params, "Hello world", config, tmp_path / "l.png")
