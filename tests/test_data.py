@@ -1,8 +1,10 @@
 """Corpus preparation and the windows dataset, checked against tiktoken's own encoding,
 sha256 of the files, and slices of the token stream."""
 
+import errno
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -403,10 +405,7 @@ def test_prepare_shows_its_progress_by_file_unless_told_not_to(tmp_path, capsys)
 @pytest.mark.parametrize("inputs, failing, culprit", [(2, 3, "meta.json"), (1, 3, "val.bin"), (1, 4, "train.bin")])
 def test_a_failed_write_names_the_file_the_user_asked_for(tmp_path, monkeypatch, inputs, failing, culprit):
     """The n-th flush to disk fails: the error names out/<file>, never the staging copy."""
-    import errno
-    import os as os_module
-
-    files, calls, fsync = _two_files(tmp_path)[-inputs:], [], os_module.fsync
+    files, calls, fsync = _two_files(tmp_path)[-inputs:], [], os.fsync
 
     def flaky(fd):
         calls.append(fd)
@@ -414,7 +413,7 @@ def test_a_failed_write_names_the_file_the_user_asked_for(tmp_path, monkeypatch,
             raise OSError(errno.ENOSPC, "No space left on device")
         return fsync(fd)
 
-    monkeypatch.setattr(os_module, "fsync", flaky)
+    monkeypatch.setattr(os, "fsync", flaky)
     with pytest.raises(UserError) as e:
         prepare(files, tmp_path / "out", progress=False)
     assert str(e.value) == f"{tmp_path / 'out' / culprit}: cannot write (No space left on device)"
@@ -422,11 +421,9 @@ def test_a_failed_write_names_the_file_the_user_asked_for(tmp_path, monkeypatch,
 
 
 def test_an_old_set_left_aside_by_a_killed_run_is_cleared_first(tmp_path):
-    import os as os_module
-
     inputs = _two_files(tmp_path)
     prepare(inputs, tmp_path / "out", progress=False)
-    aside = tmp_path / f".out.old-{os_module.getpid()}"  # where the next swap moves the old set
+    aside = tmp_path / f".out.old-{os.getpid()}"  # where the next swap moves the old set
     aside.mkdir()
     (aside / "train.bin").write_bytes(b"old")
     prepare(inputs, tmp_path / "out", progress=False)

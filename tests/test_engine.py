@@ -23,6 +23,10 @@ GREEDY = Sampling(greedy=True)
 PARAMS = params_of(hf_model(TINY, seed=2))
 
 
+def _greedy(prompt, n):
+    return [int(t[0]) for t in generate(PARAMS, [list(prompt)], TINY, max_new_tokens=n)]
+
+
 def run(requests, *, max_batch=2, on_step=None):
     """-> ([token ids per request], [Done per request]) after stepping the engine to idle."""
     engine = Engine(PARAMS, TINY, max_batch=max_batch)
@@ -46,7 +50,7 @@ def test_rows_free_at_once_for_waiting_requests_and_each_gets_its_greedy_tokens(
     busy = []
     tokens, done = run(requests, on_step=lambda e, s: busy.append(tuple(r is not None for r in e.rows)))
     for r, got in zip(requests, tokens):
-        assert got == [int(t[0]) for t in generate(PARAMS, [list(r.prompt)], TINY, max_new_tokens=r.max_tokens)]
+        assert got == _greedy(r.prompt, r.max_tokens)
     assert [d.reason for d in done] == ["length"] * 3 and [d.new_tokens for d in done] == [3, 8, 5]
     assert busy[:3] == [(True, True)] * 2 + [(False, True)]  # request 0 ends at step 3: its row is free
     assert busy[3] == (True, True)  # and request 2 is in it at step 4
@@ -143,10 +147,6 @@ def test_a_seeded_sample_does_not_depend_on_its_neighbours_or_its_row():
     alone, _ = run([sampled], max_batch=3)
     crowded, _ = run([Request((9,), 10, GREEDY), Request((2, 2), 10, Sampling(), seed=1), sampled], max_batch=3)
     assert alone[0] == crowded[2]
-
-
-def _greedy(prompt, n):
-    return [int(t[0]) for t in generate(PARAMS, [list(prompt)], TINY, max_new_tokens=n)]
 
 
 def test_a_row_after_one_cancelled_mid_run_decodes_on_unchanged():
@@ -384,7 +384,7 @@ def test_a_row_after_a_free_one_still_decodes_and_a_late_request_takes_the_free_
         engine.step()
     for request, got in zip(((1, 2), (3,), (4, 4)), events):
         n = got[-1].new_tokens
-        expected = [int(t[0]) for t in generate(PARAMS, [list(request)], TINY, max_new_tokens=n)]
+        expected = _greedy(request, n)
         assert [e.id for e in got if isinstance(e, Token)] == expected and got[-1].reason == "length"
     assert [e[-1].new_tokens for e in events] == [2, 7, 3]
 

@@ -8,7 +8,9 @@ import torch
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import GPTConfig, UserError, forward, init_params, save_params
 from functional_gpt.cli import main
-from functional_gpt.interp.hooks import run_with_hooks
+from functional_gpt.interp.attention_map import token_label
+from functional_gpt.interp.func import ensemble_logits, per_example_grads, stack_params
+from functional_gpt.interp.hooks import run_with_cache, run_with_hooks
 from functional_gpt.interp.lens import logit_attribution, logit_lens
 from functional_gpt.interp.patching import ablate_heads, patch_sweep, plot_sweep
 
@@ -268,9 +270,6 @@ def test_plot_sweep_names_its_labels(tmp_path):
 def test_every_function_runs_plain_params_with_the_config_given(pair):
     """A plain nested dict carries no config: each function must run the one passed to it
     (and to every call it makes), giving what the params that carry it give."""
-    from functional_gpt.interp.func import ensemble_logits, per_example_grads, stack_params
-    from functional_gpt.interp.hooks import run_with_cache
-
     _, params = pair
     plain = {k: v for k, v in params.items()}
     assert not hasattr(plain, "config")
@@ -360,7 +359,7 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     import matplotlib.pyplot as plt
 
     from functional_gpt.interp import lens as lens_module
-    from functional_gpt.model.tokenizer import encode
+    from functional_gpt.model.tokenizer import decode, encode
 
     saved, open_before = _saved_figure(monkeypatch), plt.get_fignums()
     prob = torch.tensor([[0.9, 0.2, 0.61], [0.6, 0.05, 0.95]])  # the scale is 0..1, not the values
@@ -376,9 +375,6 @@ def test_the_lens_picture_writes_each_cell_s_token_in_a_colour_that_reads_on_its
     image = ax.get_images()[0]
     assert torch.equal(torch.as_tensor(image.get_array()), prob) and image.get_cmap().name == "Blues"
     assert image.get_clim() == (0, 1) and ax.get_aspect() == "auto"
-    from functional_gpt.interp.attention_map import token_label
-    from functional_gpt.model.tokenizer import decode
-
     cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
     assert cells[0, 1].get_text() == "·informa"
     assert sorted(cells) == [(r, c) for r in range(2) for c in range(3)]
