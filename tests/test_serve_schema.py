@@ -26,6 +26,7 @@ from functional_gpt import GPTConfig, init_params, save_params
 from test_serve import TIMEOUT, start_server, stop_server
 
 schemathesis = pytest.importorskip("schemathesis")
+jsonschema_rs = pytest.importorskip("jsonschema_rs")  # Schemathesis's own validator
 
 TINY = GPTConfig(vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2)
 CHECKS_OFF = ("positive_data_acceptance",)
@@ -88,3 +89,43 @@ def test_after_the_generated_requests_the_server_serves_the_same_greedy_text(ser
     with urllib.request.urlopen(base + "/health", timeout=TIMEOUT) as reply:
         assert json.loads(reply.read()) == {"status": "ok"}
     assert greedy(base) == before
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in _refs(v)]
+    return [r for v in node for r in _refs(v)] if isinstance(node, list) else []
+
+
+def test_the_document_says_what_the_streams_and_errors_are(served):
+    """Schemathesis reads JSON answers only: here each event of a real stream is checked
+    against the event schema the document gives for it (its data: a chunk, an error
+    object or [DONE]), every $ref of the document resolves, and every error status of a
+    generation endpoint is OpenAI's error object."""
+    doc = document()
+    assert {ref for ref in _refs(doc) if ref.removeprefix("#/components/schemas/") not in doc["components"]["schemas"]} \
+        == set()
+    error = {"error": {"message": "m", "type": "server_error", "param": None, "code": None}}
+    for path, chunk, body in (("/v1/completions", "CompletionChunk", {"prompt": "Once", "max_tokens": 3}),
+                              ("/v1/chat/completions", "ChatChunk", {"messages": [{"role": "user", "content": "Hi"}],
+                                                                     "max_tokens": 3})):
+        responses = doc["paths"][path]["post"]["responses"]
+        for status in ("400", "404", "405", "413", "415", "429", "500", "503"):
+            assert responses[status] == {"description": "OpenAI's error object", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}, (path, status)
+        event = responses["200"]["content"]["text/event-stream"]["schema"]
+        data = event["properties"]["data"]["anyOf"]
+        assert data[1]["type"] == "string" and data[1]["contentMediaType"] == "application/json"
+        content = jsonschema_rs.validator_for(data[1]["contentSchema"] | {"components": doc["components"]})
+        events = jsonschema_rs.validator_for(event)
+        request = urllib.request.Request(served[0] + path, data=json.dumps(body | {"stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+            sent = [line[len("data: "):] for line in reply.read().decode().splitlines() if line.startswith("data: ")]
+        assert len(sent) >= 3 and sent[-1] == "[DONE]", sent
+        assert all(events.is_valid({"data": s}) for s in sent), sent
+        assert all(content.is_valid(json.loads(s)) for s in sent[:-1]), sent
+        assert content.is_valid(error) and not content.is_valid({"bogus": 1})
+        assert not content.is_valid(json.loads(sent[0]) | {"object": "bogus"})
+        assert not events.is_valid({"data": 5}) and not events.is_valid({}) and not events.is_valid([])
+        assert data[1]["contentSchema"]["anyOf"][0] == {"$ref": f"#/components/schemas/{chunk}"}

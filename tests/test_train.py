@@ -351,6 +351,36 @@ def test_a_config_file_that_is_not_a_table(tmp_path):
         read_config_file(tmp_path / "run.json")
 
 
+def test_config_file_answers_word_for_word(tmp_path):
+    """Each way a settings file can be wrong, named with the file and the reason."""
+    (tmp_path / "run.json").write_text('{"lr": 0.5, "name": "\u00e9"}', encoding="utf-8")
+    (tmp_path / "run.toml").write_text('lr = 0.5\nname = "\u00e9"\n', encoding="utf-8")
+    (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "bad.toml").write_text("lr = = 1")
+    (tmp_path / "empty.toml").write_text("")  # an empty TOML file is an empty table
+    (tmp_path / "null.json").write_text("null")
+    (tmp_path / "dir.json").mkdir()
+    assert read_config_file(tmp_path / "run.json") == read_config_file(str(tmp_path / "run.toml")) == \
+        {"lr": 0.5, "name": "\u00e9"}
+    assert read_config_file(tmp_path / "empty.toml") == {}
+    answers = {
+        None: "--config: expected the path of a TOML or JSON file of settings, got None",
+        "": "--config: expected the path of a TOML or JSON file of settings, got '' (a str)",
+        tmp_path / "latin1.json": f"{tmp_path / 'latin1.json'}: not UTF-8 text (invalid continuation byte at byte 7)",
+        tmp_path / "bad.json": f"{tmp_path / 'bad.json'}: not valid JSON (Expecting property name enclosed in double "
+                               "quotes: line 1 column 2 (char 1))",
+        tmp_path / "bad.toml": f"{tmp_path / 'bad.toml'}: not valid TOML (Invalid value (at line 1, column 6))",
+        tmp_path / "null.json": f"{tmp_path / 'null.json'}: expected a table of settings",
+        tmp_path / "dir.json": f"{tmp_path / 'dir.json'}: cannot read (Is a directory)",
+        tmp_path / "none.json": f"{tmp_path / 'none.json'}: cannot read (No such file or directory)",
+    }
+    for path, message in answers.items():
+        with pytest.raises(UserError) as e:
+            read_config_file(path)
+        assert str(e.value) == message
+
+
 def test_out_that_cannot_be_a_directory_fails_before_training(setup, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="file: exists and is not a directory"):
