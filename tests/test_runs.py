@@ -4,6 +4,9 @@ state.json, optimizer file or metrics.jsonl can be wrong, named word for word.""
 import dataclasses
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from functional_gpt.training.data import Position
 from functional_gpt.training.runs import load_checkpoint, read_metrics, read_optimizer, read_state, save_checkpoint
 from functional_gpt.training.step import LossScale, new_state
 
+ROOT = Path(__file__).resolve().parents[1]
 RECORD = {"data_dir": "data", "train_tokens": 123, "lr": 0.01, "val_loss": None, "best_val_loss": 4.5,
           "config": {"batch_size": 2}}
 
@@ -46,7 +50,7 @@ def _edit_state(run: Path, **fields) -> Path:
             del state[name]
         else:
             state[name] = value
-    (run / "state.json").write_text(json.dumps(state))
+    (run / "state.json").write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
     return run / "state.json"
 
 
@@ -83,6 +87,7 @@ def test_a_saved_checkpoint_loads_as_it_was_written(run, tiny_params, tiny_confi
     ("rng", {"torch": "abc"}, "field 'rng' must be an object of hex strings with a 'torch' entry, got {'torch': 'abc'}"),
     ("rng", {"torch": "AB"}, "field 'rng' must be an object of hex strings with a 'torch' entry, got {'torch': 'AB'}"),
     ("rng", {"torch": "zz"}, "field 'rng' must be an object of hex strings with a 'torch' entry, got {'torch': 'zz'}"),
+    ("rng", {"torch": "XX"}, "field 'rng' must be an object of hex strings with a 'torch' entry, got {'torch': 'XX'}"),
     ("rng", {"torch": 12}, "field 'rng' must be an object of hex strings with a 'torch' entry, got {'torch': 12}"),
     ("config", [], "field 'config' must be an object, got []"),
     ("model_config", "gpt2", "field 'model_config' must be an object, got 'gpt2'"),
@@ -236,3 +241,21 @@ def test_a_save_killed_after_its_state_was_written_is_rolled_forward(run, tiny_p
     pending.mkdir()
     (pending / runs.MODEL).write_bytes(b"partial")
     assert read_state(run)["train_tokens"] == 999 and not pending.exists()  # no state.json: discarded
+
+
+def test_the_files_are_read_as_utf8_whatever_the_locale(run, tmp_path):
+    """Under LC_ALL=C, Python's default text encoding is ASCII: a reader that leaves the
+    encoding to the locale fails on a run whose data directory is named in French."""
+    _edit_state(run, data_dir="donn\u00e9es")
+    (run / "metrics.jsonl").write_text('{"step": 1, "name": "\u00e9"}\n', encoding="utf-8")
+    (tmp_path / "run.toml").write_text('name = "\u00e9"\n', encoding="utf-8")
+    (tmp_path / "run.json").write_text('{"name": "\u00e9"}', encoding="utf-8")
+    code = ("import sys; from functional_gpt.training.runs import read_state, read_metrics; "
+            "from functional_gpt.training.loop import read_config_file; r, t, j = sys.argv[1:]; "
+            "print(ascii([read_state(r)['data_dir'], read_metrics(r)[0]['name'], read_config_file(t)['name'], "
+            "read_config_file(j)['name']]))")
+    env = os.environ | {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(run), str(tmp_path / "run.toml"), str(tmp_path / "run.json")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ascii(["donn\u00e9es", "\u00e9", "\u00e9", "\u00e9"])

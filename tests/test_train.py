@@ -4,6 +4,8 @@ survive a kill, interrupts, non-finite losses and bad input."""
 import json
 import os
 import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,7 +353,7 @@ def test_a_config_file_that_is_not_a_table(tmp_path):
         read_config_file(tmp_path / "run.json")
 
 
-def test_config_file_answers_word_for_word(tmp_path):
+def test_config_file_answers_word_for_word(tmp_path, monkeypatch):
     """Each way a settings file can be wrong, named with the file and the reason."""
     (tmp_path / "run.json").write_text('{"lr": 0.5, "name": "\u00e9"}', encoding="utf-8")
     (tmp_path / "run.toml").write_text('lr = 0.5\nname = "\u00e9"\n', encoding="utf-8")
@@ -379,6 +381,53 @@ def test_config_file_answers_word_for_word(tmp_path):
         with pytest.raises(UserError) as e:
             read_config_file(path)
         assert str(e.value) == message
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # Python 3.10: no tomllib
+    with pytest.raises(UserError) as e:
+        read_config_file(tmp_path / "run.toml")
+    assert str(e.value) == f"{tmp_path / 'run.toml'}: TOML needs Python 3.11 or later; use a JSON file"
+
+
+def _stored_run(tmp_path, **config) -> Path:
+    """A run directory whose state.json holds `config` (and valid other fields)."""
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    stored = {"data": str(tmp_path / "data"), "out": str(run), "init": None, **config}
+    (run / "state.json").write_text(json.dumps({
+        "step": 2, "data_dir": "d", "data_position": {"epoch": 0, "index": 0}, "train_tokens": 0, "lr": 0.1,
+        "val_loss": None, "best_val_loss": None, "rng": {"torch": "00"}, "model_config": {}, "config": stored}))
+    return run
+
+
+def test_resume_takes_the_stored_settings_and_refuses_a_flag_that_differs(tmp_path):
+    run = _stored_run(tmp_path, init=str(tmp_path / "init.safetensors"), batch_size=4, seed=3, dtype="bfloat16")
+    cfg = resume_config(run, {"max_steps": 9, "dtype": "float32", "compile": True, "batch_size": 4,
+                              "data": str(tmp_path / "x" / ".." / "data"), "out": str(run) + "/",
+                              "init": str(tmp_path / "x" / ".." / "init.safetensors")})
+    assert (cfg.max_steps, cfg.dtype, cfg.compile, cfg.batch_size, cfg.seed, cfg.out) == (9, "float32", True, 4, 3, str(run))
+    assert resume_config(run, {}).dtype == "bfloat16"  # the stored default, not the fallback for old runs
+    state = run / "state.json"
+    refusals = {
+        "batch_size": (8, f"--batch_size 8 differs from the checkpoint's batch_size=4 ({state}); drop the flag, or "
+                          "train into a new --out"),
+        "seed": (None, f"--seed None differs from the checkpoint's seed=3 ({state})"),
+        "lr": (0.5, f"--lr 0.5 differs from the checkpoint's lr=None ({state})"),
+        "data": (str(tmp_path / "other"), f"--data {tmp_path / 'other'} differs from the checkpoint's data="
+                                          f"{tmp_path / 'data'} ({state})"),
+        "init": (str(tmp_path / "other"), f"--init {tmp_path / 'other'} differs from the checkpoint's init="),
+        "out": (str(tmp_path / "other"), f"--out {tmp_path / 'other'} differs from the checkpoint's out={run}"),
+    }
+    for key, (given, words) in refusals.items():
+        with pytest.raises(UserError) as e:
+            resume_config(run, {key: given})
+        assert str(e.value).startswith(words), (key, str(e.value))
+    old = _stored_run(tmp_path / "old", batch_size=4)
+    config = json.loads((old / "state.json").read_text())
+    config["config"].pop("dtype", None)
+    (old / "state.json").write_text(json.dumps(config))
+    assert resume_config(old, {}).dtype == "float32"  # a run from before --dtype
+    with pytest.raises(UserError) as e:
+        resume_config(_stored_run(tmp_path / "bad", batch_size=0), {})
+    assert str(e.value) == f"{tmp_path / 'bad' / 'run' / 'state.json'}: config: --batch_size must be > 0, got 0"
 
 
 def test_out_that_cannot_be_a_directory_fails_before_training(setup, tmp_path):
