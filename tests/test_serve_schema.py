@@ -48,8 +48,10 @@ def served(tmp_path_factory):
     weights = tmp_path_factory.mktemp("schema") / "tiny.safetensors"
     save_params(weights, init_params(TINY, seed=1), TINY)
     proc, base = start_server(weights, "--max_batch", "4", "--max_queue", "32")
-    yield base, greedy(base)
-    log = stop_server(proc)
+    try:  # stopped even when the first request fails (a server left running otherwise)
+        yield base, greedy(base)
+    finally:
+        log = stop_server(proc)
     assert "Traceback" not in log, log[-3000:]
 
 
