@@ -227,7 +227,7 @@ def test_files_of_a_checkpoint_that_disagree_are_named(run, tiny_config):
     path = _edit_state(run, rng={"torch": "00ff"})
     assert _message(load_checkpoint, run) == f"{path}: field 'rng' does not hold a torch generator state"
     (run / "state.json").write_text(good)
-    path = _edit_state(run, loss_scale=...)
+    _edit_state(run, loss_scale=...)
     assert load_checkpoint(run)[0].loss_scale is None  # a run without float16
 
 

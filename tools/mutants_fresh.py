@@ -69,8 +69,9 @@ def main() -> int:
                 f.write(f"{key} {done[key]}\n")
         eta = (time.time() - start) / n * (len(todo) - n)
         print(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {key} {done[key]}", flush=True)
-    counts = {kind: sum(v == kind for v in done.values()) for kind in ("killed", "survived", "timeout")}
-    print(f"{len(done)} mutants: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    results = [done[k] for k in keys]  # --out may also hold other runs' mutants
+    counts = {kind: results.count(kind) for kind in ("killed", "survived", "timeout")}
+    print(f"{len(results)} mutants: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
 
 
