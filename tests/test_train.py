@@ -599,3 +599,29 @@ def test_the_streamed_optimizer_file_is_what_safetensors_writes(tmp_path):
                 assert f.get_tensor(key).dtype == t.dtype and torch.equal(f.get_tensor(key), t)
     with pytest.raises(ValueError, match=r"^b: got torch.float32 \[7\], the header says torch.bfloat16 \[7\]$"):
         runs_module.write_safetensors(tmp_path / "bad", specs, [tensors["a.w"], torch.randn(7), tensors["c.z"]], {})
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
+def test_peak_memory_is_the_kernels_high_water_mark_in_mib():
+    """The summary's peak_rss_mib is the process's peak resident set, as /proc reports it
+    (VmHWM, in KiB) read just before and after. The kernel's counters are batched per CPU
+    (off by up to ~1 MiB), so the peak is first raised past 2 GiB, where a unit off by a
+    thousandth shows."""
+    def high_water_kib():
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1])
+
+    big = np.ones(2**28)  # 2 GiB, written
+    del big
+    before = high_water_kib()
+    peak = train_module._peak_rss_mb()
+    after = high_water_kib()
+    assert before / 1024 - 1 <= peak <= after / 1024 + 1
+
+
+def test_peak_memory_on_macos_converts_bytes(monkeypatch):
+    """macOS reports ru_maxrss in bytes, not KiB: 1 GiB there is 1024 MiB."""
+    usage = type("Usage", (), {"ru_maxrss": 2**30})()
+    monkeypatch.setattr(train_module.resource, "getrusage", lambda who: usage)
+    monkeypatch.setattr(train_module.sys, "platform", "darwin")
+    assert train_module._peak_rss_mb() == 1024.0
