@@ -347,6 +347,28 @@ def test_bad_settings(setup, tmp_path, override, message):
         run_config(setup, tmp_path / "run", **override)
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"eval_windows": -1}, "--eval_windows must be >= 0, got -1"),
+    ({"sample_tokens": -4}, "--sample_tokens must be >= 0, got -4"),
+    ({"stride": 0}, "--stride must be >= 1, got 0"),
+    ({"seed": 2**63}, f"--seed must be in 0..2**63-1, got {2**63}"),
+    ({"dtype": "int8"}, "--dtype 'int8': expected one of float32, bfloat16, float16"),
+    ({"lr": None}, "--lr: a value is required"),
+    ({"compile": "yes"}, "--compile: expected true or false, got 'yes' (a str)"),
+])
+def test_bad_settings_are_named_word_for_word(setup, tmp_path, override, message):
+    with pytest.raises(UserError) as raised:
+        run_config(setup, tmp_path / "run", **override)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("override", [{"eval_windows": 0, "sample_tokens": 0}, {"context_length": 1, "stride": 1},
+                                      {"seed": 0}, {"seed": 2**63 - 1}, {"dropout": 0.0}])
+def test_settings_at_the_ends_of_their_ranges_are_taken(setup, tmp_path, override):
+    cfg = run_config(setup, tmp_path / "run", **override)
+    assert {k: getattr(cfg, k) for k in override} == override
+
+
 def test_a_config_file_that_is_not_a_table(tmp_path):
     (tmp_path / "run.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="run.json: expected a table of settings"):
