@@ -248,6 +248,31 @@ def test_a_world_without_a_rendezvous_endpoint_is_one_line():
         "endpoint): start data parallel runs with torchrun"]
 
 
+@pytest.mark.parametrize("raised, shown", [
+    ("The client socket has timed out after 2s while trying to connect to (127.0.0.1, 1).\n"
+     "Exception raised from throwTimeoutError at /pytorch/torch/csrc/distributed/c10d/socket.cpp:1021",
+     "The client socket has timed out after 2s while trying to connect to (127.0.0.1, 1)."),
+    ("  \n refused\nsecond line", "refused"),
+    ("x" * 300, "x" * 200),
+    ("", ""),
+])
+def test_an_endpoint_that_cannot_be_reached_is_one_line_with_the_first_line_of_the_reason(
+        tmp_path, monkeypatch, raised, shown):
+    """torch's store errors run to many lines (a C++ stack): the message keeps the first, cut at 200 characters."""
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError(raised)
+
+    monkeypatch.setattr(dist, "rendezvous", unreachable)
+    with pytest.raises(UserError) as failed:
+        train(make_config({"out": str(tmp_path / "run")}), progress=False, log=lambda *a: None)
+    assert str(failed.value) == f"data parallel: cannot reach the rendezvous endpoint ({shown})"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_rank_with_other_data_is_one_line_from_rank_0_and_nothing_is_written(setup, tmp_path):
     data, init = setup

@@ -116,6 +116,30 @@ def test_every_setting_that_changes_the_run_is_compared_and_where_a_rank_reads_i
     assert base["--data train.bin"] == f"4,000 tokens (crc32 {zlib.crc32(tokens.tobytes()):08x})"
 
 
+def test_what_is_compared_is_named_as_a_difference_is_reported_in_that_order(files, tmp_path):
+    """Past the flags: the labels word for word and in order, with the values a fresh
+    float32 run on the CPU starts from (the CRC-32s only in form: their contents are
+    compared above)."""
+    facts = facts_of(files, tmp_path)
+    crc = re.compile(r"crc32 [0-9a-f]{8}")
+    rest = {k: v for k, v in facts.items() if not k.startswith("--")}
+    assert list(rest) == ["the device kind", "the compute dtype", *(f"the model's {k}" for k in TINY.to_dict()),
+                          "the starting step", "the data position", "the RNG state", "the loss scale",
+                          "the best validation loss", "Adam's moments"]
+    assert rest["the device kind"] == "cpu" and rest["the compute dtype"] == "float32"
+    assert {k.removeprefix("the model's "): v for k, v in rest.items() if k.startswith("the model's")} == \
+        TINY.to_dict() | {f"{p}_pdrop": 0.0 for p in ("embd", "attn", "resid")}  # the run's --dropout 0
+    assert rest["the starting step"] == 0 and rest["the data position"] == [0, 0]
+    assert rest["the loss scale"] is None and rest["the best validation loss"] is None
+    assert crc.fullmatch(rest["the RNG state"]) and crc.fullmatch(rest["Adam's moments"])
+    val = np.fromfile(files[0] / "val.bin", dtype="<u2")
+    assert facts["--data val.bin"] == f"400 tokens (crc32 {zlib.crc32(val.tobytes()):08x})"
+    assert facts_of(files, tmp_path, dtype="bfloat16")["the compute dtype"] == "bfloat16"
+    fresh = facts_of(files, tmp_path, init=None, preset="cpu-tiny")  # weights of the seed, not a file
+    assert [k for k in fresh if "wte" in k] == ["the initial wte.weight"]
+    assert crc.fullmatch(fresh["the initial wte.weight"])
+
+
 def test_a_resumed_state_is_compared_by_its_contents(files, tmp_path):
     """Two copies of one checkpoint agree wherever they lie; a resume against a fresh
     start differs first in --resume; a checkpoint a step further differs in its step."""
