@@ -6,6 +6,7 @@ the servers are stopped (SIGTERM) at the end of the module."""
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,26 +43,28 @@ def free_port() -> int:
 
 
 def start_server(weights: Path, *flags: str):
-    """-> (process, base URL) once /health answers (on a free port unless flags name one).
-    Its stderr goes to a file (a pipe nobody reads would fill and block the server)."""
-    port = flags[flags.index("--port") + 1] if "--port" in flags else str(free_port())
-    flags = flags if "--port" in flags else (*flags, "--port", port)
+    """-> (process, base URL) once /health answers at the URL its first line announces (on
+    a free port unless flags name one). Its stderr goes to a file (a pipe nobody reads
+    would fill and block the server)."""
+    flags = flags if "--port" in flags else (*flags, "--port", str(free_port()))
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "functional_gpt", "serve", "--weights", str(weights), *flags],
                             stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, start_new_session=True)
     proc.log = log
-    base = f"http://127.0.0.1:{port}"
     deadline = time.time() + TIMEOUT
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the server exited: {ended(proc)[-2000:]}")
+        announced = re.search(r" on (http://127\.0\.0\.1:\d+)/v1 ", os.pread(log.fileno(), 2**16, 0).decode())
         try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, base
+            if announced:
+                with urllib.request.urlopen(announced[1] + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, announced[1]
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("the server did not answer /health in time")
 
@@ -248,9 +251,11 @@ def test_echo_with_logprobs_zero_gives_every_token_its_text_offset_and_no_altern
 
 def test_chat_completions_follow_the_documented_template(client, model):
     _, params, _ = model
-    got = client.chat.completions.create(model=str(model[0]), messages=[{"role": "user", "content": "a"}],
-                                         max_tokens=10, temperature=0)
-    expected = generate_text(params, "User: a\n\nAssistant:", 10, sampling=Sampling(greedy=True), stop=("\nUser:",))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    got = client.chat.completions.create(model=str(model[0]), messages=messages, max_tokens=10, temperature=0)
+    expected = generate_text(params, "System: Be brief.\n\nUser: a\n\nAssistant: b\n\nUser: c\n\nAssistant:", 10,
+                             sampling=Sampling(greedy=True), stop=("\nUser:",))
     assert got.choices[0].message.content == expected and got.choices[0].message.role == "assistant"
 
 
@@ -262,6 +267,46 @@ def test_our_extra_rules_arrive_through_extra_body(client):
     penalised = client.completions.create(model=None, prompt=PROMPT, max_tokens=30, temperature=0,
                                           extra_body={"repetition_penalty": 5.0}).choices[0].text
     assert top1 == greedy != penalised
+
+
+@pytest.mark.parametrize("rule, temperature", [({"top_p": 0.5}, 1.0), ({"top_k": 40}, 1.0), ({"min_p": 0.5}, 1.0),
+                                               ({"repetition_penalty": 3.0}, 0)])  # greedy: it changes the argmax
+def test_each_sampling_rule_draws_what_fgpt_generate_draws_with_it(client, model, rule, temperature):
+    """The same seed and rule: the server's sample is `fgpt generate`'s, and not the
+    sample without the rule (so the rule reached the sampler)."""
+    got = client.completions.create(model=None, prompt="Once upon a time", max_tokens=20, temperature=temperature,
+                                    seed=5, extra_body=rule).choices[0].text
+    with_rule, without = (generate_text(model[1], "Once upon a time", 20, seed=5,
+                                        sampling=Sampling(temperature=temperature, **r)) for r in (rule, {}))
+    assert got == with_rule != without
+
+
+@pytest.mark.parametrize("path, prefix, whole, chunk", [
+    ("/v1/completions", "cmpl-", "text_completion", "text_completion"),
+    ("/v1/chat/completions", "chatcmpl-", "chat.completion", "chat.completion.chunk")])
+def test_answers_are_named_as_openais_are(server, model, path, prefix, whole, chunk):
+    """An id of the endpoint's prefix and 24 hex digits, the same in every chunk of a
+    stream, a new one per request; `created` the second it was made; the model's name;
+    each choice its index."""
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    body |= {"max_tokens": 3, "n": 2}
+    t0 = int(time.time())
+    _, answer = post(server, path, body)
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=TIMEOUT)
+    conn.request("POST", path, json.dumps(body | {"stream": True, "stream_options": {"include_usage": True}}),
+                 {"Content-Type": "application/json"})
+    chunks = sse(conn.getresponse())[:-1]
+    t1 = int(time.time())
+    assert len(chunks) >= 3
+    for named, kind in [(answer, whole)] + [(c, chunk) for c in chunks]:
+        assert re.fullmatch(re.escape(prefix) + "[0-9a-f]{24}", named["id"]) and named["object"] == kind, named
+        assert type(named["created"]) is int and t0 <= named["created"] <= t1 and named["model"] == str(model[0])
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"] != answer["id"]
+    assert [c["index"] for c in answer["choices"]] == [0, 1] and {c["index"] for e in chunks for c in e["choices"]} \
+        == {0, 1}
+    assert all(set(c) == ({"text", "index", "logprobs", "finish_reason"} if prefix == "cmpl-" else
+                          {"index", "message", "logprobs", "finish_reason"}) and c["finish_reason"] in ("stop", "length")
+               and c["logprobs"] is None for c in answer["choices"]), answer
 
 
 def test_models_lists_the_one_model(client, model):
@@ -305,12 +350,9 @@ LIMITS = "expected a finite number in"
 @pytest.mark.parametrize(
     "body, param, words",
     [
-        (b'{"prompt": "a", "max_tokens": ', None, "body: not valid JSON"),
-        ({"prompt": "a", "max_tokens": "ten"}, "max_tokens", "max_tokens: expected an integer >= 0, got 'ten'"),
         ({"prompt": "a", "temperature": "hot"}, "temperature",
          "temperature: expected 0 (greedy) or a finite number >= 1e-06, got 'hot' (a str)"),
         ({"prompt": {"text": "a"}}, "prompt", "prompt: expected a string, a list of strings, a list of token ids"),
-        ({"prompt": "a", "max_tokenz": 3}, "max_tokenz", "max_tokenz: unknown field"),
         ({"prompt": [1, 2], "max_tokens": 300}, "max_tokens", "maximum context length is 256 tokens"),
         ({"prompt": [1] * 300, "max_tokens": None}, "max_tokens", "requested 300 tokens (300 in your prompt; 0 for"),
         ({"prompt": "a", "logprobs": 6}, "logprobs", "logprobs: expected an integer in 0..5, got 6"),
@@ -341,19 +383,11 @@ LIMITS = "expected a finite number in"
         (ROOM | {"echo": "yes"}, "echo", "echo: expected True or False, got 'yes' (a str)"),
         (ROOM | {"stream": 1}, "stream", "stream: expected True or False, got 1 (an int)"),
         (ROOM | {"stream_options": {"include_usage": True}}, "stream_options", "only allowed with \"stream\": true"),
-        (ROOM | {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options",
-         "stream_options.include_usage: Input should be a valid boolean"),
         ({"prompt": []}, "prompt", "prompt: expected a string"),
         ({"prompt": ["a", 1]}, "prompt", "prompt: expected a string"),
         ({"prompt": [1, -1]}, "prompt", "prompt: expected a string"),
         ({"prompt": [1, True]}, "prompt", "prompt: expected a string"),
         ({"prompt": "caf\udce9"}, "prompt", "prompt: not valid Unicode (U+DCE9, a lone surrogate, at character 3)"),
-        ([1, 2], None, "body: expected a JSON object, got a list of 2"),
-        (b'"text"', None, "body: expected a JSON object, got 'text' (a str)"),
-        (b"", None, "body: missing"),
-        (b'{"prompt": "caf\xe9"}', None, "body: not UTF-8 (invalid continuation byte at byte 15)"),
-        (b"[" * 100_000 + b"]" * 100_000, None, "body: JSON nested too deeply"),
-        (b'{"prompt": 1' + b"0" * 5000 + b"}", None, "body: not valid JSON (Exceeds the limit (4300 digits)"),
     ],
 )
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, client, body, param, words):
@@ -365,16 +399,71 @@ def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, c
 
 
 @pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"prompt": "a", "max_tokens": ', "body: not valid JSON (Expecting value at character 30)"),
+        (b'{"prompt": [1,]}', "body: not valid JSON (Expecting value at character 14)"),
+        (b'{"a" 1}', "body: not valid JSON (Expecting ':' delimiter at character 5)"),
+        (b'{"prompt": "caf\xe9"}', "body: not UTF-8 (invalid continuation byte at byte 15)"),
+        (b"[" * 100_000 + b"]" * 100_000, "body: JSON nested too deeply"),
+        (b'{"prompt": 1' + b"0" * 5000 + b"}", "body: not valid JSON (Exceeds the limit (4300 digits) for integer "
+         "string conversion: value has 5001 digits; use sys.set_int_max_str_digits() to increase the limit)"),
+    ],
+)
+def test_a_body_that_is_not_json_gets_the_reason_and_where(server, client, body, message):
+    assert post(server, "/v1/completions", body) == (400, {"error": {
+        "message": message, "type": "invalid_request_error", "param": None, "code": "invalid_json"}})
+    still_serving(client)
+
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "path, body, param, message",
+    [
+        (COMPLETIONS, {"prompt": "a", "max_tokens": "ten"}, "max_tokens",  # our own check's words
+         "max_tokens: expected an integer >= 0, got 'ten' (a str)"),
+        (COMPLETIONS, {"prompt": "a", "max_tokenz": 3}, "max_tokenz", "max_tokenz: unknown field"),
+        (CHAT, {}, "messages", "messages: required"),
+        (COMPLETIONS, ROOM | {"stream": True, "stream_options": {"include_usage": 1}}, "stream_options",
+         "stream_options.include_usage: Input should be a valid boolean, got 1 (an int)"),  # pydantic's words
+        (CHAT, {"messages": [{"role": "tool", "content": "a"}]}, "messages",
+         "messages.0.role: Input should be 'system', 'user' or 'assistant', got 'tool' (a str)"),
+        (COMPLETIONS, [1, 2], None, "body: expected a JSON object, got a list of 2"),
+        (COMPLETIONS, b'"text"', None, "body: expected a JSON object, got 'text' (a str)"),
+        (CHAT, b"", None, "body: missing"),
+        (COMPLETIONS, {"prompt": [1, 2], "max_tokens": 300}, "max_tokens",  # OpenAI's words and code
+         "This model's maximum context length is 256 tokens, however you requested 302 tokens (2 in your prompt; "
+         "300 for the completion). Please reduce your prompt; or completion length."),
+    ],
+)
+def test_each_kind_of_complaint_is_answered_whole(server, path, body, param, message):
+    code = "context_length_exceeded" if message.startswith("This model's") else None
+    assert post(server, path, body) == (400, {"error": {
+        "message": message, "type": "invalid_request_error", "param": param, "code": code}})
+
+
+def test_a_streamed_chat_says_in_its_deltas_what_the_whole_answer_says(client):
+    """The role first, then the content in pieces, then the finish with an empty delta."""
+    ask = dict(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True)]
+    assert chunks[0].delta.role == "assistant" and chunks[0].delta.content == ""
+    assert all(c.delta.content for c in chunks[1:-1]) and chunks[-1].delta.content is None
+    assert "".join(c.delta.content for c in chunks[:-1]) == whole.message.content and len(whole.message.content) > 5
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + [whole.finish_reason]
+
+
+@pytest.mark.parametrize(
     "body, param, words",
     [
         ({"messages": []}, "messages", "messages: List should have at least 1 item"),
-        ({"messages": [{"role": "tool", "content": "a"}]}, "messages", "messages.0.role: Input should be"),
         ({"messages": [{"role": "user", "content": None}]}, "messages", "messages.0.content: Input should be a valid"),
         ({"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": -1}, "max_completion_tokens",
          "max_completion_tokens: expected an integer >= 0, got -1"),
         ({"messages": [{"role": "user", "content": "a"}], "logprobs": True}, "logprobs", "logprobs: unknown field"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages", "messages: not valid Unicode (U+D800"),
-        ({}, "messages", "messages: required"),
     ],
 )
 def test_bad_chat_requests_name_the_field(server, body, param, words):
@@ -382,32 +471,42 @@ def test_bad_chat_requests_name_the_field(server, body, param, words):
     assert status == 400 and words in reply["error"]["message"] and reply["error"]["param"] == param, reply
 
 
-def raw(base: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict]:
-    """One request as given (any method, body and headers) -> (status, JSON reply)."""
+def raw(base: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request as given (any method, body and headers; a header given as None is not
+    sent) -> (status, JSON reply, the reply's Allow header or None)."""
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=TIMEOUT)
-    conn.request(method, path, body, {"Content-Type": "application/json"} | (headers or {}))
+    headers = {k: v for k, v in ({"Content-Type": "application/json"} | (headers or {})).items() if v is not None}
+    conn.request(method, path, body, headers)
     reply = conn.getresponse()
-    return reply.status, json.loads(reply.read())
+    return reply.status, json.loads(reply.read()), reply.getheader("Allow")
+
+
+LIMIT = "is more than the 4194304 bytes this server reads"
 
 
 @pytest.mark.parametrize(
-    "method, path, body, headers, status, words",
+    "method, path, body, headers, status, allow, message, code",
     [
-        ("GET", "/v1/completions", b"", None, 405, "GET /v1/completions: method not allowed (allowed: POST)"),
-        ("DELETE", "/health", b"", None, 405, "DELETE /health: method not allowed (allowed: GET"),
-        ("POST", "/v1/edits", b"{}", None, 404, "POST /v1/edits: no such endpoint"),
-        ("POST", "/v1/completions", b'{"prompt": "a"}', {"Content-Type": "text/plain"}, 415,
-         "Content-Type: expected application/json, got 'text/plain'"),
-        ("POST", "/v1/completions", b"x" * (5 * 2**20), None, 413,
-         "body: a Content-Length of 5242880 bytes is more than the 4194304 bytes this server reads"),
-        ("POST", "/v1/completions", b"{}", {"Content-Length": "10000000"}, 413,  # bytes that never come
-         "body: a Content-Length of 10000000 bytes is more than the 4194304 bytes"),
+        ("GET", "/v1/completions", b"", None, 405, "POST", "GET /v1/completions: method not allowed (allowed: POST)",
+         "method_not_allowed"),
+        ("DELETE", "/health", b"", None, 405, "GET", "DELETE /health: method not allowed (allowed: GET)",
+         "method_not_allowed"),
+        ("POST", "/v1/edits", b"{}", None, 404, None, "POST /v1/edits: no such endpoint", "not_found"),
+        ("POST", "/v1/completions", b'{"prompt": "a"}', {"Content-Type": "text/plain"}, 415, None,
+         "Content-Type: expected application/json, got 'text/plain'", "unsupported_media_type"),
+        ("POST", "/v1/chat/completions", b'{"prompt": "a"}', {"Content-Type": None}, 415, None,
+         "Content-Type: expected application/json, got 'none'", "unsupported_media_type"),
+        ("POST", "/v1/completions", b"x" * (5 * 2**20), None, 413, None,
+         f"body: a Content-Length of 5242880 bytes {LIMIT}", "body_too_large"),
+        ("POST", "/v1/completions", b"{}", {"Content-Length": "10000000"}, 413, None,  # bytes that never come
+         f"body: a Content-Length of 10000000 bytes {LIMIT}", "body_too_large"),
     ],
 )
-def test_the_frameworks_own_errors_are_openai_errors(server, client, method, path, body, headers, status, words):
-    got, reply = raw(server, method, path, body, headers)
-    assert got == status and set(reply) == {"error"} and words in reply["error"]["message"], reply
-    assert set(reply["error"]) == {"message", "type", "param", "code"}
+def test_the_frameworks_own_errors_are_openai_errors(server, client, method, path, body, headers, status, allow,
+                                                      message, code):
+    """Whole, and a 405 says in its Allow header what is allowed (RFC 9110)."""
+    assert raw(server, method, path, body, headers) == (status, {"error": {
+        "message": message, "type": "invalid_request_error", "param": None, "code": code}}, allow)
     still_serving(client)
 
 
@@ -419,7 +518,11 @@ def test_a_request_that_is_not_http_gets_an_openai_error(server, client):
         while chunk := s.recv(65536):
             reply += chunk
     head, body = reply.split(b"\r\n\r\n", 1)
-    assert head.startswith(b"HTTP/1.1 400") and json.loads(body) == {"error": {
+    status, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    assert status == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(body)) and headers["connection"] == "close"
+    assert json.loads(body) == {"error": {
         "message": "the request is not valid HTTP/1.1", "type": "invalid_request_error", "param": None,
         "code": "invalid_http"}}
     still_serving(client)
@@ -435,6 +538,21 @@ def test_a_chunked_body_over_the_limit_is_a_413(server, client):
     reply = conn.getresponse()
     assert reply.status == 413 and "body: a body of at least" in json.loads(reply.read())["error"]["message"]
     still_serving(client)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_the_limit_exactly_is_served_and_one_byte_more_is_a_413(server, chunked):
+    """4 MiB (MAX_BODY_BYTES) of a request padded with spaces, by its Content-Length or
+    in chunks whose total only the server counts."""
+    request = b'{"prompt": [1, 2], "max_tokens": 1}'
+    for size, status in ((4 * 2**20, 200), (4 * 2**20 + 1, 413)):
+        body = request + b" " * (size - len(request))
+        conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=TIMEOUT)
+        parts = (body[i:i + 2**20] for i in range(0, size, 2**20)) if chunked else body
+        conn.request("POST", "/v1/completions", parts, {"Content-Type": "application/json"}, encode_chunked=chunked)
+        reply = conn.getresponse()
+        answer = json.loads(reply.read())
+        assert reply.status == status and ("choices" if status == 200 else "error") in answer, (size, answer)
 
 
 @pytest.mark.parametrize(
@@ -501,15 +619,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_the_others_finish(ser
 
 
 def test_a_request_that_can_never_fit_the_queue_is_a_400_and_a_full_queue_a_429(model):
-    """--max_queue 1 on one row: n = 2 or 2 prompts can never be queued (400 naming
-    --max_queue, even with the server idle); a third request while one runs and one waits
-    is a 429, and both others finish."""
-    proc, base = start_server(model[0], "--max_batch", "1", "--max_queue", "1")
+    """--max_queue 1 on one row (on --port 0, a free port its first line names): n = 2 or
+    2 prompts can never be queued (400 naming --max_queue, even with the server idle); a
+    third request while one runs and one waits is a 429, and both others finish."""
+    proc, base = start_server(model[0], "--max_batch", "1", "--max_queue", "1", "--port", "0")
     try:
-        for body, param in [({"prompt": [1], "n": 2}, "n"), ({"prompt": [[1], [2]]}, "prompt")]:
-            status, reply = post(base, "/v1/completions", body)
-            assert status == 400 and reply["error"]["param"] == param and "(--max_queue 1)" in \
-                reply["error"]["message"], reply
+        for body, param, count in [({"prompt": [1], "n": 2}, "n", "1 prompt(s) x n 2 = 2"),
+                                   ({"prompt": [[1], [2]]}, "prompt", "2 prompt(s) x n 1 = 2")]:
+            assert post(base, "/v1/completions", body) == (400, {"error": {
+                "message": f"{param}: {count} completions, more than the server's queue can ever hold (--max_queue 1); "
+                           "send at most 1 at once", "type": "invalid_request_error", "param": param,
+                "code": "too_many_completions"}})
         status, reply = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 2})
         assert status == 400 and reply["error"]["param"] == "n"
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
@@ -524,7 +644,10 @@ def test_a_request_that_can_never_fit_the_queue_is_a_400_and_a_full_queue_a_429(
         assert running.result().choices[0].finish_reason == waiting.result().choices[0].finish_reason == "length"
         still_serving(c)
     finally:
-        stop_server(proc)
+        log = stop_server(proc)
+    assert log.splitlines()[0] == f"fgpt serve: {model[0]} on {base}/v1 (max_batch 1, max_queue 1)", log
+    assert all(line.startswith(("fgpt serve: ", "POST /v1/")) for line in log.splitlines()), log  # no uvicorn INFO
+    assert base != "http://127.0.0.1:0"
 
 
 # --- shutdown and restart -------------------------------------------------------------------
@@ -635,9 +758,28 @@ def test_a_port_in_use_is_one_line_naming_it(model):
 
 @pytest.mark.parametrize("flags, words", [(["--weights", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
                                           (["--max_batch", "0"], "--max_batch: expected an integer >= 1, got 0"),
-                                          (["--max_queue", "0"], "--max_queue: expected an integer >= 1, got 0")])
+                                          (["--max_queue", "0"], "--max_queue: expected an integer >= 1, got 0"),
+                                          (["--port", "65536"], "--port: expected an integer in 0..65535, got 65536"),
+                                          (["--port", "-1"], "--port: expected an integer in 0..65535, got -1"),
+                                          (["--host", "no.such.host.invalid"],  # glibc and macOS word the reason apart
+                                           "fgpt serve: error: --host no.such.host.invalid: cannot resolve it (")])
 def test_bad_serve_flags_are_one_line(model, flags, words):
     flags = flags if flags[0] == "--weights" else ["--weights", str(model[0]), *flags]
-    done = _serve_cli(*flags, "--port", str(free_port()))
+    done = _serve_cli(*flags) if "--port" in flags else _serve_cli(*flags, "--port", str(free_port()))
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and words in lines[0], done.stderr
+
+
+def test_the_python_serve_takes_the_commands_defaults():
+    """`serve(weights)` from Python listens where `fgpt serve --weights W` does (this
+    machine only), with as many rows and as long a queue."""
+    import inspect
+
+    from functional_gpt.cli import build_parser
+    from functional_gpt.generation.server import serve
+
+    names = ("host", "port", "max_batch", "max_queue", "device")
+    args = build_parser().parse_args(["serve", "--weights", "w.safetensors"])
+    python = {name: inspect.signature(serve).parameters[name].default for name in names}
+    assert python == {"host": "127.0.0.1", "port": 8000, "max_batch": 8, "max_queue": 64, "device": None} == \
+        {name: getattr(args, name) for name in names}

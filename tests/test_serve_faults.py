@@ -4,8 +4,10 @@ a generated <|endoftext|> in the log-probs, a failure that belongs to one reques
 failed shared decode step, the error events that end a cut stream. Every request has a
 timeout; each server stops at the end of its test."""
 
+import asyncio
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -18,7 +20,7 @@ import torch
 from functional_gpt import GPTConfig, flatten, forward, init_params, unflatten
 from functional_gpt.generation import engine as engine_module
 from functional_gpt.generation.engine import Engine
-from functional_gpt.generation.server import Server, create_app
+from functional_gpt.generation.server import MAX_BODY_BYTES, APIError, Server, _drain, create_app
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode
 
 from conftest import hf_model, params_of
@@ -51,7 +53,8 @@ def free_port() -> int:
 
 @contextmanager
 def running(params, *, max_batch=4, max_queue=8):
-    """-> (port, log lines) of the app serving `params` on a uvicorn thread; stopped after."""
+    """-> (port, log lines) of the app serving `params` on a uvicorn thread; stopped after,
+    and the engine's thread with it."""
     logs = []
     server = Server(Engine(params, CONFIG, max_batch=max_batch, max_queue=max_queue), CONFIG, "m", log=logs.append)
     port = free_port()
@@ -67,6 +70,7 @@ def running(params, *, max_batch=4, max_queue=8):
     finally:
         uv.should_exit = True
         thread.join(TIMEOUT)
+    assert not thread.is_alive() and not server.thread.is_alive(), "the server or its engine's thread still runs"
 
 
 def post(port: int, body: dict, path="/v1/completions"):
@@ -179,7 +183,7 @@ def test_one_streams_failing_sampling_ends_it_alone_with_an_error_event(monkeypa
 
 def test_a_failing_prefill_is_a_500_for_its_request_alone(monkeypatch):
     fail_when(monkeypatch, "forward_cached", lambda params, tokens, *rest, **kw: int(tokens[0, 0]) == 4242)
-    with running(TRAINED) as (port, _):
+    with running(TRAINED) as (port, logs):
         with ThreadPoolExecutor(2) as pool:
             good = pool.submit(post, port, LONG | {"stream": False})
             bad = pool.submit(post, port, {"prompt": [4242, 1], "max_tokens": 5})
@@ -188,6 +192,7 @@ def test_a_failing_prefill_is_a_500_for_its_request_alone(monkeypatch):
     assert status == 200 and good["choices"][0]["finish_reason"] == "length"
     assert bad_status == 500 and bad["error"]["type"] == "server_error" and \
         "prefill failed: RuntimeError: injected" in bad["error"]["message"]
+    assert f"POST /v1/completions: failed: {bad['error']['message']}" in logs
     assert again == 200
 
 
@@ -205,6 +210,76 @@ def test_a_failing_shared_decode_step_ends_every_stream_it_held_with_an_error(mo
     assert after[0] == 200 and after[1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_bug_in_an_engine_step_ends_what_runs_and_the_server_goes_on(monkeypatch):
+    """An exception out of Engine.step itself (not one request's): the stream it held ends
+    with an error event naming it, the log says so in one line, the next request is served."""
+    real, calls = Engine.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyError("bookkeeping")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    with running(TRAINED) as (port, logs):
+        status, events = post(port, LONG)
+        after = post(port, LONG | {"stream": False})
+    assert status == 200 and events[-2:] == [{"error": {
+        "message": "the server failed to compute this completion: the engine failed: KeyError: 'bookkeeping'",
+        "type": "server_error", "param": None, "code": "generation_failed"}}, "[DONE]"]
+    assert "fgpt serve: error in an engine step, its requests ended: KeyError: 'bookkeeping'" in logs
+    assert after[0] == 200 and after[1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_answer_is_logged_in_one_line_with_its_counts_and_rate(stream):
+    """n 2 counts the prompt once; the rate is the new tokens over the request's own time,
+    which lies inside the client's."""
+    with running(TRAINED) as (port, logs):
+        t0 = time.perf_counter()
+        _, reply = post(port, {"prompt": [1, 2, 3], "max_tokens": 5, "n": 2, "stream": stream,
+                               "stream_options": {"include_usage": True} if stream else None})
+        took = time.perf_counter() - t0
+    new = (reply[-2] if stream else reply)["usage"]["completion_tokens"]
+    line = [line for line in logs if line.startswith("POST /v1/completions: ")]
+    assert len(line) == 1, logs
+    got = re.fullmatch(rf"POST /v1/completions: 2 choice\(s\), 3 prompt \+ {new} new tokens, first token "
+                       r"(\d+\.\d{3}) s, (\d+\.\d) tok/s", line[0])
+    assert got and float(got[1]) <= took and new / took <= float(got[2]) + 0.05, line
+
+
+def test_the_engine_runs_on_a_daemon_thread_named_for_it():
+    """Named for a thread dump (py-spy, faulthandler); a daemon, so a server that was never
+    shut down cleanly does not keep its process alive."""
+    server = Server(Engine(TRAINED, CONFIG, max_batch=1), CONFIG, "m")
+    assert server.thread.name == "fgpt-engine" and server.thread.daemon is True
+
+
+def test_an_idle_engine_looks_for_work_every_50_ms_even_unwoken(monkeypatch):
+    """A wake-up can be lost (set between the thread's wait and its clear): here every one
+    is, and each request, sent 0.2 s after the last answer, is still answered at once."""
+    class Deaf(threading.Event):
+        def set(self):
+            pass
+
+    real_init = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.wake = Deaf()
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    with running(TRAINED) as (port, _):
+        took = []
+        for _ in range(3):
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            assert post(port, {"prompt": [1], "max_tokens": 1})[0] == 200
+            took.append(time.perf_counter() - t0)
+    assert max(took) < 0.6, took
+
+
 def test_an_unexpected_exception_is_a_500_in_openai_shape(monkeypatch):
     """A bug anywhere in a handler still answers with OpenAI's error object."""
     def broken(*args):
@@ -215,3 +290,73 @@ def test_an_unexpected_exception_is_a_500_in_openai_shape(monkeypatch):
         status, reply = post(port, {"prompt": [1], "max_tokens": 2})
     assert status == 500 and reply == {"error": {"message": "internal error: RuntimeError: a bug",
                                                  "type": "server_error", "param": None, "code": None}}
+
+
+# --- the rest of a body over the limit is read and dropped (server._drain) -------------------
+
+
+def drained(messages: list[dict]) -> tuple[int, float]:
+    """-> (how many of `messages` _drain read, seconds it took); after the last message the
+    client sends nothing more (receive waits forever, as for bytes that never come)."""
+    sent = iter(messages)
+    count = 0
+
+    async def receive():
+        nonlocal count
+        message = next(sent, None)
+        if message is None:
+            await asyncio.sleep(3600)
+        count += 1
+        return message
+
+    t0 = time.perf_counter()
+    asyncio.run(_drain(receive))
+    return count, time.perf_counter() - t0
+
+
+MIB = 2**20
+PART = {"type": "http.request", "body": b" " * MIB, "more_body": True}
+
+
+def test_draining_reads_a_body_to_its_end_and_no_further():
+    assert drained([PART] * 3 + [{"type": "http.request", "body": b"x"}, PART])[0] == 4  # more_body absent: the end
+    assert drained([PART, PART | {"more_body": False}, PART])[0] == 2
+    assert drained([{"type": "http.disconnect"}, PART])[0] == 1  # the client left
+
+
+def test_draining_stops_at_eight_times_the_limit():
+    assert MAX_BODY_BYTES == 4 * MIB
+    assert drained([PART] * 40)[0] == 32  # 32 MiB read: no more
+    assert drained([PART | {"body": b" " * (8 * MAX_BODY_BYTES - 1)}, PART, PART])[0] == 2  # a byte short: one more
+
+
+def test_draining_stops_when_the_body_stops_coming_for_half_a_second():
+    count, took = drained([PART, PART])
+    assert count == 2 and 0.45 < took < 1.2, took
+
+
+def test_an_api_error_is_an_exception_that_says_its_message():
+    """Caught from prompts_of or check_room by a Python caller, it reads as the answer does."""
+    error = APIError(400, "prompt: token id 50257 is out of range for vocab_size=50257", "prompt")
+    assert str(error) == error.message == "prompt: token id 50257 is out of range for vocab_size=50257"
+    assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error", "param": "prompt",
+                                      "code": None}} and error.status == 400 and error.headers is None
+
+
+def test_any_other_framework_error_keeps_its_status_and_says_where():
+    """FastAPI's 400 for a body it could not read for a reason that is not the JSON's (the
+    client gone mid-body: ClientDisconnect), or any other status the framework raises."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+
+    from functional_gpt.generation.server import _http_error
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": [],
+                       "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 80)})
+    unread = HTTPException(400, "There was an error parsing the body")
+    unread.__cause__ = ClientDisconnect()
+    for exc, status, message in [(unread, 400, "POST /v1/completions: There was an error parsing the body"),
+                                 (HTTPException(503, "busy"), 503, "POST /v1/completions: busy")]:
+        error = _http_error(request, exc)
+        assert (error.status, error.body()) == (status, {"error": {
+            "message": message, "type": "invalid_request_error", "param": None, "code": None}})

@@ -131,3 +131,23 @@ def test_the_document_says_what_the_streams_and_errors_are(served):
         assert not content.is_valid(json.loads(sent[0]) | {"object": "bogus"})
         assert not events.is_valid({"data": 5}) and not events.is_valid({}) and not events.is_valid([])
         assert data[1]["contentSchema"]["anyOf"][0] == {"$ref": f"#/components/schemas/{chunk}"}
+
+
+def _integers(node) -> list[dict]:
+    if isinstance(node, dict):
+        return ([node] if node.get("type") == "integer" else []) + [i for v in node.values() for i in _integers(v)]
+    return [i for v in node for i in _integers(v)] if isinstance(node, list) else []
+
+
+def test_the_document_bounds_token_ids_and_lengths_by_the_model():
+    """The bounds a schema can state, from TINY itself: a token id (in one list of ids or
+    a list of lists) is at most vocab_size - 1; max_tokens, and chat's
+    max_completion_tokens, at most n_positions; chat's max_tokens, which yields to
+    max_completion_tokens, has no bound of its own."""
+    schemas = document()["components"]["schemas"]
+    token_ids = _integers(schemas["CompletionBody"]["properties"]["prompt"])
+    assert token_ids == [{"type": "integer", "minimum": 0, "maximum": TINY.vocab_size - 1}] * 2, token_ids
+    for body, name in (("CompletionBody", "max_tokens"), ("ChatBody", "max_completion_tokens")):
+        assert _integers(schemas[body]["properties"][name]) == [
+            {"type": "integer", "minimum": 0, "maximum": TINY.n_positions}], (body, name)
+    assert _integers(schemas["ChatBody"]["properties"]["max_tokens"]) == [{"type": "integer", "minimum": 0}]

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 
-def run(key: str, tests: list[str], timeout: float) -> str:
-    """-> "killed", "survived" or "timeout": `tests` in a fresh process with mutant `key`."""
+def run(key: str, tests: list[str], timeout: float, marks: str) -> str:
+    """-> "killed", "survived" or "timeout": `tests` (those `marks` selects) in a fresh
+    process with mutant `key`."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-               "-m", "not slow", *tests]
+               "-m", marks, *tests]
     try:
         done = subprocess.run(command, cwd="mutants", env=os.environ | {"MUTANT_UNDER_TEST": key},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
@@ -43,6 +44,7 @@ def main() -> int:
     parser.add_argument("--tests", nargs="+", required=True, help="test files or node ids, relative to the root")
     parser.add_argument("--only", nargs="*", help="these mutant names alone (default: all of the module's)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant (default 300)")
+    parser.add_argument("--marks", default="not slow", help="pytest's -m (default 'not slow'; '' runs the slow tests too)")
     parser.add_argument("--out", type=Path, help="append each result line to this file; skip those already in it")
     args = parser.parse_args()
     meta = Path("mutants") / f"{args.module}.meta"
@@ -57,13 +59,13 @@ def main() -> int:
     done = {}
     if args.out and args.out.is_file():
         done = dict(line.split() for line in args.out.read_text().splitlines() if line.strip())
-    if run("", args.tests, args.timeout) != "survived":
+    if run("", args.tests, args.timeout, args.marks) != "survived":
         print("the tests fail with no mutant: fix them first", file=sys.stderr)
         return 1
     todo = [k for k in keys if k not in done]
     start = time.time()
     for n, key in enumerate(todo, 1):
-        done[key] = run(key, args.tests, args.timeout)
+        done[key] = run(key, args.tests, args.timeout, args.marks)
         if args.out:
             with args.out.open("a") as f:
                 f.write(f"{key} {done[key]}\n")
