@@ -93,10 +93,15 @@ def test_after_the_generated_requests_the_server_serves_the_same_greedy_text(ser
     assert greedy(base) == before
 
 
-def _refs(node) -> list[str]:
+def _objects(node) -> list[dict]:
+    """Every JSON object in `node`, itself first, depth first."""
     if isinstance(node, dict):
-        return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in _refs(v)]
-    return [r for v in node for r in _refs(v)] if isinstance(node, list) else []
+        return [node] + [o for v in node.values() for o in _objects(v)]
+    return [o for v in node for o in _objects(v)] if isinstance(node, list) else []
+
+
+def _refs(node) -> list[str]:
+    return [o["$ref"] for o in _objects(node) if "$ref" in o]
 
 
 def test_the_document_says_what_the_streams_and_errors_are(served):
@@ -134,9 +139,7 @@ def test_the_document_says_what_the_streams_and_errors_are(served):
 
 
 def _integers(node) -> list[dict]:
-    if isinstance(node, dict):
-        return ([node] if node.get("type") == "integer" else []) + [i for v in node.values() for i in _integers(v)]
-    return [i for v in node for i in _integers(v)] if isinstance(node, list) else []
+    return [o for o in _objects(node) if o.get("type") == "integer"]
 
 
 def test_the_document_bounds_token_ids_and_lengths_by_the_model():

@@ -44,7 +44,8 @@ def main() -> int:
     parser.add_argument("--tests", nargs="+", required=True, help="test files or node ids, relative to the root")
     parser.add_argument("--only", nargs="*", help="these mutant names alone (default: all of the module's)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per mutant (default 300)")
-    parser.add_argument("--marks", default="not slow", help="pytest's -m (default 'not slow'; '' runs the slow tests too)")
+    parser.add_argument("--marks", default="not slow",
+                        help="pytest's -m (default 'not slow'; '' runs the slow tests too)")
     parser.add_argument("--out", type=Path, help="append each result line to this file; skip those already in it")
     args = parser.parse_args()
     meta = Path("mutants") / f"{args.module}.meta"
