@@ -131,6 +131,8 @@ def test_missing_unexpected_and_misshapen_keys_are_listed(saved, tiny_config):
 def test_paths_without_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no such file or directory"):
         load_params(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=f"^{tmp_path}/nowhere/: no such file or directory$"):  # as given
+        load_params(f"{tmp_path}/nowhere/")
     with pytest.raises(UserError, match="holds no checkpoint"):
         load_params(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")

@@ -65,9 +65,9 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) behind `path`: a file, or a directory (a run directory or a
     Hugging Face checkpoint) holding `model.safetensors` or a sharded index."""
-    path = check_path("path", path, "a checkpoint file or directory")
+    given, path = path, check_path("path", path, "a checkpoint file or directory")
     if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
+        raise UserError(f"{os.fspath(given)}: no such file or directory")  # as given: Path drops a final "/"
     if path.is_file():
         return [path]
     if (path / "model.safetensors").is_file():
