@@ -14,7 +14,7 @@ from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import UserError, forward
 from functional_gpt.generation.decoding import generate
 from functional_gpt.interp import hooks
-from functional_gpt.interp.hooks import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
+from functional_gpt.interp.names import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
 
 transformers = pytest.importorskip("transformers")
 H, D = TINY.n_head, TINY.head_dim
@@ -113,12 +113,52 @@ def test_untapped_and_tapped_forward_agree(pair):
 
 def test_translation_to_transformer_lens_and_back_covers_every_point():
     names = hook_names(TINY.n_layer)
-    translated = {n: to_transformer_lens(n) for n in names if n not in ("embed", "logits")}
+    translated = {n: to_transformer_lens(n) for n in names if n != "embed"}
     assert translated["h.1.attn.pattern"] == "blocks.1.attn.hook_pattern"
     assert translated["h.0"] == "blocks.0.hook_resid_post"
-    assert translated["wte"] == "hook_embed" and translated["ln_f"] == "ln_final.hook_normalized"
+    assert translated["wte"] == "hook_embed" and translated["ln_f"] == "ln_final.hook_out"
+    assert translated["h.1.ln_2.normalized"] == "blocks.1.ln2.hook_normalized" and \
+        translated["h.0.ln_1.scale"] == "blocks.0.ln1.hook_scale" and translated["logits"] == "hook_unembed"
+    assert translated["h.1.attn.q_in"] == "blocks.1.hook_q_input" and translated["h.0.mlp.in"] == "blocks.0.hook_mlp_in"
     assert len(set(translated.values())) == len(translated)
     assert all(from_transformer_lens(tl) == n for n, tl in translated.items())
+
+
+def test_transformer_lens_3_names_its_layer_norms_outputs_hook_normalized():
+    """TransformerLens 3's hook_normalized came after the gain and bias: our ln_1 output."""
+    assert to_transformer_lens("h.2.ln_1", version=3) == "blocks.2.ln1.hook_normalized"
+    assert to_transformer_lens("ln_f", version=3) == "ln_final.hook_normalized"
+    assert to_transformer_lens("h.0.ln_2.scale", version=3) == "blocks.0.ln2.hook_scale"
+    assert from_transformer_lens("blocks.2.ln2.hook_normalized", version=3) == "h.2.ln_2"
+    assert from_transformer_lens("ln_final.hook_normalized", version=3) == "ln_f"
+    assert from_transformer_lens("blocks.2.ln2.hook_normalized") == "h.2.ln_2.normalized"
+    assert from_transformer_lens("blocks.1.hook_attn_out", version=3) == "h.1.attn"
+    with pytest.raises(UserError, match=r"^hook 'h\.0\.ln_1\.normalized' has no TransformerLens 3 name: its "
+                                        r"hook_normalized came after the gain and bias \('h\.0\.ln_1'\)$"):
+        to_transformer_lens("h.0.ln_1.normalized", version=3)
+    with pytest.raises(UserError, match=r"^version: expected TransformerLens's major version, 3 or 4, got 5"):
+        to_transformer_lens("h.0", version=5)
+
+
+@pytest.mark.parametrize("tl, ours", [
+    ("blocks.0.hook_in", "h.0.resid_pre"), ("blocks.1.ln1.hook_in", "h.1.resid_pre"),
+    ("blocks.1.attn.hook_in", "h.1.ln_1"), ("blocks.0.attn.k.hook_in", "h.0.ln_1"),
+    ("blocks.0.attn.v.hook_out", "h.0.attn.v"), ("blocks.1.attn.o.hook_in", "h.1.attn.z"),
+    ("blocks.1.attn.hook_hidden_states", "h.1.attn"), ("blocks.0.attn.o.hook_out", "h.0.attn"),
+    ("blocks.0.ln2.hook_in", "h.0.resid_mid"), ("blocks.1.mlp.in.hook_in", "h.1.ln_2"),
+    ("blocks.1.mlp.in.hook_out", "h.1.mlp.pre"), ("blocks.0.mlp.out.hook_in", "h.0.mlp.post"),
+    ("blocks.0.mlp.hook_out", "h.0.mlp"), ("blocks.1.hook_out", "h.1"), ("blocks.1.attn.hook_q_input", "h.1.attn.q_in"),
+    ("blocks.0.attn.hook_attn_in", "h.0.attn.in"), ("embed.hook_out", "wte"), ("pos_embed.hook_out", "wpe"),
+    ("unembed.hook_in", "ln_f"), ("unembed.hook_out", "logits"),
+])
+def test_transformer_lens_4s_other_names_for_a_value_translate_to_ours(tl, ours):
+    assert from_transformer_lens(tl) == ours
+
+
+def test_the_final_layer_norms_input_needs_the_layer_count():
+    assert from_transformer_lens("ln_final.hook_in", n_layer=3) == "h.2"
+    with pytest.raises(UserError, match=r"^'ln_final\.hook_in' is the last block's output: pass n_layer= to name it$"):
+        from_transformer_lens("ln_final.hook_in")
 
 
 def test_patching_z_of_one_head_equals_transformers_with_the_same_patch(pair):
@@ -274,8 +314,6 @@ def test_bad_hook_names_and_patch_shapes_are_one_line_errors(pair):
     _, params = pair
     with pytest.raises(UserError, match=r"unknown hook name 'h.0.attn.patern'; nearest valid names: h.0.attn.pattern"):
         check_hook_names(["h.0.attn.patern"], TINY.n_layer)
-    with pytest.raises(UserError, match=r"'blocks.0.attn.hook_pattern' \(TransformerLens's name for 'h.0.attn.pattern'"):
-        run_with_cache(params, _tokens(), ["blocks.0.attn.hook_pattern"])
     with pytest.raises(UserError, match=r"unknown hook name 'h.9.mlp'"):
         run_with_hooks(params, _tokens(), {"h.9.mlp": torch.zeros(1)})
     with pytest.raises(UserError, match=r"hook h.1.attn.z: the patch has shape \[2, 12, 32\], the activation "
@@ -286,7 +324,6 @@ def test_bad_hook_names_and_patch_shapes_are_one_line_errors(pair):
 @pytest.mark.parametrize("call, message", [
     (lambda: to_transformer_lens("embed"), r"^hook 'embed' has no TransformerLens name; blocks\.0\.hook_resid_pre "
                                            r"holds the same value$"),
-    (lambda: to_transformer_lens("logits"), r"^hook 'logits' has no TransformerLens name: it is the model's output$"),
     (lambda: to_transformer_lens("h.0.bogus"), r"^unknown hook name 'h\.0\.bogus'$"),
     (lambda: to_transformer_lens(3), r"^name: expected a non-empty string, got 3 \(an int\)$"),
     (lambda: from_transformer_lens("blocks.0.bogus"), r"^'blocks\.0\.bogus' is not a TransformerLens hook point of "
@@ -302,7 +339,7 @@ def test_the_documented_names_table_is_the_code_table():
     """docs/09's table lists every block point with its TransformerLens name and shape."""
     from pathlib import Path
 
-    from functional_gpt.interp.hooks import BLOCK_POINTS
+    from functional_gpt.interp.names import BLOCK_POINTS
 
     page = (Path(__file__).parents[1] / "docs" / "09-looking-inside.md").read_text()
     rows = [line.split("|")[1:4] for line in page.splitlines() if line.startswith("| `h.i")]
@@ -322,7 +359,7 @@ def test_the_documented_names_table_is_the_code_table():
      r"^hook h\.0\.mlp: expected a tensor or a function of the activation, got 3 \(an int\)$"),
     (lambda p: hooks.run_with_hooks(p, _tokens(), "h.0.mlp"),
      r"^hooks: expected \{name: hook\} or a list of \(name, hook\) pairs, got 'h\.0\.mlp' \(a str\)$"),
-    (lambda p: hooks.run_with_cache(p, _tokens(), 5), r"^names: expected a hook name or a list of them, got 5"),
+    (lambda p: hooks.run_with_cache(p, _tokens(), 5), r"^names: expected a hook name, a list of them or a function of a name, got 5"),
     (lambda p: hooks.run_with_cache(p, _tokens(), ["h.0"], grad_of="loss"),
      r"^grad_of: expected a function of the logits returning a scalar, got 'loss' \(a str\)$"),
 ])
@@ -348,14 +385,15 @@ def test_a_name_missing_from_a_cache_says_how_many_it_holds_and_the_nearest(pair
 
 @pytest.mark.parametrize("names, message", [
     (["h.0.mlp", "h.0.attn.patern"], "unknown hook name 'h.0.attn.patern'; nearest valid names: h.0.attn.pattern, "
-                                     "h.1.attn.pattern, h.0.attn.z (37 points: functional_gpt.interp.hook_names(2))"),
-    (["zzzz"], "unknown hook name 'zzzz'; nearest valid names: wte, wpe, embed (37 points: "
+                                     "h.1.attn.pattern, h.0.attn.in (57 points: functional_gpt.interp.hook_names(2))"),
+    (["zzzz"], "unknown hook name 'zzzz'; nearest valid names: wte, wpe, embed (57 points: "
                "functional_gpt.interp.hook_names(2))"),
-    (["blocks.1.attn.hook_pattern"], "unknown hook name 'blocks.1.attn.hook_pattern' (TransformerLens's name for "
-                                     "'h.1.attn.pattern'); nearest valid names: h.1.attn.pattern, h.0.attn.pattern, "
-                                     "h.1.attn.k (37 points: functional_gpt.interp.hook_names(2))"),
+    (["blocks.1.attn.hook_patern"], "unknown hook name 'blocks.1.attn.hook_patern'; nearest valid names: "
+                                    "blocks.1.attn.hook_pattern, blocks.0.attn.hook_pattern, blocks.1.attn.hook_z "
+                                    "(57 points: functional_gpt.interp.hook_names(2))"),
     (["blocks.5.attn.hook_pattern"], "unknown hook name 'blocks.5.attn.hook_pattern'; nearest valid names: "
-                                     "h.1.attn.pattern, h.0.attn.pattern (37 points: functional_gpt.interp.hook_names(2))"),
+                                     "blocks.1.attn.hook_pattern, blocks.0.attn.hook_pattern, blocks.1.attn.hook_attn_scores "
+                                     "(57 points: functional_gpt.interp.hook_names(2))"),
     (["h.0", 3], "hook name 3 (an int): expected a string such as 'h.0.attn.pattern'"),
 ])
 def test_an_unknown_hook_name_is_named_with_the_nearest_three_and_the_count(names, message):
@@ -371,8 +409,8 @@ def test_hook_names_come_back_as_a_list(names, want):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda p: hooks.hook_names(0), "n_layer: expected an integer in 1..4096, got 0 (an int)"),
-    (lambda p: hooks.hook_names(4097), "n_layer: expected an integer in 1..4096, got 4097 (an int)"),
+    (lambda p: hook_names(0), "n_layer: expected an integer in 1..4096, got 0 (an int)"),
+    (lambda p: hook_names(4097), "n_layer: expected an integer in 1..4096, got 4097 (an int)"),
     (lambda p: run_with_cache(p, _tokens(), ["h.0"], grad_of=lambda logits: 3.0),
      "grad_of must return a scalar tensor, got 3.0 (a float)"),
     (lambda p: run_with_cache(p, _tokens(), ["h.0"], grad_of=lambda logits: logits[0, 0]),
@@ -389,7 +427,8 @@ def test_bad_layer_counts_metrics_hook_results_and_pairs_are_named(pair, call, m
 
 
 def test_every_layer_count_up_to_the_limit_has_its_names():
-    assert hooks.hook_names(1)[-3:] == ["h.0", "ln_f", "logits"] and hooks.hook_names(4096)[-3] == "h.4095"
+    assert hook_names(1)[-5:] == ["h.0", "ln_f.scale", "ln_f.normalized", "ln_f", "logits"] and \
+        hook_names(4096)[-5] == "h.4095"
 
 
 def test_a_hook_returning_none_only_looks_and_the_cache_is_detached(pair):
@@ -415,3 +454,26 @@ def test_a_cache_offers_at_most_three_near_names_and_grads_only_when_asked(pair)
     with pytest.raises(UserError, match=r"^'attn\.pattern' is not in this cache \(it holds 5 names; nearest: "
                                         r"h\.1\.attn\.pattern, h\.0\.attn\.pattern\)$"):
         cache["attn.pattern"]
+
+
+def test_ln_1_hooks_still_count_when_the_heads_inputs_are_tapped(pair):
+    """Recording the per-head inputs changes nothing: ln_1's patch reaches every head as
+    before, and a patch of one head's query input reaches that head alone."""
+    _, params = pair
+    tokens = _tokens()
+    shift = lambda x: x + torch.linspace(-1, 1, x.shape[-1])
+    alone = run_with_cache(params, tokens, ["h.1.attn.q"], hooks={"h.1.ln_1": shift})
+    both = run_with_cache(params, tokens, ["h.1.attn.q", "h.1.attn.q_in", "h.1.attn.in"], hooks={"h.1.ln_1": shift})
+    assert_rel_close(both[0], alone[0], 1e-5, "logits")
+    assert_rel_close(both[1]["h.1.attn.q"], alone[1]["h.1.attn.q"], 1e-5, "queries")
+
+    def edit_head(x):
+        x = x.clone()
+        x[:, :, 2] += torch.linspace(-1, 1, x.shape[-1])
+        return x
+
+    plain = run_with_cache(params, tokens, ["h.1.attn.q", "h.1.attn.k"])[1]
+    patched = run_with_cache(params, tokens, ["h.1.attn.q", "h.1.attn.k"], hooks={"h.1.attn.q_in": edit_head})[1]
+    changed = (patched["h.1.attn.q"] - plain["h.1.attn.q"]).abs().amax(dim=(0, 1, 3))
+    assert changed[2] > 1e-2 and changed[[0, 1, 3]].max() < 1e-5, changed
+    assert_rel_close(patched["h.1.attn.k"], plain["h.1.attn.k"], 1e-6, "keys")

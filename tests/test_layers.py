@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
-from functional_gpt.interp.hooks import BLOCK_POINTS
+from functional_gpt.interp.names import BLOCK_POINTS
 from functional_gpt.model.layers import (
     CacheRows,
     attention_probs,

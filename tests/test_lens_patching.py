@@ -122,6 +122,26 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(pair):
     assert a.heads.abs().max() > 1e-3
 
 
+def test_a_batch_is_read_row_by_row(pair):
+    """A batch [B, T] gets each row's own lens and attribution, with a target per row."""
+    _, params = pair
+    tokens = _tokens(B=3)
+    lens = logit_lens(params, tokens, TINY)
+    assert lens.shape == (TINY.n_layer + 1, 3, 10, TINY.vocab_size)
+    targets = [3, 4, 5]
+    a = logit_attribution(params, tokens, targets, 6, position=-2, config=TINY)
+    assert a.heads.shape == (3, TINY.n_layer, TINY.n_head) and a.layers().shape == (3, TINY.n_layer, 2)
+    for b in range(3):
+        assert_rel_close(lens[:, b], logit_lens(params, tokens[b], TINY), 1e-5, f"lens of row {b}")
+        one = logit_attribution(params, tokens[b], targets[b], 6, position=-2, config=TINY)
+        for field in ("heads", "attn_bias", "mlp"):
+            assert_rel_close(getattr(a, field)[b], getattr(one, field), 1e-5, f"{field} of row {b}")
+        for field in ("embed", "ln_f_bias", "total"):
+            assert abs(float(getattr(a, field)[b]) - getattr(one, field)) <= 1e-5 * max(1.0, abs(one.total)), field
+    same = logit_attribution(params, tokens, torch.tensor([4, 4, 4]), 6, config=TINY)
+    assert torch.equal(same.total, logit_attribution(params, tokens, 4, 6, config=TINY).total)
+
+
 def test_each_heads_share_is_its_centred_result_along_the_scaled_unembedding_difference(pair):
     """Closed form per head: (r - mean(r)) . (g * (w_t - w_o)) / sigma, r the head's result
     at the position, sigma ln_f's divisor of the last block's output there; layers() is the
@@ -185,7 +205,7 @@ def test_the_lens_table_and_picture_are_the_logit_lens_top_tokens(tmp_path, monk
 
 def test_an_empty_sequence_is_named():
     params = init_params(TINY, seed=0)
-    with pytest.raises(UserError, match=r"^tokens: an empty sequence$"):
+    with pytest.raises(UserError, match=r"^tokens: empty \(an int64 tensor \[0\]\)$"):
         logit_lens(params, torch.zeros(0, dtype=torch.long), TINY)
 
 
@@ -247,9 +267,11 @@ def test_patch_sweep_names_its_token_arguments(pair):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda p: logit_lens(p, [1, 2, 3]), r"^tokens: expected an integer tensor \[T\], got a list of 3$"),
-    (lambda p: logit_lens(p, _tokens(1, 10)), r"^tokens: expected an integer tensor \[T\], got an int64 tensor "
-                                              r"\[1, 10\]$"),
+    (lambda p: logit_lens(p, [1, 2, 3]), r"^tokens: expected an integer tensor \[T\] or \[B, T\], got a list of 3$"),
+    (lambda p: logit_lens(p, _tokens(1, 10)[None]), r"^tokens: expected an integer tensor \[T\] or \[B, T\], got an "
+                                                    r"int64 tensor \[1, 1, 10\]$"),
+    (lambda p: logit_attribution(p, _tokens(), [5, 6, 7], 7), r"^target: 3 ids for a batch of 2 rows$"),
+    (lambda p: logit_attribution(p, _tokens(), 5, [7, 128]), r"^other\[1\]: expected an integer in 0\.\.127, got 128"),
     (lambda p: logit_attribution(p, _tokens()[0], 5, 7, position=10),
      r"^position \(in tokens of length 10\): expected an integer in -10\.\.9, got 10 \(an int\)$"),
     (lambda p: logit_attribution(p, _tokens()[0], 5, 128), r"^other: expected an integer in 0\.\.127, got 128"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
-from functional_gpt.interp.hooks import hook_names
+from functional_gpt.interp.names import hook_names
 from functional_gpt import (
     PRESETS,
     UserError,

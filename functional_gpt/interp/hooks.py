@@ -1,151 +1,52 @@
-"""Hook points by name, and running the model with hooks: `run_with_cache` records
-activations (and on request their gradients), `run_with_hooks` changes them.
+"""Running the model with hooks: `run_with_cache` records activations (and on request
+their gradients), `run_with_hooks` changes them. Hook points are named as names.py says,
+ours or TransformerLens's.
 
-Every intermediate the model computes has a name that follows the param keys (the table
-below, `hook_names`); TransformerLens's names translate both ways
-(`to_transformer_lens`, `from_transformer_lens`), so a TransformerLens notebook ports
-line by line. Shapes: B batch, T positions, C n_embd, H heads, D head size, S keys.
-
-A hook is a tensor (the activation is replaced by it) or a function of the activation
-returning a tensor of the same shape (or None: unchanged). Hooks run where the model
-reaches their point, several on one point in the order given; a cache records the value
-the rest of the model sees, after the hooks at that point.
+A hook is a tensor (the activation is replaced by it) or a function returning a tensor of
+the activation's shape (or None: unchanged): `fn(activation)`, or TransformerLens's
+`fn(activation, hook)`, which gets a `HookPoint` (its `.name` as given, `.layer()`, a
+`.ctx` dict) and may edit the activation in place. Hooks run where the model reaches
+their point, several on one point in the order given; a cache records the value the rest
+of the model sees, after the hooks at that point.
 """
 
-import difflib
+import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..model.config import MAX_LAYERS, GPTConfig
-from ..checks import check_callable, check_int, check_str, describe
+from ..checks import check_callable, describe
 from ..errors import UserError
-from ..model.transformer import checked_config, forward
+from ..model.config import GPTConfig
 from ..model.params import Params
-
-# (our name within block i, as "h.i.<name>"; TransformerLens's within "blocks.i."; shape)
-BLOCK_POINTS = (
-    ("resid_pre", "hook_resid_pre", "[B, T, C]"),
-    ("ln_1", "ln1.hook_normalized", "[B, T, C]"),
-    ("attn.q", "attn.hook_q", "[B, T, H, D]"),
-    ("attn.k", "attn.hook_k", "[B, T, H, D]"),
-    ("attn.v", "attn.hook_v", "[B, T, H, D]"),
-    ("attn.scores", "attn.hook_attn_scores", "[B, H, T, S]"),
-    ("attn.pattern", "attn.hook_pattern", "[B, H, T, S]"),
-    ("attn.z", "attn.hook_z", "[B, T, H, D]"),
-    ("attn.result", "attn.hook_result", "[B, T, H, C]"),
-    ("attn", "hook_attn_out", "[B, T, C]"),
-    ("resid_mid", "hook_resid_mid", "[B, T, C]"),
-    ("ln_2", "ln2.hook_normalized", "[B, T, C]"),
-    ("mlp.pre", "mlp.hook_pre", "[B, T, 4C]"),
-    ("mlp.post", "mlp.hook_post", "[B, T, 4C]"),
-    ("mlp", "hook_mlp_out", "[B, T, C]"),
-    ("", "hook_resid_post", "[B, T, C]"),  # "h.i": the block's output
-)
-# Before and after the blocks: (our name, TransformerLens's or None, shape).
-EMBED_POINTS = (("wte", "hook_embed", "[B, T, C]"), ("wpe", "hook_pos_embed", "[B, T, C]"),
-                ("embed", None, "[B, T, C]"))
-FINAL_POINTS = (("ln_f", "ln_final.hook_normalized", "[B, T, C]"), ("logits", None, "[B, T, V]"))
-
-_BLOCK_NAME = re.compile(r"h\.(\d+)(?:\.(.+))?")
-_TL_BLOCK_NAME = re.compile(r"blocks\.(\d+)\.(.+)")
-_TO_TL = {ours: tl for ours, tl, _ in BLOCK_POINTS}
-_FROM_TL = {tl: ours for ours, tl, _ in BLOCK_POINTS}
+from ..model.transformer import checked_config, forward
+from .cache import ActivationCache
+from .names import check_hook_names, hook_names
 
 
-def hook_names(n_layer: int) -> list[str]:
-    """Every hook point of a model of n_layer blocks, in the order the model reaches them."""
-    n_layer = check_int("n_layer", n_layer, 1, MAX_LAYERS)
-    block = [f"h.{i}.{n}" if n else f"h.{i}" for i in range(n_layer) for n, _, _ in BLOCK_POINTS]
-    return [n for n, _, _ in EMBED_POINTS] + block + [n for n, _, _ in FINAL_POINTS]
+@dataclass
+class HookPoint:
+    """What a TransformerLens-style hook `fn(activation, hook)` gets as `hook`."""
 
+    name: str
+    ctx: dict = field(default_factory=dict)
 
-def to_transformer_lens(name: str) -> str:
-    """Our hook name -> TransformerLens's ("h.3.attn.pattern" -> "blocks.3.attn.hook_pattern")."""
-    m = _BLOCK_NAME.fullmatch(check_str("name", name))
-    if m and (m[2] or "") in _TO_TL:
-        return f"blocks.{m[1]}.{_TO_TL[m[2] or '']}"
-    for ours, tl, _ in EMBED_POINTS + FINAL_POINTS:
-        if name == ours and tl:
-            return tl
-    if name == "embed":
-        raise UserError("hook 'embed' has no TransformerLens name; blocks.0.hook_resid_pre holds the same value")
-    if name == "logits":
-        raise UserError("hook 'logits' has no TransformerLens name: it is the model's output")
-    raise UserError(f"unknown hook name {name!r}")
-
-
-def from_transformer_lens(name: str) -> str:
-    """TransformerLens's hook name -> ours ("blocks.3.hook_resid_post" -> "h.3")."""
-    m = _TL_BLOCK_NAME.fullmatch(check_str("name", name))
-    if m and m[2] in _FROM_TL:
-        ours = _FROM_TL[m[2]]
-        return f"h.{m[1]}.{ours}" if ours else f"h.{m[1]}"
-    for ours, tl, _ in EMBED_POINTS + FINAL_POINTS:
-        if name == tl:
-            return ours
-    raise UserError(f"{name!r} is not a TransformerLens hook point of GPT-2 that functional_gpt has")
-
-
-def check_hook_names(names, n_layer: int) -> list[str]:
-    """names as a list, each a hook point of a model of n_layer blocks; else a UserError
-    naming the first unknown one and the nearest valid names."""
-    valid = hook_names(n_layer)
-    known = set(valid)
-    if not isinstance(names, (str, list, tuple, set, frozenset)):
-        raise UserError(f"names: expected a hook name or a list of them, got {describe(names)}")
-    names = [names] if isinstance(names, str) else list(names)
-    for name in names:
-        if name in known:
-            continue
-        if not isinstance(name, str):
-            raise UserError(f"hook name {describe(name)}: expected a string such as 'h.0.attn.pattern'")
-        hint = ""
-        try:
-            ours = from_transformer_lens(name)
-            hint = f" (TransformerLens's name for {ours!r})" if ours in known else ""
-        except UserError:
-            pass
-        nearest = difflib.get_close_matches(name, valid, n=3, cutoff=0.5) or valid[:3]
-        raise UserError(f"unknown hook name {name!r}{hint}; nearest valid names: {', '.join(nearest)} "
-                        f"({len(valid)} points: functional_gpt.interp.hook_names({n_layer}))")
-    return names
-
-
-@dataclass(frozen=True)
-class ActivationCache(Mapping):
-    """What `run_with_cache` recorded: name -> activation (detached), in the order the
-    model reached them, and `grads`: name -> the gradient of the metric with respect to
-    that activation (empty unless asked for)."""
-
-    activations: dict
-    grads: dict
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.activations:
-            nearest = difflib.get_close_matches(str(name), list(self.activations), n=3, cutoff=0.5)
-            raise UserError(f"{name!r} is not in this cache (it holds {len(self.activations)} names"
-                            + (f"; nearest: {', '.join(nearest)})" if nearest else ")"))
-        return self.activations[name]
-
-    def __contains__(self, name) -> bool:
-        return name in self.activations
-
-    def __iter__(self):
-        return iter(self.activations)
-
-    def __len__(self) -> int:
-        return len(self.activations)
+    def layer(self) -> int:
+        """The block the point is in ("h.3.attn.z" and "blocks.3.attn.hook_z": 3)."""
+        m = re.match(r"(?:h|blocks)\.(\d+)(?:\.|$)", self.name)
+        if not m:
+            raise UserError(f"hook {self.name!r} is not in a block: it has no layer")
+        return int(m[1])
 
 
 def run_with_hooks(params: Params, tokens: torch.Tensor, hooks, config: GPTConfig | None = None) -> torch.Tensor:
     """forward with hooks: tokens int64 [B, T] -> logits [B, T, V].
 
     hooks: {name: hook} or a list of (name, hook) pairs (several on one name run in
-    order); a hook is a tensor of the activation's shape or a function of the
-    activation (see the module doc)."""
+    order; TransformerLens's `fwd_hooks` list as it is); a hook is a tensor of the
+    activation's shape or a function of it (see the module doc)."""
     config = checked_config(params, config)
     tap = _HookTap(_hook_pairs(hooks, config.n_layer), record=())
     return forward(params, tokens, config, tap=tap)
@@ -162,8 +63,11 @@ def run_with_cache(
 ) -> tuple[torch.Tensor, ActivationCache]:
     """forward recording activations: tokens int64 [B, T] -> (logits [B, T, V], cache).
 
-    names: the hook points to record (default every one; the attention scores, pattern
-      and per-head results cost work of their own, so name what you need).
+    names: the hook points to record (default every one): a name, a list of names (ours
+      or TransformerLens's), or TransformerLens's `names_filter`, a function of a name
+      (names.check_hook_names). The attention scores, pattern and per-head results, the
+      heads' inputs and the layer norms' scale and normalized points cost work of their
+      own, so name what you need.
     hooks: applied as in `run_with_hooks`; the cache holds the values after them.
     grad_of: a function of the logits returning a scalar (a metric such as a logit
       difference); cache.grads then holds its gradient with respect to each recorded
@@ -177,7 +81,7 @@ def run_with_cache(
     if grad_of is None:
         with torch.no_grad():
             logits = forward(params, tokens, config, tap=tap)
-        return logits, ActivationCache(tap.store, {})
+        return logits, ActivationCache(tap.store, {}, params, config)
     with torch.enable_grad():
         logits = forward(params, tokens, config, tap=tap)
         metric = grad_of(logits)
@@ -186,25 +90,25 @@ def run_with_cache(
         recorded = list(tap.store.values())
         grads = torch.autograd.grad(metric.reshape(()), recorded, allow_unused=True)
     grads = {n: torch.zeros_like(a) if g is None else g for (n, a), g in zip(tap.store.items(), grads)}
-    return logits.detach(), ActivationCache({n: a.detach() for n, a in tap.store.items()}, grads)
+    return logits.detach(), ActivationCache({n: a.detach() for n, a in tap.store.items()}, grads, params, config)
 
 
 class _HookTap:
     """The tap behind run_with_hooks and run_with_cache: applies the hooks of each point,
     then records it if asked. `names` tells the model which costly points to compute."""
 
-    def __init__(self, hooks: list[tuple[str, object]], record, keep_graph: bool = False):
+    def __init__(self, hooks: list[tuple[str, str, object]], record, keep_graph: bool = False):
         self.hooks = {}
-        for name, hook in hooks:
-            self.hooks.setdefault(name, []).append(hook)
+        for name, given, hook in hooks:
+            self.hooks.setdefault(name, []).append((hook, HookPoint(given), _takes_hook_point(hook)))
         self.record = frozenset(record)
         self.names = self.record | set(self.hooks)
         self.keep_graph = keep_graph
         self.store = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        for hook in self.hooks.get(name, ()):
-            x = _apply(hook, name, x)
+        for hook, point, with_point in self.hooks.get(name, ()):
+            x = _apply(hook, point, with_point, x)
         if name in self.record:
             if self.keep_graph and not x.requires_grad:  # a leaf to take the gradient at
                 x = x.detach().requires_grad_()
@@ -212,29 +116,46 @@ class _HookTap:
         return x
 
 
-def _apply(hook, name: str, x: torch.Tensor) -> torch.Tensor:
-    value = hook(x) if callable(hook) else hook
-    if value is None and callable(hook):
-        return x
+def _takes_hook_point(hook) -> bool:
+    """Whether a hook function is TransformerLens's fn(activation, hook): it takes two
+    positional arguments, or one named `hook`."""
+    if isinstance(hook, torch.Tensor):
+        return False
+    try:
+        parameters = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: fn(activation)
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    return len(required) >= 2 or any(p.name == "hook" for p in parameters)
+
+
+def _apply(hook, point: HookPoint, with_point: bool, x: torch.Tensor) -> torch.Tensor:
+    if not callable(hook):
+        value = hook
+    else:
+        value = hook(x, point) if with_point else hook(x)
+        if value is None:
+            return x
     if not isinstance(value, torch.Tensor):
-        raise UserError(f"hook {name}: expected a tensor {list(x.shape)} or a function returning one, "
+        raise UserError(f"hook {point.name}: expected a tensor {list(x.shape)} or a function returning one, "
                         f"got {describe(value)}")
     if value.shape != x.shape:
-        raise UserError(f"hook {name}: the patch has shape {list(value.shape)}, the activation "
+        raise UserError(f"hook {point.name}: the patch has shape {list(value.shape)}, the activation "
                         f"{list(x.shape)}")
     return value.to(dtype=x.dtype, device=x.device)
 
 
-def _hook_pairs(hooks, n_layer: int) -> list[tuple[str, object]]:
-    """hooks ({name: hook} or (name, hook) pairs) as a list of pairs, each name a hook
-    point and each hook a tensor or a function."""
+def _hook_pairs(hooks, n_layer: int) -> list[tuple[str, str, object]]:
+    """hooks ({name: hook} or (name, hook) pairs) as a list of (our name, the name given,
+    hook), each name a hook point and each hook a tensor or a function."""
     if not isinstance(hooks, (Mapping, list, tuple)):
         raise UserError(f"hooks: expected {{name: hook}} or a list of (name, hook) pairs, got {describe(hooks)}")
     pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
     if not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
         raise UserError("hooks: expected {name: hook} or a list of (name, hook) pairs")
-    check_hook_names([n for n, _ in pairs], n_layer)
+    ours = check_hook_names([n for n, _ in pairs], n_layer)
     for name, hook in pairs:
         if not (isinstance(hook, torch.Tensor) or callable(hook)):
             raise UserError(f"hook {name}: expected a tensor or a function of the activation, got {describe(hook)}")
-    return pairs
+    return [(our, given, hook) for our, (given, hook) in zip(ours, pairs)]

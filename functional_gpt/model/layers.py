@@ -18,6 +18,18 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):  # [..., C] -> [..., C]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def tapped_layer_norm(x, weight, bias, *, eps: float, name: str, tap):
+    """layer_norm with its output tapped as `name` [..., C]; when the tap asks for them
+    (taps.wants), also f"{name}.scale" [..., 1], sqrt(var + eps), and f"{name}.normalized"
+    [..., C], (x - mean) / scale before the gain and bias (TransformerLens 4's points),
+    formed explicitly: equal to the fused kernel to rounding."""
+    if wants(tap, f"{name}.scale") or wants(tap, f"{name}.normalized"):
+        centred = x - x.mean(-1, keepdim=True)
+        scale = tap(f"{name}.scale", (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+        return tap(name, tap(f"{name}.normalized", centred / scale) * weight + bias)
+    return tap(name, layer_norm(x, weight, bias, eps))
+
+
 def linear(x, weight, bias):  # [..., n_in] -> [..., n_out]; weight [n_in, n_out] as GPT-2 stores it
     y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
     return y.view(*x.shape[:-1], weight.shape[-1])
@@ -43,6 +55,15 @@ def qkv_heads(x, c_attn, n_head: int):
     """x: [B, T, C] -> q, k, v, each [B, n_head, T, C // n_head] (views of one projection)."""
     B, T, C = x.shape
     return linear(x, **c_attn).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def qkv_per_head(inputs, c_attn, n_head: int):
+    """Each head's own inputs -> its q, k, v: inputs (q_in, k_in, v_in), each [B, T, H, C]
+    (normalized) -> q, k, v, each [B, H, T, D], through head h's columns of c_attn."""
+    C = inputs[0].shape[-1]
+    weight = c_attn["weight"].view(C, 3, n_head, C // n_head)
+    bias = c_attn["bias"].view(3, n_head, 1, C // n_head)
+    return tuple(torch.einsum("bthc,chd->bhtd", t, weight[:, j]) + bias[j] for j, t in enumerate(inputs))
 
 
 @dataclass(frozen=True)
@@ -72,10 +93,13 @@ def self_attention(
     resid_pdrop: float = 0.0,
     name: str = "attn",
     tap=no_tap,
+    head_inputs=None,
 ):
     """Causal multi-head self-attention with GPT-2's fused q, k, v projection.
 
-    x: [B, T, C] -> [B, T, C]. Without a cache, position t attends to 0 .. t. With one,
+    x: [B, T, C] -> [B, T, C]. head_inputs: None, or each head's own normalized query, key
+    and value inputs (three [B, T, H, C]) to project instead of x (see
+    transformer_block). Without a cache, position t attends to 0 .. t. With one,
     row b's real tokens are written into the buffers at starts[b] .. starts[b]+counts[b]-1
     and attend to positions 0 .. their own of that row. Each row attends on its own, with
     exactly the shapes it would have alone, so a row's result never depends on the other
@@ -89,7 +113,8 @@ def self_attention(
     fused kernel for explicit matrix products, equal to rounding.
     """
     q, k, v = (tap(f"{name}.{n}", t.transpose(1, 2)).transpose(1, 2)  # tapped as [B, T, H, D]
-               for n, t in zip("qkv", qkv_heads(x, c_attn, n_head)))
+               for n, t in zip("qkv", qkv_heads(x, c_attn, n_head) if head_inputs is None else
+                               qkv_per_head(head_inputs, c_attn, n_head)))
     if wants(tap, f"{name}.scores") or wants(tap, f"{name}.pattern"):
         keys, values, allowed = (k, v, _causal(q.shape[2], q.device)) if cache is None else _cached_keys(k, v, cache)
         y = _explicit_attention(q, keys, values, allowed, attn_pdrop, name, tap)
@@ -196,12 +221,15 @@ def transformer_block(
 
     The one block of every path: training and `forward` (no cache), a prefill and a decode
     step (a cache, see self_attention). `tap(f"{name}.ln_1", ...)` and so on see each
-    intermediate (f"{name}.resid_pre", ".ln_1", ".attn.*", ".attn", ".resid_mid", ".ln_2",
-    ".mlp.pre", ".mlp.post", ".mlp", and the output as `name`); see interp/hooks.py.
+    intermediate (f"{name}.resid_pre", ".ln_1", ".attn.*", ".attn", ".resid_mid",
+    ".mlp.in", ".ln_2", ".mlp.pre", ".mlp.post", ".mlp", and the output as `name`; the
+    layer norms' ".scale" and ".normalized" and the heads' inputs when asked for); see
+    interp/hooks.py.
     """
     x = tap(f"{name}.resid_pre", x)
+    normed = tapped_layer_norm(x, **ln_1, eps=eps, name=f"{name}.ln_1", tap=tap)
     a = self_attention(
-        tap(f"{name}.ln_1", layer_norm(x, **ln_1, eps=eps)),
+        normed,
         **attn,
         n_head=n_head,
         cache=cache,
@@ -209,8 +237,28 @@ def transformer_block(
         resid_pdrop=resid_pdrop,
         name=f"{name}.attn",
         tap=tap,
+        head_inputs=_head_inputs(x, normed, ln_1, eps=eps, n_head=n_head, name=f"{name}.attn", tap=tap),
     )
     x = tap(f"{name}.resid_mid", x + tap(f"{name}.attn", a))
-    m = feed_forward(tap(f"{name}.ln_2", layer_norm(x, **ln_2, eps=eps)), **mlp, resid_pdrop=resid_pdrop,
-                     name=f"{name}.mlp", tap=tap)
+    m = feed_forward(tapped_layer_norm(tap(f"{name}.mlp.in", x), **ln_2, eps=eps, name=f"{name}.ln_2", tap=tap),
+                     **mlp, resid_pdrop=resid_pdrop, name=f"{name}.mlp", tap=tap)
     return tap(name, x + tap(f"{name}.mlp", m))
+
+
+HEAD_INPUTS = ("in", "q_in", "k_in", "v_in")
+
+
+def _head_inputs(x, normed, ln_1, *, eps: float, n_head: int, name: str, tap):
+    """None (attention projects `normed`, ln_1's output), unless the tap asks for
+    f"{name}.in" (the block's input, one copy per head, [B, T, H, C]) or f"{name}.q_in",
+    ".k_in", ".v_in" (each head's query, key and value input, copies of ".in"), as
+    TransformerLens's split inputs: then each head's q, k and v inputs normalized on their
+    own, three [B, T, H, C]. ln_1's hooks still count: an input is ln_1's output plus
+    what its own hooks changed, ln_1(input) - ln_1(x)."""
+    if not any(wants(tap, f"{name}.{p}") for p in HEAD_INPUTS):
+        return None
+    B, T, C = x.shape
+    shared = tap(f"{name}.in", x[:, :, None].repeat(1, 1, n_head, 1))
+    own = [tap(f"{name}.{p}_in", shared.clone()) for p in "qkv"]  # copies: a hook may edit its input in place
+    plain = layer_norm(x, **ln_1, eps=eps)[:, :, None]
+    return tuple(normed[:, :, None] + (layer_norm(t, **ln_1, eps=eps) - plain) for t in own)

@@ -62,3 +62,32 @@ def decode(ids) -> str:
     if not isinstance(ids, (list, tuple, range)):
         raise UserError(f"ids: expected a list of token ids, got {describe(ids)}")
     return gpt2_encoding().decode([check_int(f"ids[{i}]", t, 0, ENDOFTEXT_ID) for i, t in enumerate(ids)])
+
+
+def to_str_tokens(text_or_ids, *, prepend_bos: bool = False) -> list:
+    """Each token's own text, as TransformerLens's `to_str_tokens`: text, or ids (a list or
+    a 1-D integer tensor) -> a list of strings; ids [B, T] -> a list per row. prepend_bos:
+    put `<|endoftext|>` first, as TransformerLens does by default for GPT-2 text."""
+    if isinstance(text_or_ids, str):
+        ids = encode(text_or_ids)
+    elif isinstance(text_or_ids, torch.Tensor) and text_or_ids.dim() == 2:
+        check_tensor("ids", text_or_ids, dims="B T", kind="integer")
+        return [to_str_tokens(row, prepend_bos=prepend_bos) for row in text_or_ids]
+    elif isinstance(text_or_ids, (list, tuple, torch.Tensor)):
+        ids = check_tensor("ids", text_or_ids, dims="T", kind="integer").tolist() \
+            if isinstance(text_or_ids, torch.Tensor) else list(text_or_ids)
+    else:
+        raise UserError(f"text_or_ids: expected text or token ids, got {describe(text_or_ids)}")
+    if not isinstance(prepend_bos, bool):
+        raise UserError(f"prepend_bos: expected True or False, got {describe(prepend_bos)}")
+    ids = [ENDOFTEXT_ID] * prepend_bos + ids
+    return [decode([check_int(f"ids[{i}]", t, 0, ENDOFTEXT_ID)]) for i, t in enumerate(ids)]
+
+
+def to_single_token(text: str) -> int:
+    """The id of the one token `text` encodes to (" Mary" -> 5335), else a UserError
+    saying how many tokens it is."""
+    ids = encode(check_str("text", text))
+    if len(ids) != 1:
+        raise UserError(f"text {text!r}: {len(ids)} tokens {ids}, not one")
+    return ids[0]

@@ -22,7 +22,7 @@ from .config import GPTConfig
 from ..checks import check_bool, check_callable, check_float_dtype, check_int, check_tensor, describe
 from ..device import check_device, check_memory
 from ..errors import UserError
-from .layers import CacheRows, layer_norm, transformer_block
+from .layers import CacheRows, tapped_layer_norm, transformer_block
 from .params import Params, check_params
 from .taps import no_tap
 
@@ -253,7 +253,7 @@ def _transformer(
             x = x[:, -1:]
         else:
             x = x[torch.arange(x.shape[0], device=x.device), torch.tensor(counts, device=x.device) - 1][:, None]
-    return tap("ln_f", layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon))
+    return tapped_layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon, name="ln_f", tap=tap)
 
 
 def _head(params, hidden, tap):  # the tied LM head: [B, T, C] -> [B, T, V]

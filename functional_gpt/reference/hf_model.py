@@ -13,7 +13,7 @@ from ..checks import check_bool, check_tensor, describe
 from ..errors import UserError
 from ..model.config import GPTConfig, hf_config_dict
 from ..model.transformer import checked_config
-from ..interp.hooks import hook_names
+from ..interp.names import hook_names
 from ..model.params import Params, flatten
 
 # transformers' module names, less the `transformer.` prefix, are our tap names except two.
