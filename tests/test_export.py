@@ -36,6 +36,22 @@ def test_export_round_trip_gives_the_same_logits_in_transformers(tmp_path, tiny_
         torch.testing.assert_close(model(tokens).logits, forward(params, tokens, tiny_config), atol=1e-5, rtol=1e-5)
 
 
+def test_a_gpt2_vocabulary_exports_with_the_tokenizer_transformers_loads(tmp_path):
+    """vocab.json and merges.txt beside the weights: AutoTokenizer reads the export and
+    tokenizes as we do (tiktoken's GPT-2), <|endoftext|> included."""
+    transformers = pytest.importorskip("transformers")
+    from functional_gpt import GPTConfig, encode
+
+    config = GPTConfig(vocab_size=50257, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    save_params(tmp_path / "w.safetensors", init_params(config, seed=0), config)
+    assert main(["export", "--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "merges.txt", "model.safetensors",
+                                                                  "vocab.json"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["Hello world", " naïve 🙂\n\n  tabs\tand <|endoftext|> end", "ROMEO:\nBut soft!"]:
+        assert tokenizer(text)["input_ids"] == encode(text), text
+
+
 def test_export_reads_a_hugging_face_directory_and_can_change_dtype(tmp_path, hf_tiny):
     model, directory = hf_tiny
     assert main(["export", "--weights", str(directory), "--out", str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0

