@@ -179,6 +179,7 @@ def test_one_streams_failing_sampling_ends_it_alone_with_an_error_event(monkeypa
                                            "RuntimeError: injected", "type": "server_error", "param": None,
                                 "code": "generation_failed"}
     assert any("stream failed: the server failed" in line for line in logs)
+    assert not any("the client left" in line for line in logs), logs  # it did not: the stream failed
 
 
 def test_a_failing_prefill_is_a_500_for_its_request_alone(monkeypatch):
@@ -360,3 +361,56 @@ def test_any_other_framework_error_keeps_its_status_and_says_where():
         error = _http_error(request, exc)
         assert (error.status, error.body()) == (status, {"error": {
             "message": message, "type": "invalid_request_error", "param": None, "code": None}})
+
+
+# --- every streamed event has OpenAI's shape ------------------------------------------------------
+
+
+def _shape_of(events, obj: str) -> tuple[str, int]:
+    """Every event but [DONE] is {id, object, created, model, choices[, usage]} with one id and
+    created for the stream, `obj` and the model's name -> (id, created)."""
+    assert events[-1] == "[DONE]"
+    heads = {(e["id"], e["object"], e["created"], e["model"]) for e in events[:-1]}
+    assert len(heads) == 1, heads
+    ident, object_, created, model = heads.pop()
+    assert object_ == obj and model == "m" and isinstance(created, int) and abs(created - time.time()) < 60
+    return ident, created
+
+
+def test_every_streamed_completion_event_has_openais_shape_and_says_the_whole_answer():
+    """n 2, echo, usage: per choice its echoed prompt first, then its tokens, then one finish
+    of its own index; the usage event last, counting every choice's tokens; each choice's
+    text the whole answer's."""
+    body = {"prompt": PROMPT, "max_tokens": 6, "n": 2, "echo": True, "temperature": 0.9, "seed": 3}
+    with running(TRAINED) as (port, _):
+        whole = post(port, body)[1]
+        status, events = post(port, body | {"stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    ident, _ = _shape_of(events, "text_completion")
+    assert ident.startswith("cmpl-") and all(set(e) == {"id", "object", "created", "model", "choices"}
+                                             for e in events[:-2])
+    assert set(events[-2]) == {"id", "object", "created", "model", "choices", "usage"} and events[-2]["choices"] == []
+    assert events[-2]["usage"] == whole["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+    choices = [e["choices"][0] for e in events[:-2]]
+    assert all(len(e["choices"]) == 1 and set(c) == {"text", "index", "logprobs", "finish_reason"} and
+               c["logprobs"] is None for e, c in zip(events[:-2], choices))
+    assert [c["text"] for c in choices[:2]] == [decode(PROMPT)] * 2 and [c["index"] for c in choices[:2]] == [0, 1]
+    for i in range(2):
+        mine = [c for c in choices if c["index"] == i]
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + ["length"]
+        assert "".join(c["text"] for c in mine) == whole["choices"][i]["text"]
+
+
+def test_every_streamed_chat_event_has_openais_shape():
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with running(TRAINED) as (port, _):
+        status, events = post(port, body, "/v1/chat/completions")
+    assert status == 200
+    ident, _ = _shape_of(events, "chat.completion.chunk")
+    assert ident.startswith("chatcmpl-")
+    assert events[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    assert all(set(e["choices"][0]) == {"index", "delta", "finish_reason"} and e["choices"][0]["index"] == 0
+               for e in events[1:-2])
+    assert events[-3]["choices"][0]["finish_reason"] == "length" and events[-2]["choices"] == []
+    assert events[-2]["usage"]["completion_tokens"] == 4
