@@ -159,6 +159,16 @@ def _fresh_params():
     return fg.init_params(TINY, seed=1)
 
 
+_CACHE = []
+
+
+def _cache():
+    """A cache of every point of PARAMS on TOKENS, made once."""
+    if not _CACHE:
+        _CACHE.append(interp.run_with_cache(PARAMS, TOKENS)[1])
+    return _CACHE[0]
+
+
 P = lambda: PARAMS  # noqa: E731
 PARAMS_WORDS = ("config", "params", "state.params", "members")
 TOKEN_WORDS = ("tokens", "token id", "sequence of", "rows for a cache")
@@ -225,6 +235,33 @@ CASES = {
                                 says=dict(name=("hook",))),
     "from_transformer_lens": Case(interp.from_transformer_lens, dict(name=lambda: "blocks.1.hook_resid_post"),
                                   says=dict(name=("transformerlens",))),
+    "tl_name": Case(interp.tl_name, dict(name=lambda: "scale", layer=lambda: 1, layer_type=lambda: "ln1")),
+    "weights_by_role": Case(interp.weights_by_role, dict(params=P, config=lambda: None), says=dict(params=PARAMS_WORDS)),
+    "to_str_tokens": Case(fg.to_str_tokens, dict(text_or_ids=lambda: "Hello world", prepend_bos=lambda: True),
+                          says=dict(text_or_ids=("text_or_ids", "ids"))),
+    "to_single_token": Case(fg.to_single_token, dict(text=lambda: " Mary")),
+    "cache.accumulated_resid": Case(lambda **kw: _cache().accumulated_resid(**kw),
+                                    dict(layer=lambda: 1, incl_mid=lambda: True, apply_ln=lambda: True,
+                                         pos_slice=lambda: -1, mlp_input=lambda: False),
+                                    says=dict(pos_slice=("slice",))),
+    "cache.decompose_resid": Case(lambda **kw: _cache().decompose_resid(**kw),
+                                  dict(layer=lambda: 1, mode=lambda: "attn", apply_ln=lambda: True,
+                                       pos_slice=lambda: (0, 2)), says=dict(pos_slice=("slice",))),
+    "cache.stack_head_results": Case(lambda **kw: _cache().stack_head_results(**kw),
+                                     dict(layer=lambda: -1, incl_remainder=lambda: True, apply_ln=lambda: True,
+                                          pos_slice=lambda: [0, 1]), says=dict(pos_slice=("slice",))),
+    "cache.apply_ln_to_stack": Case(lambda **kw: _cache().apply_ln_to_stack(**kw),
+                                    dict(residual_stack=lambda: torch.randn(3, 2, 6, TINY.n_embd), layer=lambda: 1,
+                                         mlp_input=lambda: True, batch_slice=lambda: 0),
+                                    says=dict(batch_slice=("slice",), residual_stack=("residual_stack", "slice"))),
+    "cache.logit_attrs": Case(lambda **kw: _cache().logit_attrs(**kw),
+                              dict(residual_stack=lambda: torch.randn(3, 2, 6, TINY.n_embd), tokens=lambda: TOKENS,
+                                   incorrect_tokens=lambda: TOKENS.flip(1)),
+                              says=dict(residual_stack=("residual_stack", "slice"),
+                                        incorrect_tokens=("incorrect_tokens",), tokens=("tokens",))),
+    "cache.stack_activation": Case(lambda **kw: _cache().stack_activation(**kw),
+                                   dict(activation_name=lambda: "pattern", layer=lambda: -1),
+                                   says=dict(activation_name=("activation_name", "not in this cache", "name"))),
     "ablate_heads": Case(interp.ablate_heads, dict(layer=lambda: 1, heads=lambda: [0, 2], how=lambda: "mean")),
     "patch_sweep": Case(interp.patch_sweep, dict(params=P, clean=lambda: TOKENS[:1, :3], corrupted=lambda: TOKENS[1:, :3],
                                                  metric=lambda: (lambda logits: logits[0, -1, 5] - logits[0, -1, 7]),

@@ -220,13 +220,14 @@ def test_export_refuses_a_training_run(fixtures, tmp_path, capsys, target, keep,
 @pytest.mark.parametrize("patch, culprit", [
     (("os.fsync", ENOSPC), "hf/model.safetensors: cannot write (No space left on device)"),
     (("os.replace", EACCES), "hf/model.safetensors: cannot write (Permission denied)"),
-    (("os.replace", 3), "hf/config.json: cannot write (Permission denied)"),  # after model.safetensors moved in
+    (("os.replace", 3), "hf/config.json: cannot write (Permission denied)"),  # after the other three moved in
 ])
 def test_failed_export_leaves_an_earlier_export_byte_identical(fixtures, tmp_path, capsys, patch, culprit):
     succeeds(["export", "--weights", fixtures / "newline.safetensors", "--out", tmp_path / "hf"], capsys)
     before = hashes(tmp_path / "hf")
-    # os.replace calls: 1 and 2 the atomic saves into the temp dir, 3 model.safetensors' move, 4 config.json's.
-    side_effect = fail_on_call(4, os.replace, EACCES) if patch[1] == 3 else patch[1]
+    # os.replace calls: 1 and 2 the atomic saves into the temp dir, 3 model.safetensors' move, 4 and 5
+    # vocab.json's and merges.txt's (a GPT-2 vocabulary), 6 config.json's.
+    side_effect = fail_on_call(6, os.replace, EACCES) if patch[1] == 3 else patch[1]
     with mock.patch(patch[0], side_effect=side_effect):
         fails_cleanly(["export", "--weights", fixtures / "tiny.safetensors", "--out", tmp_path / "hf"], capsys, culprit)
     assert hashes(tmp_path / "hf") == before
@@ -241,7 +242,8 @@ def test_export_over_an_earlier_export_replaces_both_files(fixtures, tmp_path, c
     want, _ = load_params(fixtures / "tiny.safetensors")
     assert config == TINY and all(torch.equal(v, flatten(want)[k]) for k, v in flatten(got).items())
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_embd"] == 8
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "merges.txt", "model.safetensors",
+                                                                  "tokenizer.json", "vocab.json"]
 
 
 @pytest.mark.parametrize("out, culprit", [

@@ -379,7 +379,8 @@ def test_a_name_missing_from_a_cache_says_how_many_it_holds_and_the_nearest(pair
         cache["h.0.attn.patern"]
     with pytest.raises(UserError, match=r"^'embed' is not in this cache \(it holds 3 names\)$"):
         cache["embed"]
-    with pytest.raises(UserError, match=r"^7 is not in this cache \(it holds 3 names\)$"):
+    with pytest.raises(UserError, match=r"^cache key 7 \(an int\): expected a hook name or \(name, layer\[, "
+                                        r"layer_type\]\)$"):
         cache[7]
 
 

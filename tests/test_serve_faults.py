@@ -414,3 +414,72 @@ def test_every_streamed_chat_event_has_openais_shape():
                for e in events[1:-2])
     assert events[-3]["choices"][0]["finish_reason"] == "length" and events[-2]["choices"] == []
     assert events[-2]["usage"]["completion_tokens"] == 4
+
+
+def test_a_streamed_echo_with_logprobs_gives_each_choice_its_prompt_first():
+    body = {"prompt": PROMPT, "max_tokens": 2, "n": 2, "echo": True, "logprobs": 1, "temperature": 0.9, "seed": 3,
+            "stream": True}
+    with running(TRAINED) as (port, _):
+        events = post(port, body)[1]
+    prompts = [e["choices"][0] for e in events[:-1] if e["choices"][0]["text"] == decode(PROMPT)]
+    assert [c["index"] for c in prompts] == [0, 1] and all(len(c["logprobs"]["tokens"]) == 5 for c in prompts)
+
+
+def test_the_wrong_model_and_stream_options_without_a_stream_are_answered_whole():
+    with running(TRAINED) as (port, _):
+        wrong = post(port, {"model": "nope", "prompt": "a", "max_tokens": 1})
+        unstreamed = post(port, {"prompt": "a", "max_tokens": 1, "stream_options": {"include_usage": True}})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request("GET", "/openapi.json")
+        title = json.loads(conn.getresponse().read())["info"]["title"]
+    assert wrong == (404, {"error": {"message": "model: 'nope' does not exist; this server has 'm'",
+                                     "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
+    assert unstreamed == (400, {"error": {"message": 'stream_options: only allowed with "stream": true',
+                                          "type": "invalid_request_error", "param": "stream_options", "code": None}})
+    assert title == "fgpt serve"
+
+
+def test_a_client_that_leaves_is_logged_with_its_tokens_and_freed_rows():
+    with running(TRAINED) as (port, logs):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request("POST", "/v1/completions", json.dumps(LONG), {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        while b"data:" not in reply.fp.readline():
+            pass
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.time() + TIMEOUT
+        while not any("the client left" in line for line in logs):
+            assert time.time() < deadline, logs
+            time.sleep(0.05)
+    left = [line for line in logs if "the client left" in line]
+    assert len(left) == 1 and re.fullmatch(r"POST /v1/completions: the client left after \d+ new tokens; its 1 "
+                                           r"row\(s\) are freed", left[0]), left
+
+
+def test_a_stream_of_two_choices_failing_is_not_logged_as_a_client_leaving(monkeypatch):
+    fail_when(monkeypatch, "sample", lambda logits, sampling, *rest, **kw: sampling.top_k == 7)
+    with running(TRAINED) as (port, logs):
+        events = post(port, LONG | {"top_k": 7, "n": 2})[1]
+    assert "error" in events[-2] and any("stream failed" in line for line in logs)
+    assert not any("the client left" in line for line in logs), logs
+
+
+def test_the_logged_first_token_time_is_the_earliest_choices(monkeypatch):
+    """With n 3 the log line's first-token time is the smallest of the choices' own."""
+    from functional_gpt.generation import server as server_module
+    from functional_gpt.generation.engine import Done
+
+    firsts, real = [], server_module._deliver
+
+    def record(loop, queue, event):
+        if isinstance(event, Done):
+            firsts.append(event.first_token_s)
+        real(loop, queue, event)
+
+    monkeypatch.setattr(server_module, "_deliver", record)
+    with running(TRAINED, max_batch=1) as (port, logs):  # one row: the choices' first tokens come one by one
+        post(port, {"prompt": PROMPT, "max_tokens": 3, "n": 3, "seed": 1, "stream": True})
+    line = next(line for line in logs if "choice(s)" in line)
+    assert len(firsts) == 3 and len(set(firsts)) == 3
+    assert f"first token {min(firsts):.3f} s" in line, (line, firsts)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..checks import check_bool, check_int, check_tensor, describe
+from ..checks import check_bool, check_int, check_str, check_tensor, describe
 from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.layers import layer_norm
@@ -56,6 +56,8 @@ class ActivationCache(Mapping):
 
     def _name(self, key):
         """key (ours, TransformerLens's, or its (name, layer[, layer_type]) short form) -> ours."""
+        if not isinstance(key, (str, tuple)):
+            raise UserError(f"cache key {describe(key)}: expected a hook name or (name, layer[, layer_type])")
         if isinstance(key, str) and key in self.activations:
             return key
         if isinstance(key, tuple) and 2 <= len(key) <= 3 and isinstance(key[0], str):
@@ -107,15 +109,23 @@ class ActivationCache(Mapping):
         """The activation `activation_name` (TransformerLens's short form, or ours within a
         block such as "attn.pattern") of each block before `layer` (-1 or None: all),
         stacked: [layer, ...]."""
-        return torch.stack([self[self._block_key(activation_name, i, sublayer_type)]
-                            for i in range(self._upto(layer))])
+        check_str("activation_name", activation_name)
+        layers = range(self._upto(layer))
+        if not layers:
+            raise UserError("stack_activation: layer 0 has no block before it to stack")
+        try:
+            return torch.stack([self[self._block_key(activation_name, i, sublayer_type)] for i in layers])
+        except UserError as e:
+            raise UserError(f"activation_name {activation_name!r}: {e}") from None
 
     def _block_key(self, name, i, sublayer_type):
         return f"h.{i}.{name}" if name in _BLOCK_WITHIN and sublayer_type is None else (name, i, sublayer_type)
 
     def _upto(self, layer) -> int:
+        """layer (0 .. n_layer; -1 or None: n_layer) as an int."""
         L = self._n_layer()
-        return L if layer is None or layer == -1 else check_int("layer", layer, 0, L)
+        layer = L if layer is None else check_int("layer", layer, -1, L)
+        return L if layer == -1 else layer
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
                           pos_slice=None, mlp_input: bool = False, return_labels: bool = False):
@@ -213,9 +223,12 @@ class ActivationCache(Mapping):
         included. pos_slice: the positions the stack already holds; batch_slice: applied to
         the stack's batch axis and the scale."""
         check_tensor("residual_stack", residual_stack, kind="float")
+        C = self._config().n_embd
+        if not residual_stack.dim() or residual_stack.shape[-1] != C:
+            raise UserError(f"residual_stack: expected [..., n_embd={C}], got {describe(residual_stack)}")
         L, layer = self._n_layer(), self._upto(layer)
-        if check_bool("has_batch_dim", has_batch_dim):
-            residual_stack = _sliced(residual_stack, batch_slice, 1)
+        if check_bool("has_batch_dim", has_batch_dim) and residual_stack.dim() >= 2:
+            residual_stack = _sliced(residual_stack, batch_slice, 1, "batch_slice")
         if check_bool("recompute_ln", recompute_ln) and layer == L:
             return layer_norm(residual_stack, **self._params()["ln_f"], eps=self._config().layer_norm_epsilon)
         name = "ln_f.scale" if layer == L else f"h.{layer}.ln_{2 if check_bool('mlp_input', mlp_input) else 1}.scale"
@@ -223,8 +236,9 @@ class ActivationCache(Mapping):
             raise UserError(f"apply_ln_to_stack: the cache holds no {name!r}; record it (run_with_cache names)")
         scale = _sliced(self.activations[name], pos_slice, -2)
         if self.has_batch_dim:
-            scale = _sliced(scale, batch_slice, 0)
-        return (residual_stack - residual_stack.mean(-1, keepdim=True)) / scale
+            scale = _sliced(scale, batch_slice, 0, "batch_slice")
+        centred = _lined_up(residual_stack - residual_stack.mean(-1, keepdim=True), scale, f"the scale of {name!r}")
+        return centred / scale
 
     def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,
                     batch_slice=None, has_batch_dim: bool = True) -> torch.Tensor:
@@ -244,36 +258,57 @@ class ActivationCache(Mapping):
         if (has_batch_dim and not isinstance(batch_slice, int) and scaled.dim() == 4 and direction.dim() == 2
                 and direction.shape[0] == scaled.shape[1]):
             direction = direction[:, None]  # one target per row, for each of its positions
-        return (scaled * direction).sum(-1)
+        return (_lined_up(scaled, direction, "the tokens' directions") * direction).sum(-1)
 
     def _directions(self, tokens, name: str) -> torch.Tensor:
         """tokens -> their unembedding columns (rows of the tied wte), [*tokens.shape, C]."""
         wte = self._params()["wte"]["weight"]
         V = wte.shape[0]
         if isinstance(tokens, str):
-            tokens = to_single_token(tokens)
+            try:
+                tokens = to_single_token(tokens)
+            except UserError as e:
+                raise UserError(f"{name}: {e}") from None
         if not isinstance(tokens, torch.Tensor):
             return wte[check_int(name, tokens, 0, V - 1)]
         check_tensor(name, tokens, kind="integer")
-        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < V):
+        if not tokens.numel():
+            raise UserError(f"{name}: empty ({describe(tokens)})")
+        tokens = tokens.long()
+        if not (0 <= int(tokens.min()) and int(tokens.max()) < V):
             raise UserError(f"{name}: ids must be in 0..{V - 1}, got {int(tokens.min())}..{int(tokens.max())}")
         return wte[int(tokens)] if tokens.numel() == 1 else wte[tokens]
 
 
-def _sliced(x: torch.Tensor, how, dim: int) -> torch.Tensor:
+def _sliced(x: torch.Tensor, how, dim: int, name: str = "pos_slice") -> torch.Tensor:
     """x indexed along dim as TransformerLens's Slice indexes (the module doc)."""
     if how is None:
         return x
-    index = [slice(None)] * x.dim()
+    if isinstance(how, torch.Tensor):
+        how = check_tensor(name, how, dims="N", kind="integer").tolist()
     if isinstance(how, tuple):
+        if not 1 <= len(how) <= 3 or not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                             for v in how):
+            raise UserError(f"{name}: expected (start, stop[, step]) of ints, got {describe(how)}")
         how = slice(*how)
-    elif isinstance(how, torch.Tensor):
-        how = how.tolist()
+    if isinstance(how, list) and not all(isinstance(v, int) and not isinstance(v, bool) for v in how):
+        raise UserError(f"{name}: expected a list of int indices, got {describe(how)}")
     if not isinstance(how, (int, slice, list)) or isinstance(how, bool):
-        raise UserError(f"slice: expected None, an int, (start, stop[, step]), a slice or a list of indices, "
+        raise UserError(f"{name}: expected None, an int, (start, stop[, step]), a slice or a list of indices, "
                         f"got {describe(how)}")
+    index = [slice(None)] * x.dim()
     index[dim] = how
     try:
         return x[tuple(index)]
-    except IndexError as e:
-        raise UserError(f"slice {how!r}: out of range for an axis of {x.shape[dim]} ({e})") from None
+    except (IndexError, ValueError, TypeError) as e:
+        raise UserError(f"{name} {how!r}: not an index of an axis of {x.shape[dim]} ({e})") from None
+
+
+def _lined_up(stack: torch.Tensor, other: torch.Tensor, what: str) -> torch.Tensor:
+    """stack, after a UserError naming residual_stack if it does not broadcast with other."""
+    try:
+        torch.broadcast_shapes(stack.shape, other.shape)
+    except RuntimeError:
+        raise UserError(f"residual_stack: {describe(stack)} does not line up with {what} "
+                        f"{list(other.shape)}") from None
+    return stack

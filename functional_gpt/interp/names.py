@@ -142,6 +142,8 @@ def tl_name(name: str, layer: int | None = None, layer_type: str | None = None) 
     ("pattern", 1) -> "blocks.1.attn.hook_pattern", ("scale", 0, "ln1") ->
     "blocks.0.ln1.hook_scale", "resid_pre3" -> "blocks.3.hook_resid_pre"; a full name as it is."""
     check_str("name", name)
+    if layer_type is not None:
+        check_str("layer_type", layer_type)
     if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
         return name
     m = re.fullmatch(r"([a-z_]+?)(\d+)([a-z]\w*)?", name)
