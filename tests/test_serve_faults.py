@@ -52,11 +52,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(params, *, max_batch=4, max_queue=8):
+def running(params, *, max_batch=4, max_queue=8, servers=None):
     """-> (port, log lines) of the app serving `params` on a uvicorn thread; stopped after,
-    and the engine's thread with it."""
+    and the engine's thread with it. servers: a list to put the Server in."""
     logs = []
     server = Server(Engine(params, CONFIG, max_batch=max_batch, max_queue=max_queue), CONFIG, "m", log=logs.append)
+    if servers is not None:
+        servers.append(server)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -483,3 +485,32 @@ def test_the_logged_first_token_time_is_the_earliest_choices(monkeypatch):
     line = next(line for line in logs if "choice(s)" in line)
     assert len(firsts) == 3 and len(set(firsts)) == 3
     assert f"first token {min(firsts):.3f} s" in line, (line, firsts)
+
+
+def test_each_choice_of_n_draws_with_its_own_seed():
+    """Choice j of a request with seed s draws what a request of seed s + j draws."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 10}
+    with running(TRAINED) as (port, _):
+        three = [c["text"] for c in post(port, body | {"n": 3})[1]["choices"]]
+        alone = [post(port, body | {"seed": 10 + j})[1]["choices"][0]["text"] for j in range(3)]
+    assert three == alone and len(set(three)) == 3
+
+
+def test_presence_and_frequency_penalties_each_reach_the_engine():
+    """Greedy, long enough to repeat: each penalty alone changes the text."""
+    body = {"prompt": PROMPT, "max_tokens": 60, "temperature": 0}
+    with running(TRAINED) as (port, _):
+        texts = [post(port, body | extra)[1]["choices"][0]["text"] for extra in
+                 ({}, {"presence_penalty": 1.5}, {"frequency_penalty": 0.5})]
+    plain, presence, frequency = texts
+    assert presence != plain and frequency != plain, texts
+
+
+def test_a_request_after_the_engine_stopped_is_a_503_saying_so():
+    servers = []
+    with running(TRAINED, servers=servers) as (port, _):
+        servers[0].stopping.set()
+        servers[0].thread.join(TIMEOUT)
+        answer = post(port, {"prompt": PROMPT, "max_tokens": 2})
+    assert answer == (503, {"error": {"message": "the engine has stopped (the server's log says why)",
+                                      "type": "server_error", "param": None, "code": None}})
