@@ -26,7 +26,7 @@ from ..model.config import GPTConfig
 from ..model.layers import layer_norm
 from ..model.params import Params
 from ..model.tokenizer import to_single_token
-from .names import BLOCK_POINTS, our_name, tl_name
+from .names import BLOCK_POINTS, is_tl_name, our_name, tl_name
 
 _BLOCK_WITHIN = {ours for ours, _, _ in BLOCK_POINTS}
 _SHORT_FORM = re.compile(r"[a-z_]+?\d+[a-z]*\d*")
@@ -65,7 +65,7 @@ class ActivationCache(Mapping):
             if layer is not None:
                 layer = check_int("layer", layer, -self._n_layer(), self._n_layer() - 1) % self._n_layer()
             return our_name(tl_name(key[0], layer, *key[2:]), self._n_layer())
-        if isinstance(key, str) and ("hook_" in key or key.startswith("blocks.") or _SHORT_FORM.fullmatch(key)):
+        if isinstance(key, str) and (is_tl_name(key) or _SHORT_FORM.fullmatch(key)):
             return our_name(tl_name(key), self._n_layer())  # "blocks.1.attn.hook_z", "pattern1", "scale2ln1"
         return key
 

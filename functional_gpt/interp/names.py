@@ -161,11 +161,14 @@ def tl_name(name: str, layer: int | None = None, layer_type: str | None = None) 
     return f"ln_final.{full}" if name in ("scale", "normalized") and layer is None else full
 
 
+def is_tl_name(name: str) -> bool:
+    """Whether `name` is in TransformerLens's naming (ours never say "blocks." or "hook_")."""
+    return name.startswith("blocks.") or "hook_" in name
+
+
 def our_name(name: str, n_layer: int) -> str:
     """A hook name in either naming -> ours (unchanged when it is ours already)."""
-    if isinstance(name, str) and (name.startswith("blocks.") or "hook_" in name):
-        return from_transformer_lens(name, n_layer=n_layer)
-    return name
+    return from_transformer_lens(name, n_layer=n_layer) if is_tl_name(name) else name
 
 
 def check_hook_names(names, n_layer: int) -> list[str]:
@@ -185,13 +188,12 @@ def check_hook_names(names, n_layer: int) -> list[str]:
     for name in names:
         if not isinstance(name, str):
             raise UserError(f"hook name {describe(name)}: expected a string such as 'h.0.attn.pattern'")
-        tl = name.startswith("blocks.") or "hook_" in name
         try:
             translated = our_name(name, n_layer)
         except UserError:
             translated = name
         if translated not in known:
-            candidates = [to_transformer_lens(n) for n in valid if _has_tl_name(n)] if tl else valid
+            candidates = [to_transformer_lens(n) for n in valid if _has_tl_name(n)] if is_tl_name(name) else valid
             nearest = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5) or candidates[:3]
             raise UserError(f"unknown hook name {name!r}; nearest valid names: {', '.join(nearest)} "
                             f"({len(valid)} points: functional_gpt.interp.hook_names({n_layer}))")
@@ -207,8 +209,7 @@ def _tl_names(name: str, n_layer: int) -> list[str]:
     """Every TransformerLens 4 name of our point `name` (its own, then the aliases)."""
     m = _BLOCK_NAME.fullmatch(name)
     if not m:
-        names = [tl for tl, ours in _FROM_TL_OUTSIDE.items() if ours == name]
-        return names
+        return [tl for tl, ours in _FROM_TL_OUTSIDE.items() if ours == name]
     within = m[2] or ""
     names = [f"blocks.{m[1]}.{tl}" for tl, ours in _FROM_TL.items() if ours == within]
     return names + (["ln_final.hook_in"] if name == f"h.{n_layer - 1}" else [])

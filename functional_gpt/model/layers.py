@@ -257,7 +257,6 @@ def _head_inputs(x, normed, ln_1, *, eps: float, n_head: int, name: str, tap):
     what its own hooks changed, ln_1(input) - ln_1(x)."""
     if not any(wants(tap, f"{name}.{p}") for p in HEAD_INPUTS):
         return None
-    B, T, C = x.shape
     shared = tap(f"{name}.in", x[:, :, None].repeat(1, 1, n_head, 1))
     own = [tap(f"{name}.{p}_in", shared.clone()) for p in "qkv"]  # copies: a hook may edit its input in place
     plain = layer_norm(x, **ln_1, eps=eps)[:, :, None]
