@@ -514,3 +514,49 @@ def test_a_request_after_the_engine_stopped_is_a_503_saying_so():
         answer = post(port, {"prompt": PROMPT, "max_tokens": 2})
     assert answer == (503, {"error": {"message": "the engine has stopped (the server's log says why)",
                                       "type": "server_error", "param": None, "code": None}})
+
+
+def test_a_stream_in_flight_when_the_engine_stops_ends_cancelled():
+    """Not a shutdown and not a failure: the engine's thread ended (the app stopping), so
+    the stream ends with the "cancelled" error event, then [DONE]."""
+    servers = []
+    with running(TRAINED, servers=servers) as (port, _):
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(post, port, LONG)
+            deadline = time.time() + TIMEOUT
+            while not servers[0].engine.busy:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            servers[0].stopping.set()
+            status, events = stream.result(TIMEOUT)
+    assert status == 200 and events[-1] == "[DONE]"
+    assert events[-2] == {"error": {"message": "the completion was cancelled", "type": "server_error", "param": None,
+                                    "code": "cancelled"}}
+
+
+def test_a_full_queue_is_a_429_saying_so(monkeypatch):
+    """One row, a queue of one: a third request while two are held (each token slowed to
+    20 ms) is refused whole."""
+    real = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", lambda *args, **kwargs: (time.sleep(0.02), real(*args, **kwargs))[1])
+    servers = []
+    with running(TRAINED, max_batch=1, max_queue=1, servers=servers) as (port, _):
+        engine = servers[0].engine
+        deadline = time.time() + TIMEOUT
+
+        def until(condition):
+            while not condition():
+                assert time.time() < deadline
+                time.sleep(0.005)
+
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(post, port, LONG | {"stream": False})]
+            until(lambda: engine.busy and not engine.waiting)  # the first in the row
+            held.append(pool.submit(post, port, LONG | {"stream": False}))
+            until(lambda: len(engine.waiting) == 1)  # the second waiting
+            status, answer = post(port, {"prompt": PROMPT, "max_tokens": 1})
+            assert [h.result(TIMEOUT)[0] for h in held] == [200, 200]
+    assert status == 429 and set(answer) == {"error"}
+    error = answer["error"]
+    assert (error["type"], error["param"], error["code"]) == ("rate_limit_error", None, "queue_full")
+    assert error["message"] == "the server is busy: 1 requests are waiting (--max_queue 1); try again later"
