@@ -560,3 +560,12 @@ def test_a_full_queue_is_a_429_saying_so(monkeypatch):
     error = answer["error"]
     assert (error["type"], error["param"], error["code"]) == ("rate_limit_error", None, "queue_full")
     assert error["message"] == "the server is busy: 1 requests are waiting (--max_queue 1); try again later"
+
+
+def test_each_choice_streams_as_it_comes_not_in_step_with_the_others():
+    """One row, n 2: the second choice starts when the first is done, and the first's
+    tokens are sent as they come, not held back until the second has tokens too."""
+    with running(TRAINED, max_batch=1) as (port, _):
+        events = post(port, {"prompt": PROMPT, "max_tokens": 5, "n": 2, "seed": 1, "stream": True})[1]
+    order = [e["choices"][0]["index"] for e in events[:-1]]
+    assert order == [0] * 6 + [1] * 6, order  # five tokens, then the finish
