@@ -517,21 +517,23 @@ def test_a_request_after_the_engine_stopped_is_a_503_saying_so():
 
 
 def test_a_stream_in_flight_when_the_engine_stops_ends_cancelled():
-    """Not a shutdown and not a failure: the engine's thread ended (the app stopping), so
-    the stream ends with the "cancelled" error event, then [DONE]."""
+    """Not a shutdown and not a failure: the engine's thread ended (the app stopping), so a
+    stream ends with the "cancelled" error event, then [DONE], and a whole answer is that 500."""
     servers = []
     with running(TRAINED, servers=servers) as (port, _):
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             stream = pool.submit(post, port, LONG)
+            whole = pool.submit(post, port, LONG | {"stream": False})
             deadline = time.time() + TIMEOUT
-            while not servers[0].engine.busy:
+            while sum(row is not None for row in servers[0].engine.rows) < 2:  # both in their rows
                 assert time.time() < deadline
                 time.sleep(0.01)
             servers[0].stopping.set()
-            status, events = stream.result(TIMEOUT)
-    assert status == 200 and events[-1] == "[DONE]"
-    assert events[-2] == {"error": {"message": "the completion was cancelled", "type": "server_error", "param": None,
-                                    "code": "cancelled"}}
+            (status, events), (whole_status, answer) = stream.result(TIMEOUT), whole.result(TIMEOUT)
+    cancelled = {"error": {"message": "the completion was cancelled", "type": "server_error", "param": None,
+                           "code": "cancelled"}}
+    assert status == 200 and events[-1] == "[DONE]" and events[-2] == cancelled
+    assert (whole_status, answer) == (500, cancelled)
 
 
 def test_a_full_queue_is_a_429_saying_so(monkeypatch):
