@@ -49,16 +49,18 @@ def stop_text(value: str) -> str:
 
 def _load(args):
     from .model.checkpoint import load_params
+    from .model.quantize import quantize_flag
     from .device import pick_device
 
-    return load_params(args.weights, device=pick_device(args.device))
+    params, config = load_params(args.weights, device=pick_device(args.device))
+    return quantize_flag(params, getattr(args, "quantize", None)), config
 
 
 def _serve(args) -> int:
     from .generation.server import serve
 
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          device=args.device)
+          device=args.device, quantize=args.quantize)
     return 0
 
 
@@ -162,6 +164,11 @@ def _download(args) -> int:
 
 def _device_flag(parser):
     parser.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+
+
+def _quantize_flag(parser):
+    parser.add_argument("--quantize", metavar="SCHEME",
+                        help="run on weight-only quantized matrices: int8 (per channel; default: the file's own)")
 
 
 def _tolerance_flags(parser, *, default, default_text):
@@ -298,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
     _device_flag(gen)
+    _quantize_flag(gen)
     gen.set_defaults(run=_generate)
 
     srv = commands.add_parser("serve", help="an OpenAI-compatible completions server (continuous batching)")
@@ -310,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="completions that may wait for a row: beyond it, 429 (busy); a request of more "
                           "completions than N is a 400")
     _device_flag(srv)
+    _quantize_flag(srv)
     srv.set_defaults(run=_serve)
 
     ev = commands.add_parser("eval", help="cross-entropy, perplexity and bits per byte over a text")
@@ -322,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch_size", type=int, default=8, metavar="N", help="windows per forward pass")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _device_flag(ev)
+    _quantize_flag(ev)
     ev.set_defaults(run=_eval)
 
     pictures = {  # commands that draw a picture of one prompt

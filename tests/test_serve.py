@@ -761,6 +761,8 @@ def test_a_port_in_use_is_one_line_naming_it(model):
                                           (["--max_queue", "0"], "--max_queue: expected an integer >= 1, got 0"),
                                           (["--port", "65536"], "--port: expected an integer in 0..65535, got 65536"),
                                           (["--port", "-1"], "--port: expected an integer in 0..65535, got -1"),
+                                          (["--quantize", "int4"],
+                                           "--quantize: unknown quantization scheme 'int4'; known: int8"),
                                           (["--host", "no.such.host.invalid"],  # glibc and macOS word the reason apart
                                            "fgpt serve: error: --host no.such.host.invalid: cannot resolve it (")])
 def test_bad_serve_flags_are_one_line(model, flags, words):

@@ -655,6 +655,9 @@ def cli_cases() -> list[Case]:
         "generate.py")
     for device in ("xpu", "meta", "cuda:99", "bogus"):
         add(f"generate --device {device}", G + ["--device", device], E(device), "device.py")
+    for value in ("int4", "", "INT8"):
+        add(f"generate --quantize {value!r}", G + ["--quantize", value], E("--quantize"), "quantize.py")
+    add("generate --quantize int8 of n_embd 8", G + ["--quantize", "int8"], E("n_embd=8"), "quantize.py")
     add("generate --weights missing", [*G, "--weights", "{W}/none"], E("none"), "checkpoint.py")
     add("generate --weights NaN weights", [*G, "--weights", "{F}/nan.safetensors"], E("wte.weight"), "checkpoint.py")
     add("generate --prompt - not UTF-8", [*G, "--prompt", "-"], E("--prompt"), "cli.py", stdin=b"caf\xe9")
@@ -683,6 +686,7 @@ def cli_cases() -> list[Case]:
                         ("--batch_size", "-1"), ("--max_length", "x")]:
         add(f"eval {flag} {value}", EV + [flag, value], E(flag), "evaluate.py")
     add("eval --data missing", [*EV, "--data", "{W}/none"], E("none"), "evaluate.py")
+    add("eval --quantize int3", [*EV, "--quantize", "int3"], E("--quantize"), "quantize.py")
     add("eval --data empty file", [*EV, "--data", "{W}/e.txt"], E("e.txt"), "evaluate.py", setup=files(**{"e.txt": ""}))
     add("eval --data not UTF-8", [*EV, "--data", "{W}/b.txt"], E("b.txt"), "evaluate.py", setup=files(**{"b.txt": b"\xff"}))
     add("eval --data odd-sized .bin", [*EV, "--data", "{W}/o.bin"], E("o.bin"), "evaluate.py", setup=files(**{"o.bin": b"\0" * 7}))

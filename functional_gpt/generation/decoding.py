@@ -43,7 +43,7 @@ def prefill(params: Params, tokens: torch.Tensor, config: GPTConfig, *,
     """tokens: int64 [B, T] (right-padded past counts[b] real tokens) -> (logits of each
     row's last real token [B, V], a fresh cache of n_positions holding them). Checks the
     tokens (range, length) once for the decode steps that follow."""
-    w = params["wte"]["weight"]
+    w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
     cache = new_cache(config, tokens.shape[0], dtype=w.dtype, device=w.device)
     logits, cache = forward_cached(params, tokens, cache, config, counts=counts, last_only=True)
     return logits[:, -1], cache
@@ -99,7 +99,7 @@ def generate(
     starts = [max(0, len(s) - P) for s in seqs]
     stopped = [False] * len(seqs)
     with torch.inference_mode():
-        w = params["wte"]["weight"]
+        w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
         cache = new_cache(config, len(seqs), dtype=w.dtype, device=w.device)
         rows = []
         for i, s in enumerate(seqs):

@@ -171,7 +171,7 @@ class Engine:
     def __init__(self, params: Params, config: GPTConfig, *, max_batch: int = 8, max_queue: int = 64):
         check_sizes(max_batch, max_queue)
         self.params, self.config, self.max_queue = params, config, max_queue
-        w = params["wte"]["weight"]
+        w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
         self.device = w.device
         self.cache = new_cache(config, max_batch, dtype=w.dtype, device=w.device)
         self.rows: list[_Row | None] = [None] * max_batch

@@ -573,7 +573,6 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise UserError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror})") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -598,18 +597,21 @@ def _http_protocol():
 
 
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          device: str | None = None, err=sys.stderr) -> None:
-    """Load the weights, listen (refusing a port another server holds), serve until
-    Ctrl-C / SIGTERM, then shut down as the module doc says."""
+          device: str | None = None, quantize: str | None = None, err=sys.stderr) -> None:
+    """Load the weights (quantized to `quantize`, a scheme, when given), listen (refusing a
+    port another server holds), serve until Ctrl-C / SIGTERM, then shut down as the module
+    doc says."""
     import uvicorn
 
     from ..device import pick_device
     from ..model.checkpoint import load_params
+    from ..model.quantize import quantize_flag
     from .engine import check_sizes
 
     check_int("--port", port, 0, 65535)
     check_sizes(max_batch, max_queue, flag="--")
     params, config = load_params(weights, device=pick_device(device))
+    params = quantize_flag(params, quantize)
     engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue)
     sock = _listen(host, port)
     server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True))

@@ -3,7 +3,8 @@
 `config` (GPTConfig, presets, config.json) -> `params` (the one parameter spec, init,
 flatten) -> `layers` (layer_norm ... transformer_block) -> `transformer` (forward, the
 KV cache, decode_step); beside them `taps` (seeing and changing activations), the
-`tokenizer` and `checkpoint` (safetensors and Hugging Face layouts on disk).
+`tokenizer`, `quantize` (weight-only int8 params) and `checkpoint` (safetensors and
+Hugging Face layouts on disk).
 
 Every name listed here checks its arguments (a UserError naming the one that is wrong).
 The layers are the building blocks inside forward, one small function each as the
@@ -14,6 +15,7 @@ nothing twice.
 
 from .checkpoint import load_params, save_params
 from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
+from .quantize import quantize
 from .params import Params, count_params, flatten, init_params, param_spec, unflatten, with_config
 from .taps import no_tap, recorder
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding, to_single_token, to_str_tokens
@@ -22,6 +24,6 @@ from .transformer import KVCache, config_of, decode_step, forward, forward_cache
 __all__ = [
     "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "Params", "config_of", "count_params", "decode",
     "decode_step", "encode", "flatten", "forward", "forward_cached", "forward_hidden", "gpt2_encoding", "init_params",
-    "load_params", "new_cache", "no_tap", "param_spec", "preset", "read_hf_config", "recorder", "save_params",
+    "load_params", "new_cache", "no_tap", "param_spec", "preset", "quantize", "read_hf_config", "recorder", "save_params",
     "to_single_token", "to_str_tokens", "unflatten", "with_config", "write_hf_config",
 ]

@@ -27,7 +27,8 @@ from ..checks import check_float_dtype, check_path, describe
 from ..device import check_device, check_memory
 from ..errors import UserError
 from ..files import atomic_path
-from .params import Params, check_finite, check_params, check_shapes, flatten, param_spec, unflatten
+from .params import SCALE, Params, check_finite, check_params, check_shapes, flatten, param_spec, unflatten
+from .quantize import METADATA_KEY as QUANTIZATION_KEY, check_scheme, scheme_of, to_kernel_layout
 
 CONFIG_METADATA_KEY = "functional_gpt.config"
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
@@ -44,6 +45,8 @@ def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> N
     tensors = _unshared({k: t.detach().contiguous() for k, t in flatten(params).items()})
     check_finite(tensors, f"{path}: refusing to save")
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
+    if scheme_of(params):
+        metadata[QUANTIZATION_KEY] = scheme_of(params)
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -111,7 +114,9 @@ def load_params(
     tensor's bytes are then read from disk straight into a freshly allocated tensor
     (no memory map, no intermediate copy), so loading needs about one copy of the
     weights in memory. Tensors are converted to `dtype` (None keeps the file's) one at
-    a time. The config comes from the file's metadata, else `config.json` beside it (a
+    a time. A file `save_params` wrote of quantized params names its scheme in its
+    metadata (one this version does not know is refused by name); its int8 matrices and
+    their scales load as they are, the rest in `dtype`. The config comes from the file's metadata, else `config.json` beside it (a
     field that changes the computation and is not implemented is refused by name), else
     `config`; the shapes alone never tell the head count, so with none of them it is a
     UserError, never a guess. `config`, when given, overrides what the file says. Any
@@ -130,6 +135,8 @@ def load_params(
     for file in files:
         entries, file_metadata = _read_header(file)
         metadata = file_metadata if metadata is None else metadata
+        scheme = metadata.get(QUANTIZATION_KEY) and check_scheme(f"{file}: metadata {QUANTIZATION_KEY}",
+                                                                 metadata[QUANTIZATION_KEY])
         for key, entry in entries.items():
             name = key.removeprefix("transformer.")
             if _MASK_BUFFER.match(name):
@@ -137,32 +144,40 @@ def load_params(
             if name in located or (name == "lm_head.weight" and tied_head is not None):
                 earlier = located[name][1] if name in located else tied_head[1]
                 raise UserError(f"{file}: holds both {earlier} and {key}; which one is meant is unclear")
-            if not entry.dtype.is_floating_point:
+            if not entry.dtype.is_floating_point and not (scheme and entry.dtype == torch.int8):
                 raise UserError(f"{file}: tensor {key} has dtype {_DTYPE_NAMES[entry.dtype]}; parameters must be "
-                                f"floating point (F32, F16, BF16, F64)")
+                                f"floating point (F32, F16, BF16, F64; I8 in a file whose {QUANTIZATION_KEY} "
+                                f"metadata names its scheme)")
             if name == "lm_head.weight":
                 tied_head = (file, key, entry)
             else:
                 located[name] = (file, key, entry)
-    shapes = {name: entry.shape for name, (_, _, entry) in located.items()}
+    shapes = {name: entry.shape for name, (_, _, entry) in located.items()
+              if not (scheme and name.rpartition(".")[2] == SCALE)}
     config = config or _config_for(files[0], metadata, shapes)
     check_shapes(shapes, config, source)
-    check_memory(f"{source}'s tensors", sum(math.prod(e.shape) * (dtype or e.dtype).itemsize
-                                            for _, _, e in located.values()), device)
+    scales = [name for name in located if name not in shapes]
+    as_read = lambda name, e: (e.dtype if name in scales or e.dtype == torch.int8 else dtype or e.dtype)
+    check_memory(f"{source}'s tensors", sum(math.prod(e.shape) * as_read(name, e).itemsize
+                                            for name, (_, _, e) in located.items()), device)
     with ExitStack() as stack:
         handles = {file: stack.enter_context(open(file, "rb", buffering=0)) for file in files}
         flat = {}
-        for name in param_spec(config):  # GPT-2's order, whatever the file's
+        for name in [*param_spec(config), *scales]:  # GPT-2's order, whatever the file's
             file, key, entry = located[name]
             t = _read(handles[file], key, entry, source)
             check_finite({key: t}, source)
-            flat[name] = t.to(device=device, dtype=dtype)
+            t = t.to(device=device, dtype=as_read(name, entry))
+            flat[name] = to_kernel_layout(name, t) if t.dtype == torch.int8 else t
         if tied_head is not None:
             file, key, entry = tied_head
             head = _read(handles[file], key, entry, source).to(device=device, dtype=flat["wte.weight"].dtype)
             if not torch.equal(head, flat["wte.weight"]):
                 raise UserError(f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them")
-    return Params(unflatten(flat), config), config
+    params = Params(unflatten(flat), config)
+    if scheme:
+        check_params(params, config, source)  # each int8 matrix with its scale
+    return params, config
 
 
 class _Entry(NamedTuple):

@@ -30,9 +30,37 @@ def tapped_layer_norm(x, weight, bias, *, eps: float, name: str, tap):
     return tap(name, layer_norm(x, weight, bias, eps))
 
 
-def linear(x, weight, bias):  # [..., n_in] -> [..., n_out]; weight [n_in, n_out] as GPT-2 stores it
+def linear(x, weight, bias, weight_scale=None):
+    """x [..., n_in] -> x @ weight + bias [..., n_out]; weight [n_in, n_out] as GPT-2 stores
+    it, or int8 with its scale [n_out] beside it (quantize.py)."""
+    if weight_scale is not None:
+        return int8_matmul(x, weight, weight_scale) + bias
     y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
     return y.view(*x.shape[:-1], weight.shape[-1])
+
+
+def int8_matmul(x, weight, scale):
+    """x [..., K] float, weight int8 [K, N] (the transpose of a contiguous [N, K]: the
+    layout the kernel reads), scale bf16 [N] -> x @ (weight * scale) [..., N] in x's dtype.
+
+    aten._weight_int8pack_mm reads one byte per weight and accumulates in float32; its
+    vectorized x86 paths (AVX2, AVX-512) take bf16 activations only (float32 ones run a
+    scalar loop ten times slower), so x goes in as bf16 and the result comes out in bf16.
+    They read 16 inputs at a time from 32-byte aligned rows: K % 16 == 0 (quantize checks)."""
+    K, N = weight.shape
+    a = x.reshape(-1, K).to(torch.bfloat16)
+    if a.data_ptr() % 32 or not a.is_contiguous():  # a view of bf16 x: copy to a fresh (aligned) buffer
+        a = a.clone(memory_format=torch.contiguous_format)
+    y = torch.ops.aten._weight_int8pack_mm(a, weight.t().contiguous(), scale)
+    return y.view(*x.shape[:-1], N).to(x.dtype)
+
+
+def float_weight(p: dict, dtype: torch.dtype) -> torch.Tensor:
+    """A linear's weight as a `dtype` matrix [n_in, n_out]: int8 values times their scales
+    when quantized. For the taps that take a matrix apart by head (off the hot path)."""
+    if "weight_scale" in p:
+        return p["weight"].to(dtype) * p["weight_scale"].to(dtype)
+    return p["weight"]
 
 
 def gelu(x):  # GPT-2's tanh approximation ("gelu_new")
@@ -61,7 +89,7 @@ def qkv_per_head(inputs, c_attn, n_head: int):
     """Each head's own inputs -> its q, k, v: inputs (q_in, k_in, v_in), each [B, T, H, C]
     (normalized) -> q, k, v, each [B, H, T, D], through head h's columns of c_attn."""
     C = inputs[0].shape[-1]
-    weight = c_attn["weight"].view(C, 3, n_head, C // n_head)
+    weight = float_weight(c_attn, inputs[0].dtype).view(C, 3, n_head, C // n_head)
     bias = c_attn["bias"].view(3, n_head, 1, C // n_head)
     return tuple(torch.einsum("bthc,chd->bhtd", t, weight[:, j]) + bias[j] for j, t in enumerate(inputs))
 
@@ -125,7 +153,7 @@ def self_attention(
     z = tap(f"{name}.z", y.transpose(1, 2))
     if wants(tap, f"{name}.result"):
         B, T, H, D = z.shape
-        result = tap(f"{name}.result", torch.einsum("bthd,hdc->bthc", z, c_proj["weight"].view(H, D, -1)))
+        result = tap(f"{name}.result", torch.einsum("bthd,hdc->bthc", z, float_weight(c_proj, z.dtype).view(H, D, -1)))
         out = result.sum(2) + c_proj["bias"]
     else:
         out = linear(z.reshape(x.shape), **c_proj)

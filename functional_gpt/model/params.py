@@ -4,6 +4,10 @@
 `init_params`, `check_params` and `check_shapes` (used by the loader), `count_params` and
 the tests all read it, so they cannot disagree. Only `flatten` / `unflatten` handle
 dotted keys. `Params` is the nested dict that carries its config.
+
+Quantized params (model/quantize.py) keep every key and shape: a quantized matrix holds
+int8 values under its own key, with its bf16 per-output-channel scale beside it under
+`weight_scale` (`h.0.attn.c_attn.weight_scale` [3C], `wte.weight_scale` [vocab]).
 """
 
 import math
@@ -76,6 +80,20 @@ def param_spec(config: GPTConfig) -> dict[str, ParamSpec]:
         }
     spec |= {"ln_f.weight": ParamSpec((C,), "ones"), "ln_f.bias": ParamSpec((C,), "zeros")}
     return spec
+
+
+SCALE = "weight_scale"  # the key beside a quantized weight that holds its scales
+
+
+def quantizable_keys(config: GPTConfig) -> list[str]:
+    """The matrices a weight-only scheme quantizes: the tied wte and each block's four."""
+    return ["wte.weight"] + [f"h.{i}.{m}.weight" for i in range(config.n_layer)
+                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def output_size(key: str, shape: tuple[int, ...]) -> int:
+    """A matrix's output channels: wte's rows (the tied head's outputs), a Conv1D's columns."""
+    return shape[0] if key == "wte.weight" else shape[1]
 
 
 def init_params(
@@ -192,12 +210,13 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: 
             )
 
 
-def check_params(params: Params, config: GPTConfig, source: str = "params") -> None:
+def check_params(params: Params, config: GPTConfig, source: str = "params", *, quantized: bool = True) -> None:
     """Raise a one-line UserError unless `params` is the nested GPT-2 dict that `config`
     describes: every key present (no others), the blocks a list under "h", each a
     floating-point torch.Tensor of the spec's shape, all of one dtype on one device that
-    holds values (not "meta"). For public entry points (`forward`, `generate`); costs
-    about a microsecond per key, nothing per element."""
+    holds values (not "meta"); quantized matrices (int8, each with its bf16 scale [outputs]
+    beside it) where `quantized` allows them. For public entry points (`forward`,
+    `generate`); costs about a microsecond per key, nothing per element."""
     _check_config(config)
     if not isinstance(params, dict):
         raise UserError(f"{source}: expected the nested dict of GPT-2 tensors, got {describe(params)}")
@@ -205,8 +224,11 @@ def check_params(params: Params, config: GPTConfig, source: str = "params") -> N
     bad = next(((k, v) for k, v in flat.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise UserError(f"{source}: {bad[0]} is {describe(bad[1])}, not a torch.Tensor")
+    scales = {k: flat.pop(k) for k in [k for k in flat if k.rpartition(".")[2] == SCALE]}
     check_shapes({k: tuple(v.shape) for k, v in flat.items()}, config, f"{source} (for {config.n_layer} layers "
                  f"x {config.n_embd}, vocab {config.vocab_size}, {config.n_positions} positions)")
+    _check_scales(flat, scales, config, source, quantized)
+    flat |= scales
     if not isinstance(params["h"], list):  # a dict keyed "0", "1", ... has the right keys but no order
         raise UserError(f"{source}['h']: expected a list of the {config.n_layer} blocks (params['h'][i] is block "
                         f"i), got {describe(params['h'])}")
@@ -216,15 +238,42 @@ def check_params(params: Params, config: GPTConfig, source: str = "params") -> N
     if next(iter(devices)).type == "meta":
         raise UserError(f"{source}: the tensors are on the meta device, which holds no values; load or "
                         f"initialise real ones (load_params, init_params)")
-    key, t = next(((k, v) for k, v in flat.items() if not v.is_floating_point()), (None, None))
+    floats = {k: v for k, v in flat.items() if k not in scales and f"{k}_scale" not in scales}
+    key, t = next(((k, v) for k, v in floats.items() if not v.is_floating_point()), (None, None))
     if key is not None:
         raise UserError(f"{source}: {key} has dtype {t.dtype}; parameters must be floating point")
     dtypes = {}
-    for k, v in flat.items():
+    for k, v in floats.items():
         dtypes.setdefault(v.dtype, k)
     if len(dtypes) > 1:
         seen = ", ".join(f"{k} is {str(d).removeprefix('torch.')}" for d, k in dtypes.items())
         raise UserError(f"{source}: tensors of several dtypes ({seen}); cast them all to one")
+
+
+def _check_scales(flat: dict, scales: dict, config: GPTConfig, source: str, quantized: bool) -> None:
+    """Each scale sits beside a quantizable weight that holds int8, as bf16 [its outputs];
+    each int8 weight has its scale."""
+    if scales and not quantized:
+        raise UserError(f"{source}: quantized ({next(iter(scales))}); these params are for inference only: "
+                        f"use the float weights they were made from")
+    allowed = set(quantizable_keys(config))
+    for key, scale in scales.items():
+        weight_key = key.removesuffix("_scale")
+        if weight_key not in allowed:
+            raise UserError(f"{source}: unexpected key {key}: only the matrices (wte.weight, "
+                            f"h.N.attn.c_attn.weight, ...) have a {SCALE}")
+        weight = flat[weight_key]
+        if weight.dtype != torch.int8:
+            raise UserError(f"{source}: {key} is beside {weight_key} of dtype "
+                            f"{str(weight.dtype).removeprefix('torch.')}; a scale goes with int8 values")
+        shape = (output_size(weight_key, tuple(weight.shape)),)
+        if tuple(scale.shape) != shape or scale.dtype != torch.bfloat16:
+            raise UserError(f"{source}: {key} must be bfloat16 {list(shape)}, one per output of {weight_key}; "
+                            f"got {describe(scale)}")
+    key = next((k for k, v in flat.items() if v.dtype == torch.int8 and f"{k}_scale" not in scales), None)
+    if key is not None:
+        raise UserError(f"{source}: {key} holds int8 values without the {SCALE} beside it "
+                        f"(functional_gpt.quantize makes both)")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:

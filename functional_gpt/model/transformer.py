@@ -22,7 +22,7 @@ from .config import GPTConfig
 from ..checks import check_bool, check_callable, check_float_dtype, check_int, check_tensor, describe
 from ..device import check_device, check_memory
 from ..errors import UserError
-from .layers import CacheRows, tapped_layer_norm, transformer_block
+from .layers import CacheRows, int8_matmul, tapped_layer_norm, transformer_block
 from .params import Params, check_params
 from .taps import no_tap
 
@@ -230,8 +230,9 @@ def _transformer(
     embd_p, attn_p, resid_p = (
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
     )
-    x = tap("wte", F.embedding(tokens, params["wte"]["weight"]))
-    x = x + tap("wpe", F.embedding(positions, params["wpe"]["weight"]).expand_as(x))
+    wpe = params["wpe"]["weight"]
+    x = tap("wte", embed_tokens(params, tokens).to(wpe.dtype))
+    x = x + tap("wpe", F.embedding(positions, wpe).expand_as(x))
     x = tap("embed", F.dropout(x, embd_p) if embd_p else x)
     for i, block in enumerate(params["h"]):
         settings = dict(
@@ -256,8 +257,25 @@ def _transformer(
     return tapped_layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon, name="ln_f", tap=tap)
 
 
-def _head(params, hidden, tap):  # the tied LM head: [B, T, C] -> [B, T, V]
-    return tap("logits", F.linear(hidden, params["wte"]["weight"]))
+def embed_tokens(params: Params, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids [...] -> their wte rows [..., C] (int8 rows times their scales when
+    quantized; the result then in bf16, the scales' dtype)."""
+    wte = params["wte"]
+    if "weight_scale" in wte:
+        return F.embedding(tokens, wte["weight"]) * F.embedding(tokens, wte["weight_scale"][:, None])
+    return F.embedding(tokens, wte["weight"])
+
+
+def unembed(params: Params, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied LM head: hidden [..., C] (the ln_f output) -> logits [..., V], hidden @ wte.T."""
+    wte = params["wte"]
+    if "weight_scale" in wte:
+        return int8_matmul(hidden, wte["weight"].t(), wte["weight_scale"])
+    return F.linear(hidden, wte["weight"])
+
+
+def _head(params, hidden, tap):  # [B, T, C] -> [B, T, V]
+    return tap("logits", unembed(params, hidden))
 
 
 def _check_switches(*, tap=no_tap, **flags) -> None:
@@ -337,7 +355,7 @@ def _check_cache(cache: KVCache, config: GPTConfig, params: Params | None, batch
     if batch_size is not None and batch_size != B:
         raise UserError(f"tokens: {batch_size} rows for a cache of {B} rows (new_cache(config, {batch_size}))")
     if params is not None:
-        w = params["wte"]["weight"]
+        w = params["wpe"]["weight"]
         if (cache.k.dtype, cache.k.device) != (w.dtype, w.device) or (cache.v.dtype, cache.v.device) != (w.dtype,
                                                                                                           w.device):
             raise UserError(f"cache: {describe(cache.k)}, the params {str(w.dtype).removeprefix('torch.')} on "

@@ -66,7 +66,7 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None) 
     if not isinstance(params, dict):
         raise UserError(f"params: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     if isinstance(params, Params):
-        check_params(params, params.config)
+        check_params(params, params.config, quantized=False)
     flat = check_tensor_dict("params", flatten(params))  # train_step checks them against its config
     seed = check_int("seed", seed, -2**63, 2**64 - 1)
     device = check_device("device", device)
@@ -230,7 +230,7 @@ def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None
     if not isinstance(state, TrainState):
         raise UserError(f"state: expected a TrainState (new_state), got {describe(state)}")
     config = settings.config
-    check_params(state.params, config, "state.params")
+    check_params(state.params, config, "state.params", quantized=False)
     if not isinstance(batch, Batch):
         raise UserError(f"batch: expected a Batch(x, y, end), got {describe(batch)}")
     x = check_tensor("batch.x", batch.x, dims="A B T", kind="integer")
