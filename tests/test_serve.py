@@ -737,6 +737,48 @@ def test_a_server_killed_with_a_client_connected_can_restart_on_its_port_at_once
     keep.close()
 
 
+def test_the_python_serve_writes_each_log_line_to_its_stream_as_it_happens(model, tmp_path):
+    """serve(err=f) with f a block-buffered file: the announcement and each request's line
+    are in it while the server runs, not when it exits."""
+    log, port = tmp_path / "serve.log", free_port()
+    code = (f"from functional_gpt.generation.server import serve\n"
+            f"serve({str(model[0])!r}, port={port}, err=open({str(log)!r}, 'w', buffering=65536))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def logged(words: str) -> None:
+        deadline = time.time() + TIMEOUT
+        while not (log.exists() and words in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, f"{words!r} was not logged as it happened"
+            time.sleep(0.1)
+
+    try:
+        logged(f"on http://127.0.0.1:{port}/v1 (max_batch 8")
+        assert post(f"http://127.0.0.1:{port}", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})[0] == 200
+        logged("POST /v1/completions: 1 choice(s)")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_client_that_never_finishes_its_body_does_not_keep_the_server_from_exiting(model):
+    """uvicorn waits for open requests at shutdown; ours bounds that wait (2 s)."""
+    proc, base = start_server(model[0])
+    try:
+        stuck = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=TIMEOUT)
+        stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        ended(proc, timeout=15)
+        assert time.perf_counter() - t0 < 10
+        stuck.close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 # --- the command line's bad input ----------------------------------------------------------
 
 
