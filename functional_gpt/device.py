@@ -82,17 +82,21 @@ def check_memory(what: str, nbytes: int, device: torch.device) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm's BF16), read
-    from /proc/cpuinfo (False where there is none). Without it torch emulates bf16 matmuls,
-    50-500x slower than float32 (pytorch#146508)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (avx2, avx512_bf16, ...; Arm's
+    Features); empty where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             lines = [line for line in f if line.startswith(("flags", "Features"))]
     except OSError:
-        return False
-    flags = {flag for line in lines[:1] for flag in line.split(":", 1)[-1].split()}
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+        return set()
+    return {flag for line in lines[:1] for flag in line.split(":", 1)[-1].split()}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm's BF16).
+    Without it torch emulates bf16 matmuls, 50-500x slower than float32 (pytorch#146508)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
 
 
 def pick_dtype(name: str, device: torch.device, log=print) -> torch.dtype:
