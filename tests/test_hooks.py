@@ -14,7 +14,8 @@ from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import UserError, forward
 from functional_gpt.generation.decoding import generate
 from functional_gpt.interp import hooks
-from functional_gpt.interp.names import check_hook_names, from_transformer_lens, hook_names, to_transformer_lens
+from functional_gpt.interp.names import check_hook_names, from_transformer_lens, hook_names, tl_name, to_transformer_lens
+from functional_gpt.interp.weights import weights_by_role
 
 transformers = pytest.importorskip("transformers")
 H, D = TINY.n_head, TINY.head_dim
@@ -478,3 +479,70 @@ def test_ln_1_hooks_still_count_when_the_heads_inputs_are_tapped(pair):
     changed = (patched["h.1.attn.q"] - plain["h.1.attn.q"]).abs().amax(dim=(0, 1, 3))
     assert changed[2] > 1e-2 and changed[[0, 1, 3]].max() < 1e-5, changed
     assert_rel_close(patched["h.1.attn.k"], plain["h.1.attn.k"], 1e-6, "keys")
+
+
+def test_bad_cache_method_arguments_are_one_line_naming_them(pair):
+    """The cache methods' refusals (their values are checked against TransformerLens in
+    test_transformer_lens.py); `in` answers False for what is no key, never raises."""
+    _, params = pair
+    tokens = _tokens(B=1)
+    cache = run_with_cache(params, tokens)[1]
+    cases = [
+        (lambda: cache.stack_activation(3), "activation_name: expected a non-empty string, got 3 (an int)"),
+        (lambda: cache.stack_activation("pattern", 0), "stack_activation: layer 0 has no block before it to stack"),
+        (lambda: cache.stack_activation("nope"), "activation_name 'nope': "),
+        (lambda: cache.stack_head_results(0, incl_remainder=True),
+         "stack_head_results: layer 0 has no block before it to take a remainder of"),
+        (lambda: cache.stack_head_results(incl_remainder="yes"), "incl_remainder: expected True or False"),
+        (lambda: cache.stack_head_results(apply_ln=1), "apply_ln: expected True or False"),
+        (lambda: cache.remove_batch_dim().remove_batch_dim(), "this cache has no batch axis left to remove"),
+        (lambda: tl_name(3), "name: expected a non-empty string, got 3 (an int)"),
+        (lambda: tl_name("scale", 1, 5), "layer_type: expected a non-empty string, got 5 (an int)"),
+        (lambda: run_with_cache(params, tokens, lambda name: "yes"),
+         "names: a names filter must return True or False, got 'yes' (a str) for 'wte'"),
+    ]
+    for call, words in cases:
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value).startswith(words), (words, str(e.value))
+    assert "h.0.attn.pattern" in cache and ("pattern", 1) in cache and "blocks.0.hook_resid_pre" in cache
+    assert 3 not in cache and ("pattern", 99) not in cache and "h.9.attn" not in cache and ("pattern", "x") not in cache
+
+
+def test_removing_the_batch_axis_takes_it_off_the_gradients_too(pair):
+    _, params = pair
+    tokens = _tokens(B=1)
+    cache = run_with_cache(params, tokens, ["h.0.attn.z", "h.1.mlp.post"], grad_of=lambda logits: logits[0, -1, 3])[1]
+    single = cache.remove_batch_dim()
+    assert single.has_batch_dim is False and set(single.grads) == set(cache.grads) == {"h.0.attn.z", "h.1.mlp.post"}
+    for name, g in cache.grads.items():
+        assert g.shape[0] == 1 and torch.equal(single.grads[name], g[0]) and single.grads[name].abs().max() > 0
+        assert torch.equal(single[name], cache[name][0])
+
+
+def test_each_block_point_stacks_by_our_name_and_by_transformer_lens_s(pair):
+    _, params = pair
+    cache = run_with_cache(params, _tokens())[1]
+    for ours, theirs in (("attn.pattern", ("pattern",)), ("ln_1.scale", ("scale", -1, "ln1")), ("mlp.post", ("post",)),
+                         ("resid_pre", ("resid_pre",))):
+        stacked = cache.stack_activation(ours)
+        assert torch.equal(stacked, torch.stack([cache[f"h.{i}.{ours}"] for i in range(TINY.n_layer)]))
+        assert torch.equal(stacked, cache.stack_activation(theirs[0], *theirs[1:]))
+
+
+def test_head_results_stack_empty_before_block_0_in_the_shape_of_the_positions_asked(pair):
+    _, params = pair
+    cache = run_with_cache(params, _tokens(B=2, T=12))[1]
+    assert cache.stack_head_results(0).shape == (0, 2, 12, TINY.n_embd)
+    assert cache.stack_head_results(0, pos_slice=(1, 4)).shape == (0, 2, 3, TINY.n_embd)
+    assert cache.stack_head_results(0, pos_slice=-1).shape == (0, 2, TINY.n_embd)
+    stack = cache.stack_head_results(1)
+    assert isinstance(stack, torch.Tensor) and stack.shape == (H, 2, 12, TINY.n_embd)
+
+
+def test_weights_by_role_take_a_config_for_params_that_carry_none(pair):
+    _, params = pair
+    plain = {k: v for k, v in params.items()}  # a nested dict without its config
+    with pytest.raises(UserError, match="do not carry their config"):
+        weights_by_role(plain)
+    assert torch.equal(weights_by_role(plain, TINY).W_Q, weights_by_role(params).W_Q)

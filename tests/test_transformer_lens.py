@@ -144,7 +144,9 @@ def test_a_names_filter_selects_as_transformer_lens_selects(pair, caches, tokens
     bridge, params = pair
     _set_modes(bridge, split=True, extras=True)
     for names_filter in (lambda name: name.endswith("hook_pattern"), lambda name: name.endswith("scale"),
-                         lambda name: "mlp" in name and "hook" in name, lambda name: name.endswith("hook_out")):
+                         lambda name: "mlp" in name and "hook" in name, lambda name: name.endswith("hook_out"),
+                         lambda name: name.startswith("blocks.1.") and "hook_pattern" in name,
+                         lambda name: name == "ln_final.hook_in"):
         with torch.no_grad():
             theirs = bridge.run_with_cache(tokens, names_filter=names_filter)[1]
         ours = run_with_cache(params, tokens, names_filter)[1]
@@ -156,8 +158,10 @@ def test_cache_indexing_by_short_forms_equals_transformer_lens(caches):
     theirs, ours = caches
     for key in [("pattern", 1), ("resid_pre", 0), ("scale", 2, "ln1"), ("normalized", 0, "ln2"), ("q", -1),
                 ("attn_out", 2), ("mlp_out", 0), ("pre", 1), ("post", -2), "pattern1", "scale2ln1", ("z", 0, "attn"),
-                "hook_embed", "blocks.1.hook_mlp_out", ("scale", None)]:
-        _assert_equal_values(ours[key], theirs[0][key], str(key))
+                "hook_embed", "blocks.1.hook_mlp_out", ("scale", None), ("k", 1), ("v", 0), ("z", 2), ("result", 1),
+                ("attn_scores", 0), ("key", 2), ("query", 0), ("value", 1), ("attn", 2), ("attn_logits", 1),
+                ("mlp_pre", 0), ("mlp_post", 2), "k1", "result0", "v2"]:
+        _assert_equal_values(ours[key], theirs[1][key], str(key))
 
 
 @pytest.mark.parametrize("method, kwargs", [
@@ -172,6 +176,8 @@ def test_cache_indexing_by_short_forms_equals_transformer_lens(caches):
     ("stack_head_results", {"layer": 2, "pos_slice": -1, "apply_ln": True}),
     ("stack_activation", {"activation_name": "pattern"}), ("stack_activation", {"activation_name": "resid_mid",
                                                                                  "layer": 2}),
+    ("stack_activation", {"activation_name": "scale", "sublayer_type": "ln1"}),
+    ("stack_activation", {"activation_name": "normalized", "layer": 2, "sublayer_type": "ln2"}),
 ])
 def test_each_cache_method_equals_transformer_lens(caches, method, kwargs):
     theirs, ours = caches
@@ -181,6 +187,20 @@ def test_each_cache_method_equals_transformer_lens(caches, method, kwargs):
         assert got[1] == want[1]
         got, want = got[0], want[0]
     _assert_equal_values(got, want, f"{method}({kwargs})")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"layer": 2, "pos_slice": -1, "apply_ln": True},
+                                    {"incl_remainder": True, "pos_slice": (3, 9)}])
+def test_head_results_unrecorded_come_from_z_through_w_o_as_in_transformer_lens(pair, caches, tokens, kwargs):
+    """Without hook_result (TransformerLens's default), each head's result is its z
+    through its rows of W_O, in ours and in TransformerLens."""
+    _, params = pair
+    ours = run_with_cache(params, tokens, lambda name: "result" not in name)[1]
+    assert "h.0.attn.result" not in ours and "h.0.attn.z" in ours
+    got, labels = ours.stack_head_results(**kwargs, return_labels=True)
+    want, their_labels = caches[0][0].stack_head_results(**kwargs, return_labels=True)
+    assert labels == their_labels
+    _assert_equal_values(got, want, f"stack_head_results({kwargs}) from z")
 
 
 def test_the_batched_logit_lens_is_transformer_lens_s_accumulated_resid_unembedded(pair, caches, tokens):
