@@ -528,15 +528,16 @@ def test_a_request_that_is_not_http_gets_an_openai_error(server, client):
     still_serving(client)
 
 
-def test_a_chunked_body_over_the_limit_is_a_413(server, client):
-    def chunks():
-        for _ in range(5):
-            yield b" " * 2**20
-
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_far_over_the_limit_is_a_413_the_client_reads(server, client, chunked):
+    """20 MiB, far more than the socket buffers hold, by Content-Length or chunked: what
+    the client is still sending is read and dropped, so it finishes and reads the 413."""
+    body = (b" " * 2**20 for _ in range(20)) if chunked else b" " * (20 * 2**20)
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=TIMEOUT)
-    conn.request("POST", "/v1/completions", chunks(), {"Content-Type": "application/json"}, encode_chunked=True)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"}, encode_chunked=chunked)
     reply = conn.getresponse()
-    assert reply.status == 413 and "body: a body of at least" in json.loads(reply.read())["error"]["message"]
+    words = "body: a body of at least" if chunked else "body: a Content-Length of 20971520 bytes"
+    assert reply.status == 413 and words in json.loads(reply.read())["error"]["message"]
     still_serving(client)
 
 

@@ -4,7 +4,6 @@ a generated <|endoftext|> in the log-probs, a failure that belongs to one reques
 failed shared decode step, the error events that end a cut stream. Every request has a
 timeout; each server stops at the end of its test."""
 
-import asyncio
 import http.client
 import json
 import re
@@ -20,7 +19,7 @@ import torch
 from functional_gpt import GPTConfig, flatten, forward, init_params, unflatten
 from functional_gpt.generation import engine as engine_module
 from functional_gpt.generation.engine import Engine
-from functional_gpt.generation.server import MAX_BODY_BYTES, APIError, Server, _drain, create_app
+from functional_gpt.generation.server import APIError, Server, create_app
 from functional_gpt.model.tokenizer import ENDOFTEXT_ID, decode
 
 from conftest import hf_model, params_of
@@ -293,49 +292,6 @@ def test_an_unexpected_exception_is_a_500_in_openai_shape(monkeypatch):
         status, reply = post(port, {"prompt": [1], "max_tokens": 2})
     assert status == 500 and reply == {"error": {"message": "internal error: RuntimeError: a bug",
                                                  "type": "server_error", "param": None, "code": None}}
-
-
-# --- the rest of a body over the limit is read and dropped (server._drain) -------------------
-
-
-def drained(messages: list[dict]) -> tuple[int, float]:
-    """-> (how many of `messages` _drain read, seconds it took); after the last message the
-    client sends nothing more (receive waits forever, as for bytes that never come)."""
-    sent = iter(messages)
-    count = 0
-
-    async def receive():
-        nonlocal count
-        message = next(sent, None)
-        if message is None:
-            await asyncio.sleep(3600)
-        count += 1
-        return message
-
-    t0 = time.perf_counter()
-    asyncio.run(_drain(receive))
-    return count, time.perf_counter() - t0
-
-
-MIB = 2**20
-PART = {"type": "http.request", "body": b" " * MIB, "more_body": True}
-
-
-def test_draining_reads_a_body_to_its_end_and_no_further():
-    assert drained([PART] * 3 + [{"type": "http.request", "body": b"x"}, PART])[0] == 4  # more_body absent: the end
-    assert drained([PART, PART | {"more_body": False}, PART])[0] == 2
-    assert drained([{"type": "http.disconnect"}, PART])[0] == 1  # the client left
-
-
-def test_draining_stops_at_eight_times_the_limit():
-    assert MAX_BODY_BYTES == 4 * MIB
-    assert drained([PART] * 40)[0] == 32  # 32 MiB read: no more
-    assert drained([PART | {"body": b" " * (8 * MAX_BODY_BYTES - 1)}, PART, PART])[0] == 2  # a byte short: one more
-
-
-def test_draining_stops_when_the_body_stops_coming_for_half_a_second():
-    count, took = drained([PART, PART])
-    assert count == 2 and 0.45 < took < 1.2, took
 
 
 def test_an_api_error_is_an_exception_that_says_its_message():
