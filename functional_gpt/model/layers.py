@@ -34,14 +34,14 @@ def linear(x, weight, bias, weight_scale=None):
     """x [..., n_in] -> x @ weight + bias [..., n_out]; weight [n_in, n_out] as GPT-2 stores
     it, or int8 with its scale [n_out] beside it (quantize.py)."""
     if weight_scale is not None:
-        return int8_matmul(x, weight, weight_scale) + bias
+        return torch.add(bias, int8_matmul(x, weight, weight_scale))  # the bias's dtype: one op, no cast
     y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
     return y.view(*x.shape[:-1], weight.shape[-1])
 
 
 def int8_matmul(x, weight, scale):
     """x [..., K] float, weight int8 [K, N] (the transpose of a contiguous [N, K]: the
-    layout the kernel reads), scale bf16 [N] -> x @ (weight * scale) [..., N] in x's dtype.
+    layout the kernel reads), scale bf16 [N] -> x @ (weight * scale) [..., N] in bf16.
 
     aten._weight_int8pack_mm reads one byte per weight and accumulates in float32; its
     vectorized x86 paths (AVX2, AVX-512) take bf16 activations only (float32 ones run a
@@ -52,7 +52,7 @@ def int8_matmul(x, weight, scale):
     if a.data_ptr() % 32 or not a.is_contiguous():  # a view of bf16 x: copy to a fresh (aligned) buffer
         a = a.clone(memory_format=torch.contiguous_format)
     y = torch.ops.aten._weight_int8pack_mm(a, weight.t().contiguous(), scale)
-    return y.view(*x.shape[:-1], N).to(x.dtype)
+    return y.view(*x.shape[:-1], N)
 
 
 def float_weight(p: dict, dtype: torch.dtype) -> torch.Tensor:

@@ -270,7 +270,7 @@ def unembed(params: Params, hidden: torch.Tensor) -> torch.Tensor:
     """The tied LM head: hidden [..., C] (the ln_f output) -> logits [..., V], hidden @ wte.T."""
     wte = params["wte"]
     if "weight_scale" in wte:
-        return int8_matmul(hidden, wte["weight"].t(), wte["weight_scale"])
+        return int8_matmul(hidden, wte["weight"].t(), wte["weight_scale"]).to(hidden.dtype)
     return F.linear(hidden, wte["weight"])
 
 
