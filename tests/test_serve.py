@@ -815,6 +815,35 @@ def test_bad_serve_flags_are_one_line(model, flags, words):
     assert done.returncode != 0 and len(lines) == 1 and words in lines[0], done.stderr
 
 
+def test_serve_loads_the_weights_on_the_device_it_is_given(tmp_path, monkeypatch):
+    """--device cpu holds on a machine that has CUDA (it is told it has: the best device
+    would be CUDA), and the weights are loaded there, quantized when asked."""
+    import functional_gpt.model.checkpoint as checkpoint
+    from functional_gpt.generation import server as server_module
+
+    tiny = GPTConfig(vocab_size=50257, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    save_params(tmp_path / "w.safetensors", init_params(tiny, seed=0), tiny)
+    loaded, load = {}, checkpoint.load_params
+
+    class Loaded(Exception):
+        pass
+
+    def engine(params, config, **sizes):
+        loaded["int8"] = params["wte"]["weight"].dtype == torch.int8
+        raise Loaded
+
+    def load_params(path, **kwargs):
+        loaded.update(kwargs)
+        return load(path)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checkpoint, "load_params", load_params)
+    monkeypatch.setattr(server_module, "Engine", engine)
+    with pytest.raises(Loaded):
+        server_module.serve(str(tmp_path / "w.safetensors"), device="cpu", quantize="int8")
+    assert loaded == {"device": torch.device("cpu"), "int8": True}
+
+
 def test_the_python_serve_takes_the_commands_defaults(tmp_path, monkeypatch):
     """`serve(weights)` from Python listens where `fgpt serve --weights W` does (this
     machine only), with as many rows and as long a queue: seen where serve passes them on."""
