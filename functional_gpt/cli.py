@@ -79,8 +79,24 @@ def _generate(args) -> int:
     params, config = _load(args)
     print_samples(params, prompt, config, max_new_tokens=args.max_new_tokens, sampling=sampling,
                   num_samples=args.num_samples, seed=args.seed, stop=tuple(stop_text(s) for s in args.stop),
-                  out=sys.stdout, err=sys.stderr)
+                  proposer=_proposer(args, config), speculate=args.speculate, out=sys.stdout, err=sys.stderr)
     return 0
+
+
+def _proposer(args, config):
+    """The speculative proposer --draft or --prompt_lookup asks for, or None."""
+    from .device import pick_device
+    from .generation.speculative import DraftModel, PromptLookup
+    from .model.checkpoint import load_params
+
+    if args.draft is not None and args.prompt_lookup is not None:
+        raise UserError("--draft and --prompt_lookup: give one proposer, not both")
+    if args.prompt_lookup is not None:
+        return PromptLookup(args.prompt_lookup)
+    if args.draft is not None:
+        draft, draft_config = load_params(args.draft, device=pick_device(args.device))
+        return DraftModel(draft, draft_config, config)
+    return None
 
 
 def _eval(args) -> int:
@@ -304,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
+    gen.add_argument("--draft", metavar="WEIGHTS",
+                     help="speculative decoding (greedy): a smaller model of the same tokenizer and context guesses")
+    gen.add_argument("--prompt_lookup", type=int, metavar="N",
+                     help="speculative decoding (greedy): guess what followed the context's last N-gram before")
+    gen.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses verified per forward (default 4)")
     _device_flag(gen)
     _quantize_flag(gen)
     gen.set_defaults(run=_generate)

@@ -658,6 +658,13 @@ def cli_cases() -> list[Case]:
     for value in ("int4", "", "INT8"):
         add(f"generate --quantize {value!r}", G + ["--quantize", value], E("--quantize"), "quantize.py")
     add("generate --quantize int8 of n_embd 8", G + ["--quantize", "int8"], E("n_embd=8"), "quantize.py")
+    for flags, culprit in ((["--prompt_lookup", "0", "--greedy"], "--prompt_lookup"),
+                           (["--prompt_lookup", "2", "--greedy", "--speculate", "-1"], "--speculate"),
+                           (["--prompt_lookup", "2"], "--prompt_lookup"),
+                           (["--prompt_lookup", "2", "--draft", tiny, "--greedy"], "--draft"),
+                           (["--draft", "{W}/none", "--greedy"], "none")):
+        add(f"generate {' '.join(flags)}", G + flags, E(culprit), "speculative.py")
+    add("generate --prompt_lookup 2 --greedy", G + ["--prompt_lookup", "2", "--greedy"], OK())
     add("generate --weights missing", [*G, "--weights", "{W}/none"], E("none"), "checkpoint.py")
     add("generate --weights NaN weights", [*G, "--weights", "{F}/nan.safetensors"], E("wte.weight"), "checkpoint.py")
     add("generate --prompt - not UTF-8", [*G, "--prompt", "-"], E("--prompt"), "cli.py", stdin=b"caf\xe9")
@@ -1108,7 +1115,7 @@ def report(results: list, show_all: bool, *, classes=CLASSES, column=("owner", 1
     table's third column. The censuses of the server and of data-parallel runs print theirs
     with it too."""
     header, size, cell = column
-    width = min(62, max(len(r.case.name) for r in results))
+    width = min(62, max((len(r.case.name) for r in results), default=4))
     lines = [f"{'case':<{width}}  {'class':<9}  {header:<{size}}  message"]
     for r in results:
         if show_all or r.cls not in ("clean", "correct"):

@@ -33,6 +33,7 @@ from ..model.transformer import KVCache, decode_step, forward_cached, new_cache
 from ..model.params import Params
 from ..model.taps import no_tap
 from .sampling import Sampling, sample_rows
+from .speculative import speculative_generate
 from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
@@ -248,6 +249,8 @@ def print_samples(
     num_samples: int = 1,
     seed: int | None = None,
     stop: tuple[str, ...] = (),
+    proposer=None,
+    speculate: int = 4,
     out,
     err,
 ) -> None:
@@ -257,7 +260,9 @@ def print_samples(
     Sample 1 streams as it is produced, each later one as soon as the ones before it are
     written. Sample i draws from its own generator seeded with seed + i, so it does not
     depend on how many samples were asked for; seed None draws fresh seeds, else
-    seed + num_samples - 1 must fit torch's seed range 0..2**64-1."""
+    seed + num_samples - 1 must fit torch's seed range 0..2**64-1. proposer (a
+    speculative.PromptLookup or DraftModel): decode greedily `speculate` guesses per
+    forward (speculative.py), the same text; one sample, greedy only."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_int(num_samples) or num_samples < 1:
@@ -265,6 +270,9 @@ def print_samples(
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED - (num_samples - 1)):
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED - (num_samples - 1)} (torch's seeds are "
                         f"0..2**64-1 and sample i uses seed + i), got {seed!r}")
+    if proposer is not None and (num_samples != 1 or not sampling.is_greedy):
+        raise UserError("--draft / --prompt_lookup: speculative decoding here is greedy and one sample (--greedy "
+                        "or --temperature 0, --num_samples 1)")
     texts = [TextStream(stop) for _ in range(num_samples)]
     ids, notice = encode_prompt(prompt_text, config)
     if notice:
@@ -294,8 +302,12 @@ def print_samples(
     produced, t_last = [0] * num_samples, [0.0] * num_samples
     t0 = t_first = time.perf_counter()
     show(0)
-    rows = generate(params, [ids] * num_samples, config, max_new_tokens=max_new_tokens, sampling=sampling,
-                    generators=generators, stop_tokens=(ENDOFTEXT_ID,))
+    if proposer is None:
+        rows = generate(params, [ids] * num_samples, config, max_new_tokens=max_new_tokens, sampling=sampling,
+                        generators=generators, stop_tokens=(ENDOFTEXT_ID,))
+    else:
+        rows = speculative_generate(params, ids, config, max_new_tokens=max_new_tokens, proposer=proposer,
+                                    k=speculate, stop_tokens=(ENDOFTEXT_ID,))
     for step, tokens in enumerate(rows):
         now = time.perf_counter()
         t_first = now if step == 0 else t_first

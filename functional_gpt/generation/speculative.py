@@ -1,0 +1,156 @@
+"""Speculative greedy decoding: the same tokens as plain greedy, several per forward.
+
+A proposer guesses the next k tokens; the target model verifies them in one cached
+forward over [last token, guesses] (the one block path). The guesses that equal the
+target's own greedy choices are kept, then the target's next choice after them, so each
+forward yields between 1 and k + 1 tokens, and exactly the tokens `decoding.generate`
+yields greedily. The cache rolls back past the rejected guesses (`KVCache.with_length`:
+what lies past a row's length is never read).
+
+Proposers: `DraftModel` (a smaller model with the same tokenizer and context, greedy on
+its own KV cache; train one with `fgpt train`) and `PromptLookup` (the continuation of the
+latest earlier match of the context's last n-gram: transformers' prompt_lookup_num_tokens,
+no second model). When the context is full, the window restarts exactly as in
+`decoding.generate`; the guesses never reach past the window, so every token is chosen
+from the context plain decoding would use.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from ..checks import check_int, describe
+from ..errors import UserError
+from ..model.config import GPTConfig
+from ..model.params import Params
+from ..model.transformer import KVCache, checked_config, decode_step, forward_cached, new_cache
+
+
+class PromptLookup:
+    """Guesses the tokens that followed the latest earlier occurrence of the context's last
+    `max_ngram` tokens (then shorter n-grams, down to 1); none when nothing matches."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = check_int("--prompt_lookup", max_ngram, 1, 64)
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            tail = context[-n:]
+            for i in range(len(context) - n - 1, -1, -1):
+                if context[i:i + n] == tail:
+                    return context[i + n:i + n + k]
+        return []
+
+    def restart(self) -> None:
+        pass  # no state
+
+    def accepted(self, context: list[int], n_kept: int) -> None:
+        pass
+
+
+class DraftModel:
+    """Guesses greedily with a smaller model on its own KV cache, which holds a prefix of
+    the window's context and is caught up (one forward) before each guess. It serves one
+    generation at a time: speculative_generate restarts it at the start and whenever the
+    window restarts."""
+
+    def __init__(self, params: Params, config: GPTConfig, target: GPTConfig, *, flag: str = "--draft"):
+        config = checked_config(params, config)
+        for field in ("vocab_size", "n_positions"):
+            if getattr(config, field) != getattr(target, field):
+                raise UserError(f"{flag}: the draft's {field} is {getattr(config, field)}, the model's "
+                                f"{getattr(target, field)}; a draft must share the tokenizer and the context")
+        self.params, self.config = params, config
+        self.cache: KVCache | None = None  # holds the window's first `cache.lengths[0]` tokens
+
+    def restart(self) -> None:
+        self.cache = None
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        if k == 0:
+            return []
+        if self.cache is None:
+            w = self.params["wpe"]["weight"]
+            self.cache = new_cache(self.config, 1, dtype=w.dtype, device=w.device)
+        held = self.cache.lengths[0]
+        missing = torch.tensor([context[held:]], device=self.cache.k.device)
+        logits, self.cache = forward_cached(self.params, missing, self.cache, self.config, last_only=True)
+        guesses = [int(logits[0, -1].argmax())]
+        for _ in range(k - 1):
+            logits, self.cache = decode_step(self.params, torch.tensor([guesses[-1]], device=self.cache.k.device),
+                                             self.cache, self.config)
+            guesses.append(int(logits[0].argmax()))
+        return guesses
+
+    def accepted(self, context: list[int], n_kept: int) -> None:
+        """context: the window before this step's tokens; n_kept guesses were kept. The cache
+        holds context + the first k - 1 guesses: keep what the new context shares."""
+        if self.cache is not None:
+            self.cache = self.cache.with_length(0, min(self.cache.lengths[0], len(context) + n_kept))
+
+
+def speculative_generate(
+    params: Params,
+    prompt: list[int],
+    config: GPTConfig,
+    *,
+    max_new_tokens: int,
+    proposer: PromptLookup | DraftModel,
+    k: int = 4,
+    stop_tokens: tuple[int, ...] = (),
+    window: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Greedy decoding of one prompt (token ids): yields each new token as int64 [1] (as
+    `decoding.generate` yields a row of one), the same tokens, ending after a token in
+    `stop_tokens` or max_new_tokens. k: guesses verified per forward (1..64). window: as
+    in generate. Runs under torch.inference_mode."""
+    config = checked_config(params, config)
+    P = config.n_positions
+    window = P // 2 if window is None else check_int("window", window, 1, P)
+    k = check_int("--speculate", k, 1, 64)
+    max_new_tokens = check_int("--max_new_tokens", max_new_tokens, 0)
+    if not isinstance(proposer, (PromptLookup, DraftModel)):
+        raise UserError(f"proposer: expected a PromptLookup or a DraftModel, got {describe(proposer)}")
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise UserError("prompt: expected a non-empty list of token ids")
+    if max_new_tokens == 0:
+        return
+    device = params["wte"]["weight"].device
+    proposer.restart()
+    s = list(prompt)
+    start = max(0, len(s) - P)
+    with torch.inference_mode():
+        cache, logits = _prefill(params, config, s[start:], device)
+        choices = [int(logits.argmax())]
+        produced = 0
+        while True:
+            for token in choices:
+                s.append(token)
+                produced += 1
+                yield torch.tensor([token], device=device)
+                if token in stop_tokens or produced == max_new_tokens:
+                    return
+            if len(s) - start > P:  # the window restarts, as in generate
+                start = len(s) - window
+                cache = _prefill(params, config, s[start:-1], device)[0] if window > 1 else \
+                    new_cache(config, 1, dtype=cache.k.dtype, device=device)
+                proposer.restart()
+            held = cache.lengths[0]  # the window but its last token
+            context = s[start:]
+            guesses = proposer.propose(context, min(k, P - (held + 1), max_new_tokens - produced - 1))
+            logits, cache = forward_cached(params, torch.tensor([[s[-1], *guesses]], device=device), cache, config)
+            target = logits[0].argmax(-1).tolist()
+            kept = 0
+            while kept < len(guesses) and guesses[kept] == target[kept]:
+                kept += 1
+            choices = guesses[:kept] + [target[kept]]
+            cache = cache.with_length(0, held + 1 + kept)
+            proposer.accepted(context, kept)
+
+
+def _prefill(params, config, tokens: list[int], device) -> tuple[KVCache, torch.Tensor]:
+    """A fresh cache holding `tokens`, and the logits after them [V]."""
+    w = params["wpe"]["weight"]
+    cache = new_cache(config, 1, dtype=w.dtype, device=device)
+    logits, cache = forward_cached(params, torch.tensor([tokens], device=device), cache, config, last_only=True)
+    return cache, logits[0, -1]
