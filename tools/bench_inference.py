@@ -20,6 +20,7 @@ the last token - time of the first): the prefill is left out.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -152,21 +153,16 @@ def worker(args) -> None:
 
 def contenders(args) -> list[str]:
     names = [*OURS, "hf-float32"]
-    try:
-        import torchao  # noqa: F401
-
+    if importlib.util.find_spec("torchao"):
         names.append("hf-torchao-int8")
-    except ImportError:
+    else:
         print("hf-torchao-int8: left out (torchao is not installed)")
-    try:
-        import llama_cpp  # noqa: F401
-
-        if args.llama_cpp_convert:
-            names += ["llama.cpp-f32", "llama.cpp-q8_0"]
-        else:
-            print("llama.cpp: left out (--llama_cpp_convert names no convert_hf_to_gguf.py)")
-    except ImportError:
+    if not importlib.util.find_spec("llama_cpp"):
         print("llama.cpp: left out (llama-cpp-python is not installed)")
+    elif not args.llama_cpp_convert:
+        print("llama.cpp: left out (--llama_cpp_convert names no convert_hf_to_gguf.py)")
+    else:
+        names += ["llama.cpp-f32", "llama.cpp-q8_0"]
     return names + list(CEILINGS)
 
 
