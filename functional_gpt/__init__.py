@@ -12,13 +12,13 @@ re-exported here.
 
 from .errors import UserError
 from .model import (ENDOFTEXT, ENDOFTEXT_ID, PRESETS, GPTConfig, KVCache, Params, config_of, count_params, decode,
-                    decode_step, encode, flatten, forward, forward_cached, gpt2_encoding, init_params, load_params,
+                    decode_step, dequantize, encode, flatten, forward, forward_cached, gpt2_encoding, init_params, load_params,
                     new_cache, no_tap, param_spec, preset, quantize, read_hf_config, recorder, save_params, to_single_token,
                     to_str_tokens, unflatten, with_config, write_hf_config)
 
 __all__ = [
     "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "Params", "UserError",
-    "config_of", "count_params", "decode", "decode_step", "encode", "flatten", "forward", "forward_cached",
+    "config_of", "count_params", "decode", "decode_step", "dequantize", "encode", "flatten", "forward", "forward_cached",
     "gpt2_encoding", "init_params", "load_params", "new_cache", "no_tap", "param_spec",
     "preset", "quantize", "read_hf_config", "recorder", "save_params", "to_single_token", "to_str_tokens", "unflatten",
     "with_config", "write_hf_config",

@@ -204,3 +204,34 @@ def test_generate_and_eval_take_quantize_int8_and_it_is_the_python_quantize(tmp_
     assert abs(json.loads(outputs[1])["nats_per_token"] - nats) <= 1e-3 * nats
     assert main(["eval", "--weights", str(floats), "--data", str(text), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nats_per_token"] != json.loads(outputs[1])["nats_per_token"]
+
+
+def test_what_reads_matrices_whole_reads_the_weights_the_int8_values_stand_for(model, tmp_path):
+    """dequantize is q * scale; the weights by role, the lens, logit attribution, the cache's
+    unembedding directions and transformers as the reference all take int8 params; export
+    refuses them (transformers' GPT-2 has no int8 layout)."""
+    from functional_gpt import dequantize
+    from functional_gpt.interp import logit_attribution, logit_lens, weights_by_role
+    from functional_gpt.reference.export import export_hf
+    from functional_gpt.reference.hf_model import reference_model
+
+    _, params = model
+    q = quantize(params)
+    floats = dequantize(q)
+    assert all(torch.equal(floats_t, want) for floats_t, want in zip(flatten(floats).values(), dequantized(q).values()))
+    assert dequantize(params) is params
+    assert torch.equal(weights_by_role(q).W_Q, weights_by_role(floats).W_Q)
+    assert torch.equal(weights_by_role(q).W_U, floats["wte"]["weight"].T)
+    tokens = torch.tensor([3, 50, 7, 9, 11])
+    assert_rel_close(logit_lens(q, tokens), logit_lens(floats, tokens), 2e-2, "logit lens")
+    ours, theirs = logit_attribution(q, tokens, target=5, other=6), logit_attribution(floats, tokens, target=5, other=6)
+    assert_rel_close(ours.heads, theirs.heads, 5e-2, "attribution by head")
+    _, cache = run_with_cache(q, tokens[None])
+    assert torch.equal(cache._directions(torch.tensor([4, 5]), "tokens"), floats["wte"]["weight"][[4, 5]])
+    with torch.no_grad():
+        assert_rel_close(reference_model(q)(tokens[None]).logits, forward(floats, tokens[None]), 1e-5, "reference")
+    path = tmp_path / "q.safetensors"
+    save_params(path, q, CONFIG)
+    with pytest.raises(UserError, match="holds int8 params, which transformers' GPT-2 does not load"):
+        export_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ from ..model.config import GPTConfig
 from ..model.layers import layer_norm
 from ..model.params import Params
 from ..model.tokenizer import to_single_token
+from ..model.transformer import embed_tokens
 from .names import BLOCK_POINTS, is_tl_name, our_name, tl_name
 
 _BLOCK_WITHIN = {ours for ours, _, _ in BLOCK_POINTS}
@@ -261,23 +262,24 @@ class ActivationCache(Mapping):
         return (_lined_up(scaled, direction, "the tokens' directions") * direction).sum(-1)
 
     def _directions(self, tokens, name: str) -> torch.Tensor:
-        """tokens -> their unembedding columns (rows of the tied wte), [*tokens.shape, C]."""
-        wte = self._params()["wte"]["weight"]
-        V = wte.shape[0]
+        """tokens -> their unembedding columns (rows of the tied wte; of int8 params, the
+        rows they stand for), [*tokens.shape, C]; one token -> [C]."""
+        params = self._params()
+        V = params["wte"]["weight"].shape[0]
         if isinstance(tokens, str):
             try:
                 tokens = to_single_token(tokens)
             except UserError as e:
                 raise UserError(f"{name}: {e}") from None
         if not isinstance(tokens, torch.Tensor):
-            return wte[check_int(name, tokens, 0, V - 1)]
+            tokens = torch.tensor(check_int(name, tokens, 0, V - 1))
         check_tensor(name, tokens, kind="integer")
         if not tokens.numel():
             raise UserError(f"{name}: empty ({describe(tokens)})")
-        tokens = tokens.long()
         if not (0 <= int(tokens.min()) and int(tokens.max()) < V):
             raise UserError(f"{name}: ids must be in 0..{V - 1}, got {int(tokens.min())}..{int(tokens.max())}")
-        return wte[int(tokens)] if tokens.numel() == 1 else wte[tokens]
+        ids = tokens.reshape(()) if tokens.numel() == 1 else tokens
+        return embed_tokens(params, ids.long().to(params["wte"]["weight"].device))
 
 
 def _sliced(x: torch.Tensor, how, dim: int, name: str = "pos_slice") -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..files import save_png
 from .hooks import run_with_cache
 from ..model.layers import layer_norm
-from ..model.transformer import checked_config
+from ..model.transformer import checked_config, embed_tokens, unembed
 from ..model.params import Params
 from ..model.tokenizer import decode
 
@@ -36,7 +36,7 @@ def logit_lens(params: Params, tokens: torch.Tensor, config: GPTConfig | None = 
     _, cache = run_with_cache(params, batch, names, config=config)
     resid = torch.stack([cache[n] for n in names])
     hidden = layer_norm(resid, **params["ln_f"], eps=config.layer_norm_epsilon)
-    logprobs = (hidden @ params["wte"]["weight"].T).log_softmax(-1)
+    logprobs = unembed(params, hidden).log_softmax(-1)
     return logprobs if tokens.dim() == 2 else logprobs[:, 0]
 
 
@@ -90,8 +90,7 @@ def logit_attribution(params: Params, tokens: torch.Tensor, target, other, *, po
     logits, cache = run_with_cache(params, batch, names, config=config)
     final = cache[f"h.{L - 1}"][:, position]  # [B, C]
     scale = (final - final.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(config.layer_norm_epsilon).sqrt()
-    w = params["wte"]["weight"]
-    difference = w[targets] - w[others]  # [B, C]
+    difference = embed_tokens(params, targets) - embed_tokens(params, others)  # [B, C]
     direction = params["ln_f"]["weight"] * difference / scale  # ln_f's divisor, frozen
 
     def share(piece):  # piece [B, ..., C] -> its share of the difference [B, ...] (centred as ln_f centres)

@@ -13,6 +13,7 @@ import torch
 
 from ..model.config import GPTConfig
 from ..model.params import Params
+from ..model.quantize import dequantize
 from ..model.transformer import checked_config
 
 
@@ -42,8 +43,10 @@ class RoleWeights:
 
 
 def weights_by_role(params: Params, config: GPTConfig | None = None) -> RoleWeights:
-    """params (checked against config, by default the one they carry) -> RoleWeights."""
+    """params (checked against config, by default the one they carry) -> RoleWeights (of
+    int8 params: the float matrices they stand for)."""
     config = checked_config(params, config)
+    params = dequantize(params)
     C, H, D = config.n_embd, config.n_head, config.head_dim
     blocks = params["h"]
 

@@ -15,7 +15,7 @@ nothing twice.
 
 from .checkpoint import load_params, save_params
 from .config import PRESETS, GPTConfig, preset, read_hf_config, write_hf_config
-from .quantize import quantize
+from .quantize import dequantize, quantize
 from .params import Params, count_params, flatten, init_params, param_spec, unflatten, with_config
 from .taps import no_tap, recorder
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode, encode, gpt2_encoding, to_single_token, to_str_tokens
@@ -23,7 +23,7 @@ from .transformer import KVCache, config_of, decode_step, forward, forward_cache
 
 __all__ = [
     "ENDOFTEXT", "ENDOFTEXT_ID", "GPTConfig", "KVCache", "PRESETS", "Params", "config_of", "count_params", "decode",
-    "decode_step", "encode", "flatten", "forward", "forward_cached", "forward_hidden", "gpt2_encoding", "init_params",
+    "decode_step", "dequantize", "encode", "flatten", "forward", "forward_cached", "forward_hidden", "gpt2_encoding", "init_params",
     "load_params", "new_cache", "no_tap", "param_spec", "preset", "quantize", "read_hf_config", "recorder", "save_params",
     "to_single_token", "to_str_tokens", "unflatten", "with_config", "write_hf_config",
 ]

@@ -9,7 +9,8 @@ their GPT-2 key and shape ([n_in, n_out]; wte [vocab, C]) with the scale under
 layer norms and wpe stay in the params' float dtype, the one activations run in.
 
 Everything that runs params runs these (`forward`, `forward_cached`, generate, serve,
-eval, hooks): `layers.linear` and the tied head dispatch on the scale, one model. An int8
+eval, hooks): `layers.linear` and the tied head dispatch on the scale, one model
+(`dequantize` gives the float params they stand for, to what reads matrices whole). An int8
 matrix is held as the transpose of a contiguous [n_out, n_in] buffer, the layout the
 kernel reads (`to_kernel_layout`: quantize and the loader do it once).
 """
@@ -42,6 +43,20 @@ def quantize(params: Params, scheme: str = "int8") -> Params:
         for key in quantizable_keys(config):
             flat[key], flat[f"{key}_scale"] = _int8(key, flat[key])
     return Params(unflatten(flat), config)
+
+
+def dequantize(params: Params) -> Params:
+    """The float params int8 params stand for (each matrix q * scale, in the dtype of the
+    rest); float params as they are. For what reads matrices whole: the weights by role,
+    transformers as the reference."""
+    if scheme_of(params) is None:
+        return params
+    flat = dict(flatten(params))
+    dtype = params["wpe"]["weight"].dtype
+    for key in [k for k in flat if k.endswith(f".{SCALE}")]:
+        weight_key, scale = key.removesuffix("_scale"), flat.pop(key).to(dtype)
+        flat[weight_key] = flat[weight_key].to(dtype) * (scale[:, None] if weight_key == "wte.weight" else scale)
+    return Params(unflatten(flat), params.config)
 
 
 def check_scheme(name: str, scheme) -> str:

@@ -231,7 +231,7 @@ def _transformer(
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
     )
     wpe = params["wpe"]["weight"]
-    x = tap("wte", embed_tokens(params, tokens).to(wpe.dtype))
+    x = tap("wte", embed_tokens(params, tokens))
     x = x + tap("wpe", F.embedding(positions, wpe).expand_as(x))
     x = tap("embed", F.dropout(x, embd_p) if embd_p else x)
     for i, block in enumerate(params["h"]):
@@ -259,10 +259,11 @@ def _transformer(
 
 def embed_tokens(params: Params, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids [...] -> their wte rows [..., C] (int8 rows times their scales when
-    quantized; the result then in bf16, the scales' dtype)."""
+    quantized, in the dtype of wpe: exact in float32)."""
     wte = params["wte"]
     if "weight_scale" in wte:
-        return F.embedding(tokens, wte["weight"]) * F.embedding(tokens, wte["weight_scale"][:, None])
+        dtype = params["wpe"]["weight"].dtype
+        return F.embedding(tokens, wte["weight"]).to(dtype) * F.embedding(tokens, wte["weight_scale"][:, None]).to(dtype)
     return F.embedding(tokens, wte["weight"])
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..model.checkpoint import load_params, save_params
 from ..model.config import write_hf_config
+from ..model.quantize import scheme_of
 from ..model.tokenizer import ENDOFTEXT_ID
 from ..errors import UserError
 from ..files import os_error
@@ -45,6 +46,9 @@ def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
         raise UserError(f"--out {out}: holds a training run ({run_file}); exporting there would replace its "
                         "weights; pick another directory")
     params, config = load_params(weights, dtype=dtype)
+    if scheme_of(params):
+        raise UserError(f"{weights}: holds {scheme_of(params)} params, which transformers' GPT-2 does not load; "
+                        f"export the float weights they were made from")
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{out}: cannot write ({above} is a file, not a directory)")

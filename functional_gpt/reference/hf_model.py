@@ -12,6 +12,7 @@ import torch
 from ..checks import check_bool, check_tensor, describe
 from ..errors import UserError
 from ..model.config import GPTConfig, hf_config_dict
+from ..model.quantize import dequantize
 from ..model.transformer import checked_config
 from ..interp.names import hook_names
 from ..model.params import Params, flatten
@@ -37,9 +38,10 @@ def _transformers():
 
 def reference_model(params: Params, config: GPTConfig | None = None):
     """A GPT2LMHeadModel in eval mode (no dropout) whose parameters are `params`' tensors
-    (shared, not copied), with lm_head tied to wte as in GPT-2. config: None takes the one
-    the params carry."""
+    (shared, not copied), with lm_head tied to wte as in GPT-2; for int8 params, the float
+    weights they stand for (`dequantize`). config: None takes the one the params carry."""
     config = checked_config(params, config)
+    params = dequantize(params)
     transformers = _transformers()
     with torch.device("meta"):  # no memory for the random init that would be overwritten
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(config)))
