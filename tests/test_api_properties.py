@@ -34,6 +34,7 @@ import functional_gpt.device as device_module
 import functional_gpt.interp as interp
 import functional_gpt.reference as reference
 import functional_gpt.training as training
+import functional_gpt.generation.speculative as speculative
 from functional_gpt import UserError
 from functional_gpt.checks import describe
 from functional_gpt.training.data import Position
@@ -210,6 +211,18 @@ CASES = {
     "GPTConfig": Case(lambda **kw: fg.GPTConfig(**kw), dict(n_layer=lambda: 2, n_head=lambda: 2, n_embd=lambda: 8,
                                                              layer_norm_epsilon=lambda: 1e-5, attn_pdrop=lambda: 0.0),
                       says=dict(n_head=("n_embd",), n_embd=("n_head",))),
+    "quantize": Case(fg.quantize, dict(params=P, scheme=lambda: "int8"), says=dict(params=PARAMS_WORDS)),
+    "dequantize": Case(fg.dequantize, dict(params=lambda: fg.quantize(PARAMS)), says=dict(params=PARAMS_WORDS)),
+    "speculative_generate": Case(lambda **kw: list(speculative.speculative_generate(**kw)),
+                                 dict(params=P, prompt=lambda: TOKENS[0].tolist(), config=lambda: TINY,
+                                      max_new_tokens=lambda: 5, proposer=lambda: speculative.PromptLookup(2),
+                                      k=lambda: 3, stop_tokens=lambda: (), window=lambda: None),
+                                 says=dict(params=PARAMS_WORDS, prompt=("token id", "tokens"),
+                                           max_new_tokens=("--max_new_tokens",), k=("--speculate",),
+                                           stop_tokens=("stop",))),
+    "DraftModel": Case(speculative.DraftModel, dict(params=P, config=lambda: TINY, target=lambda: TINY),
+                       says=dict(params=PARAMS_WORDS, target=("--draft", "config"))),
+    "PromptLookup": Case(speculative.PromptLookup, dict(max_ngram=lambda: 3), says=dict(max_ngram=("--prompt_lookup",))),
     "save_params": Case(fg.save_params, dict(path=_out(".safetensors"), params=P, config=lambda: TINY),
                         says=dict(params=PARAMS_WORDS, path=("out",)), spoilers=dict(params=SPOILED_PARAMS)),
     "load_params": Case(fg.load_params, dict(path=_saved, dtype=lambda: torch.float32, device=lambda: "cpu",

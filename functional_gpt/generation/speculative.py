@@ -15,6 +15,7 @@ no second model). When the context is full, the window restarts exactly as in
 from the context plain decoding would use.
 """
 
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +57,8 @@ class DraftModel:
 
     def __init__(self, params: Params, config: GPTConfig, target: GPTConfig, *, flag: str = "--draft"):
         config = checked_config(params, config)
+        if not isinstance(target, GPTConfig):
+            raise UserError(f"target: expected the model's GPTConfig, got {describe(target)}")
         for field in ("vocab_size", "n_positions"):
             if getattr(config, field) != getattr(target, field):
                 raise UserError(f"{flag}: the draft's {field} is {getattr(config, field)}, the model's "
@@ -111,8 +114,11 @@ def speculative_generate(
     max_new_tokens = check_int("--max_new_tokens", max_new_tokens, 0)
     if not isinstance(proposer, (PromptLookup, DraftModel)):
         raise UserError(f"proposer: expected a PromptLookup or a DraftModel, got {describe(proposer)}")
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise UserError("prompt: expected a non-empty list of token ids")
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(_is_id(t, config) for t in prompt):
+        raise UserError(f"prompt: expected a non-empty list of token ids in 0..{config.vocab_size - 1}, got "
+                        f"{describe(prompt)}")
+    if not isinstance(stop_tokens, (list, tuple, set, frozenset)) or not all(_is_id(t, config) for t in stop_tokens):
+        raise UserError(f"stop_tokens: expected a tuple of token ids, got {describe(stop_tokens)}")
     if max_new_tokens == 0:
         return
     device = params["wte"]["weight"].device
@@ -146,6 +152,10 @@ def speculative_generate(
             choices = guesses[:kept] + [target[kept]]
             cache = cache.with_length(0, held + 1 + kept)
             proposer.accepted(context, kept)
+
+
+def _is_id(token, config: GPTConfig) -> bool:
+    return isinstance(token, numbers.Integral) and not isinstance(token, bool) and 0 <= token < config.vocab_size
 
 
 def _prefill(params, config, tokens: list[int], device) -> tuple[KVCache, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 
 from ..checks import describe
 from ..errors import UserError
+from .config import GPTConfig
 from .params import SCALE, Params, check_params, flatten, quantizable_keys, unflatten
 
 SCHEMES = ("int8",)
@@ -29,12 +30,8 @@ def quantize(params: Params, scheme: str = "int8") -> Params:
     """float params (carrying their config) -> the same params with every matrix int8 and
     its scale beside it; `params` is not changed. Refuses params already quantized, and a
     width the kernel cannot read (n_embd % 16)."""
-    config = getattr(params, "config", None)
     check_scheme("scheme", scheme)
-    if config is None:
-        raise UserError(f"params: quantize needs params that carry their config (init_params, load_params, "
-                        f"with_config), got {describe(params)}")
-    check_params(params, config, quantized=False)
+    config = _checked(params, "quantize", quantized=False)
     if config.n_embd % 16:
         raise UserError(f"n_embd={config.n_embd}: the int8 kernel reads 16 inputs at a time, so n_embd must be a "
                         f"multiple of 16")
@@ -49,6 +46,7 @@ def dequantize(params: Params) -> Params:
     """The float params int8 params stand for (each matrix q * scale, in the dtype of the
     rest); float params as they are. For what reads matrices whole: the weights by role,
     transformers as the reference."""
+    _checked(params, "dequantize")
     if scheme_of(params) is None:
         return params
     flat = dict(flatten(params))
@@ -83,6 +81,16 @@ def quantize_flag(params: Params, scheme: str | None, flag: str = "--quantize") 
 def scheme_of(params: Params) -> str | None:
     """"int8" for quantized params, None for float ones."""
     return "int8" if SCALE in params["wte"] else None
+
+
+def _checked(params, what: str, *, quantized: bool = True):
+    """The config params carry, after checking them against it (a UserError naming params)."""
+    config = getattr(params, "config", None)
+    if not isinstance(config, GPTConfig):
+        raise UserError(f"params: {what} needs params that carry their config (init_params, load_params, "
+                        f"with_config), got {describe(params)}")
+    check_params(params, config, quantized=quantized)
+    return config
 
 
 def to_kernel_layout(key: str, weight: torch.Tensor) -> torch.Tensor:
