@@ -546,3 +546,15 @@ def test_weights_by_role_take_a_config_for_params_that_carry_none(pair):
     with pytest.raises(UserError, match="do not carry their config"):
         weights_by_role(plain)
     assert torch.equal(weights_by_role(plain, TINY).W_Q, weights_by_role(params).W_Q)
+
+
+def test_transformer_lens_3_names_read_back_and_the_last_block_s_alias_checks_n_layer():
+    for ours in ("h.1.ln_1", "h.0.ln_2", "ln_f", "h.1.attn.pattern", "h.0"):
+        assert from_transformer_lens(to_transformer_lens(ours, version=3), version=3) == ours
+    assert from_transformer_lens("ln_final.hook_normalized", version=3) == "ln_f"
+    assert from_transformer_lens("ln_final.hook_normalized") == "ln_f.normalized"  # TransformerLens 4's
+    assert from_transformer_lens("ln_final.hook_in", n_layer=1) == "h.0"
+    for bad in (0, 4097, "2"):
+        with pytest.raises(UserError) as e:
+            from_transformer_lens("ln_final.hook_in", n_layer=bad)
+        assert str(e.value).startswith("n_layer: expected an integer in 1..4096"), str(e.value)
