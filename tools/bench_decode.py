@@ -20,7 +20,7 @@ from functional_gpt import flatten, init_params, preset
 from functional_gpt.generation.decoding import generate
 
 
-class _Clock:  # a transformers streamer: put() gets the prompt, then each new token
+class Clock:  # a transformers streamer: put() gets the prompt, then each new token
     def __init__(self):
         self.times, self.tokens = [], []
 
@@ -45,7 +45,7 @@ def run_ours(params, config, prompt, n):
 
 
 def run_hf(model, prompt, n):
-    clock = _Clock()
+    clock = Clock()
     model.generate(torch.tensor([prompt.tolist()]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                    max_new_tokens=n, do_sample=False, use_cache=True, streamer=clock)
     new = [t[0] for t in clock.tokens[1:]]  # the first put is the prompt

@@ -38,13 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from functional_gpt import init_params, load_params, preset, quantize, save_params  # noqa: E402
 from functional_gpt.device import cpu_flags  # noqa: E402
+from bench_decode import Clock, decode_rate  # noqa: E402  (tools/, this script's directory)
 
 OURS = {"ours-float32": torch.float32, "ours-bfloat16": torch.bfloat16, "ours-int8": "int8"}
 CEILINGS = ("ceiling-float32", "ceiling-bfloat16", "ceiling-int8")
-
-
-def decode_rate(times: list[float]) -> float:
-    return (len(times) - 1) / (times[-1] - times[0])
 
 
 def run_ours(weights: str, kind, prompt: list[int], n: int) -> dict:
@@ -71,17 +68,6 @@ def run_hf(hf_dir: str, torchao: bool, prompt: list[int], n: int) -> dict:
         extra["quantization_config"] = transformers.TorchAoConfig(Int8WeightOnlyConfig())
     model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, **extra).eval()
     model.generation_config.eos_token_id = None
-
-    class Clock:  # a streamer: put() gets the prompt, then each new token
-        def __init__(self):
-            self.times, self.tokens = [], []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-            self.tokens.append(value.reshape(-1).tolist())
-
-        def end(self):
-            pass
 
     ids = torch.tensor([prompt])
     mask = torch.ones_like(ids)
