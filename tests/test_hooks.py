@@ -558,3 +558,13 @@ def test_transformer_lens_3_names_read_back_and_the_last_block_s_alias_checks_n_
         with pytest.raises(UserError) as e:
             from_transformer_lens("ln_final.hook_in", n_layer=bad)
         assert str(e.value).startswith("n_layer: expected an integer in 1..4096"), str(e.value)
+
+
+def test_head_results_from_z_without_the_batch_axis_are_the_batched_ones(pair):
+    _, params = pair
+    tokens = _tokens(B=1)
+    cache = run_with_cache(params, tokens, lambda name: "result" not in name)[1]
+    assert "h.0.attn.result" not in cache
+    batched, single = cache.stack_head_results(), cache.remove_batch_dim().stack_head_results()
+    assert single.shape == (TINY.n_layer * H, 12, TINY.n_embd)
+    assert_rel_close(single, batched[:, 0], 1e-6, "batchless head results")
