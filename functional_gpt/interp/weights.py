@@ -46,7 +46,7 @@ def weights_by_role(params: Params, config: GPTConfig | None = None) -> RoleWeig
     """params (checked against config, by default the one they carry) -> RoleWeights (of
     int8 params: the float matrices they stand for)."""
     config = checked_config(params, config)
-    params = dequantize(params)
+    params = dequantize(params, config)
     C, H, D = config.n_embd, config.n_head, config.head_dim
     blocks = params["h"]
 

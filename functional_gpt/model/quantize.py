@@ -42,11 +42,11 @@ def quantize(params: Params, scheme: str = "int8") -> Params:
     return Params(unflatten(flat), config)
 
 
-def dequantize(params: Params) -> Params:
+def dequantize(params: Params, config: GPTConfig | None = None) -> Params:
     """The float params int8 params stand for (each matrix q * scale, in the dtype of the
-    rest); float params as they are. For what reads matrices whole: the weights by role,
-    transformers as the reference."""
-    _checked(params, "dequantize")
+    rest); float params as they are. config: None takes the one they carry. For what
+    reads matrices whole: the weights by role, transformers as the reference."""
+    config = _checked(params, "dequantize", config=config)
     if scheme_of(params) is None:
         return params
     flat = dict(flatten(params))
@@ -54,7 +54,7 @@ def dequantize(params: Params) -> Params:
     for key in [k for k in flat if k.endswith(f".{SCALE}")]:
         weight_key, scale = key.removesuffix("_scale"), flat.pop(key).to(dtype)
         flat[weight_key] = flat[weight_key].to(dtype) * (scale[:, None] if weight_key == "wte.weight" else scale)
-    return Params(unflatten(flat), params.config)
+    return Params(unflatten(flat), config)
 
 
 def check_scheme(name: str, scheme) -> str:
@@ -83,9 +83,10 @@ def scheme_of(params: Params) -> str | None:
     return "int8" if SCALE in params["wte"] else None
 
 
-def _checked(params, what: str, *, quantized: bool = True):
-    """The config params carry, after checking them against it (a UserError naming params)."""
-    config = getattr(params, "config", None)
+def _checked(params, what: str, *, quantized: bool = True, config: GPTConfig | None = None):
+    """config, else the one params carry, after checking params against it (a UserError
+    naming params)."""
+    config = getattr(params, "config", None) if config is None else config
     if not isinstance(config, GPTConfig):
         raise UserError(f"params: {what} needs params that carry their config (init_params, load_params, "
                         f"with_config), got {describe(params)}")

@@ -41,7 +41,7 @@ def reference_model(params: Params, config: GPTConfig | None = None):
     (shared, not copied), with lm_head tied to wte as in GPT-2; for int8 params, the float
     weights they stand for (`dequantize`). config: None takes the one the params carry."""
     config = checked_config(params, config)
-    params = dequantize(params)
+    params = dequantize(params, config)
     transformers = _transformers()
     with torch.device("meta"):  # no memory for the random init that would be overwritten
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(config)))
