@@ -60,7 +60,7 @@ def _serve(args) -> int:
     from .generation.server import serve
 
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          device=args.device, quantize=args.quantize)
+          device=args.device, quantize=args.quantize, batch_invariant=args.batch_invariant)
     return 0
 
 
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max_queue", type=int, default=64, metavar="N",
                      help="completions that may wait for a row: beyond it, 429 (busy); a request of more "
                           "completions than N is a 400")
+    srv.add_argument("--batch_invariant", action="store_true",
+                     help="every request returns exactly what it returns alone: each step multiplies all "
+                          "--max_batch rows and no prompt reuses another's prefix (slower for few clients)")
     _device_flag(srv)
     _quantize_flag(srv)
     srv.set_defaults(run=_serve)

@@ -201,7 +201,7 @@ def test_a_failing_prefill_is_a_500_for_its_request_alone(monkeypatch):
 def test_a_failing_shared_decode_step_ends_every_stream_it_held_with_an_error(monkeypatch):
     """Only a failure of the batched step itself ends all its rows, each with an error
     event; the next request is served."""
-    fail_when(monkeypatch, "decode_step", lambda *args, rows: sum(rows) == 2)  # once both streams run
+    fail_when(monkeypatch, "decode_step", lambda *args, rows, **kw: sum(rows) == 2)  # once both streams run
     with running(TRAINED) as (port, _):
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda s: post(port, LONG | {"seed": s}), (1, 2)))
@@ -247,7 +247,7 @@ def test_each_answer_is_logged_in_one_line_with_its_counts_and_rate(stream):
     line = [line for line in logs if line.startswith("POST /v1/completions: ")]
     assert len(line) == 1, logs
     got = re.fullmatch(rf"POST /v1/completions: 2 choice\(s\), 3 prompt \+ {new} new tokens, first token "
-                       r"(\d+\.\d{3}) s, (\d+\.\d) tok/s", line[0])
+                       r"(\d+\.\d{3}) s, (\d+\.\d) tok/s, 2 prompt tokens from the prefix cache", line[0])
     assert got and float(got[1]) <= took and new / took <= float(got[2]) + 0.05, line
 
 

@@ -2,16 +2,25 @@
 
 An `Engine` owns a KV cache of `max_batch` rows. Each `step()`:
 1. admits waiting requests into free rows: each prompt is prefilled alone into its row
-   (`KVCache.row`), exactly as it would be with nothing else running;
-2. samples each active row with its own rules and its own seeded generator, and retires
-   the rows that finished (`<|endoftext|>`, a stop string, max_tokens, cancelled),
+   (`KVCache.row`), and its first token is sampled and sent at once, before the next
+   prompt's prefill;
+2. samples each other active row with its own rules and its own seeded generator, and
+   retires the rows that finished (`<|endoftext|>`, a stop string, max_tokens, cancelled),
    freeing them at once for the next request;
-3. decodes the new token of every row still active in one `decode_step` over all
-   `max_batch` rows (idle rows are skipped in attention and cost only their share of the
-   matrix products); the products always have max_batch rows, so a row's logits never
-   depend on how many other rows are busy.
+3. decodes the new token of every row still active in one `decode_step`.
 
-So a request gets the same tokens whichever requests share its batch. A failure belongs
+Two modes:
+- default: the decode step multiplies only the busy rows (a lone request costs what it
+  costs alone), and prompts reuse the keys and values of a shared prefix (prefix caching):
+  every cache row remembers the tokens its buffers hold, also after its request ended, and
+  a new prompt takes the free row holding its longest prefix, or copies that prefix from
+  a busy row, and prefills only the rest (`Done.cached_tokens` counts the reused ones);
+- `batch_invariant`: the decode step always multiplies all `max_batch` rows and every
+  prompt is prefilled whole, so a request gets exactly the tokens and log-probs it gets
+  alone, whichever requests share its batch (a BLAS rounds a row differently by the
+  product's row count, and a reused prefix's numbers by the prefill that made them).
+
+A failure belongs
 to its request, as vLLM aborts one sequence and not the batch: a prefill or a sampling
 step that raises retires that row alone (`Done` "error", saying where and why) and the
 others go on; only a failure of the shared decode step ends every row it held.
@@ -42,7 +51,7 @@ from ..model.transformer import decode_step, forward_cached, new_cache
 from .decoding import MAX_SEED, TextStream
 from .sampling import Sampling, sample
 
-MAX_LOGPROBS = 5
+MAX_LOGPROBS = 5  # also how many alternatives a row keeps per prompt token, for a later prompt sharing it
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's do
 
 
@@ -122,13 +131,15 @@ class Token:
 class Done:
     """The end of a request: reason "stop" (<|endoftext|> or a stop string), "length"
     (max_tokens), "cancelled" or "error" (then `error` says where and why); text: what
-    the text stream held back to the end; the time to the first token."""
+    the text stream held back to the end; the time to the first token; cached_tokens: the
+    prompt tokens whose keys and values were reused, not prefilled (prefix caching)."""
 
     reason: str
     new_tokens: int
     text: str = ""
     first_token_s: float = math.nan
     error: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -152,8 +163,17 @@ class _Row:  # an active row's state
     counts: torch.Tensor  # int [V]: how often each token was generated (penalties)
     seen: torch.Tensor | None  # bool [1, V]: prompt and generated tokens (repetition penalty)
     logits: torch.Tensor  # [V]: the next token's logits
+    cached: int = 0  # prompt tokens reused from a shared prefix
     produced: int = 0
     first_token_s: float = math.nan
+    next_token: int = 0  # the last token sampled: the next decode step's input
+
+
+@dataclass
+class _Held:  # what a cache row's buffers hold, kept after its request ends (prefix caching)
+    tokens: list = field(default_factory=list)  # the ids whose keys and values fill positions 0 .. len-1
+    scored: list = field(default_factory=list)  # (log-prob, {alt: log-prob}) of tokens 1 .. len(scored)
+    used: float = 0.0  # when it was last written: the least recently used free row is overwritten first
 
 
 class QueueFull(Exception):
@@ -168,13 +188,16 @@ def check_sizes(max_batch, max_queue, flag: str = "") -> None:
 
 
 class Engine:
-    def __init__(self, params: Params, config: GPTConfig, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, params: Params, config: GPTConfig, *, max_batch: int = 8, max_queue: int = 64,
+                 batch_invariant: bool = False):
         check_sizes(max_batch, max_queue)
         self.params, self.config, self.max_queue = params, config, max_queue
+        self.batch_invariant = check_bool("batch_invariant", batch_invariant)
         w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
         self.device = w.device
         self.cache = new_cache(config, max_batch, dtype=w.dtype, device=w.device)
         self.rows: list[_Row | None] = [None] * max_batch
+        self.held = [_Held() for _ in range(max_batch)]
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -212,25 +235,21 @@ class Engine:
     def step(self) -> None:
         """Admit, sample one token per active row, retire, decode (see the module doc)."""
         with torch.inference_mode():
-            self._admit()
-            tokens = [0] * len(self.rows)
+            admitted = self._admit()  # their first token is out already
             for i, row in enumerate(self.rows):
-                if row is None:
+                if row is None or i in admitted:
                     continue
                 if row.handle.cancelled:
                     self._retire(i, "cancelled")
                     continue
-                try:
-                    tokens[i] = self._sample(row)
-                    self._emit(i, tokens[i])
-                except Exception as e:  # this row's failure: the others go on
-                    self._fail(i, "sampling", e)
+                self._advance(i)
             live = tuple(r is not None for r in self.rows)
             if not any(live):
                 return
+            tokens = [0 if r is None else r.next_token for r in self.rows]
             try:
                 logits, self.cache = decode_step(self.params, torch.tensor(tokens, device=self.device), self.cache,
-                                                 self.config, rows=live)
+                                                 self.config, rows=live, fixed_shape=self.batch_invariant)
             except Exception as e:  # the shared step: every row it held fails with it
                 for i, on in enumerate(live):
                     if on:
@@ -239,6 +258,7 @@ class Engine:
             for i, on in enumerate(live):
                 if on:
                     self.rows[i].logits = logits[i]
+                    self.held[i].tokens.append(tokens[i])
 
     def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
         """Finish every request, waiting or running, with `reason` (and `error`)."""
@@ -250,32 +270,56 @@ class Engine:
             if row is not None:
                 self._retire(i, reason, error=error)
 
-    def _admit(self) -> None:
-        """Fill the free rows from the queue in order. A request cancelled while waiting, one
-        whose prefill fails and one of max_tokens 0 end at once, and their row takes the next
-        waiting request in the same step."""
-        for i in range(len(self.rows)):
-            while self.rows[i] is None:
-                with self.lock:
-                    if not self.waiting:
-                        return
-                    handle = self.waiting.popleft()
-                if handle.cancelled:
-                    handle.sink(Done("cancelled", 0))
-                    continue
-                try:
-                    self._prefill(i, handle)
-                except Exception as e:  # this request's failure: its row stays free for the next
-                    self.rows[i] = None
-                    self.cache = self.cache.with_length(i, 0)
-                    handle.sink(Done("error", 0, error=_failure("prefill", e)))
+    def _admit(self) -> set[int]:
+        """Fill free rows from the queue in order -> the rows filled. A request cancelled
+        while waiting, one whose prefill fails and one of max_tokens 0 end at once, and the
+        next waiting request takes their place in the same step."""
+        admitted = set()
+        while None in self.rows:
+            with self.lock:
+                if not self.waiting:
+                    break
+                handle = self.waiting.popleft()
+            if handle.cancelled:
+                handle.sink(Done("cancelled", 0))
+                continue
+            i, source, reused = self._place(handle.request)
+            try:
+                self._prefill(i, handle, source, reused)
+            except Exception as e:  # this request's failure: its row stays free for the next
+                self.rows[i], self.held[i] = None, _Held()
+                self.cache = self.cache.with_length(i, 0)
+                handle.sink(Done("error", 0, error=_failure("prefill", e)))
+                continue
+            admitted.add(i)
+        return admitted
 
-    def _prefill(self, i: int, handle: Handle) -> None:
+    def _place(self, request: Request) -> tuple[int, int, int]:
+        """-> (the free row to run the request in, the row whose buffers hold its longest
+        reusable prefix, that prefix's length): the holding row itself when it is free, else
+        the least recently used free row (batch_invariant: the first free row, no prefix)."""
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        if self.batch_invariant:
+            return free[0], free[0], 0
+        reusable = [_reusable(held, request) for held in self.held]
+        source = max(range(len(reusable)), key=reusable.__getitem__)
+        if self.rows[source] is None and reusable[source]:
+            return source, source, reusable[source]
+        return min(free, key=lambda i: self.held[i].used), source, reusable[source]
+
+    def _prefill(self, i: int, handle: Handle, source: int, reused: int) -> None:
+        """Run the prompt in row i after the `reused` positions copied from row `source`,
+        record what the row holds, and send the first token."""
         request, V = handle.request, self.config.vocab_size
+        earlier = self.held[source].scored[:reused] if request.prompt_logprobs else []
+        self.cache = self.cache.with_prefix(i, source, reused)
         tokens = torch.tensor([request.prompt], device=self.device)
-        logits, row_cache = forward_cached(self.params, tokens, self.cache.with_length(i, 0).row(i), self.config,
+        logits, row_cache = forward_cached(self.params, tokens[:, reused:], self.cache.row(i), self.config,
                                            last_only=not request.prompt_logprobs)
         self.cache = self.cache.with_length(i, row_cache.lengths[0])
+        scored = (self._score_prompt(logits[0], request, earlier) if request.prompt_logprobs
+                  else self.held[source].scored[:max(reused - 1, 0)])
+        self.held[i] = _Held(list(request.prompt), scored, time.perf_counter())
         generator = torch.Generator(device=self.device)
         generator.seed() if request.seed is None else generator.manual_seed(request.seed)
         seen = None
@@ -283,24 +327,37 @@ class Engine:
             seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
             seen[0, tokens[0]] = True
         if request.prompt_logprobs:
-            handle.sink(Prompt(self._prompt_logprobs(logits[0], request)))
+            k = request.logprobs or 0
+            handle.sink(Prompt([(request.prompt[0], None, None)] + [
+                (token, logprob, dict(list(alts.items())[:k]) if k else None)
+                for token, (logprob, alts) in zip(request.prompt[1:], scored)]))
         self.rows[i] = _Row(handle, generator, TextStream(request.stop), torch.zeros(V, device=self.device), seen,
-                            logits[0, -1])
+                            logits[0, -1], cached=reused)
         if request.max_tokens == 0:
             self._retire(i, "length")
+        else:
+            self._advance(i)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, request: Request) -> list:
-        """[(token, log-prob or None, {alt: log-prob} or None)] for each prompt token."""
-        logp = F.log_softmax(logits[:-1].float(), dim=-1)  # position t predicts token t + 1
-        ids = torch.tensor(request.prompt[1:], device=logp.device, dtype=torch.long)
+    def _score_prompt(self, logits: torch.Tensor, request: Request, earlier: list) -> list:
+        """-> (log-prob, {alt: log-prob} of the MAX_LOGPROBS best) of prompt tokens 1 .. n-1:
+        `earlier` for tokens 1 .. r (reused), the rest from logits [n - r, V] at positions
+        r .. n-1."""
+        r = len(earlier)
+        logp = F.log_softmax(logits[:-1].float(), dim=-1)  # row t (position r + t) predicts token r + t + 1
+        ids = torch.tensor(request.prompt[r + 1 :], device=logp.device, dtype=torch.long)
         chosen = logp.gather(-1, ids[:, None])[:, 0].tolist()
-        k = request.logprobs or 0
-        top = logp.topk(k, dim=-1) if k else None
-        out = [(request.prompt[0], None, None)]
-        for t, token in enumerate(request.prompt[1:]):
-            alts = dict(zip(top.indices[t].tolist(), top.values[t].tolist())) if k else None
-            out.append((token, chosen[t], alts))
-        return out
+        top = logp.topk(min(MAX_LOGPROBS, logp.shape[-1]), dim=-1)
+        alts = [dict(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        return earlier + list(zip(chosen, alts))
+
+    def _advance(self, i: int) -> None:
+        """Sample row i's next token and send it (a failure retires the row alone)."""
+        row = self.rows[i]
+        try:
+            row.next_token = self._sample(row)
+            self._emit(i, row.next_token)
+        except Exception as e:  # this row's failure: the others go on
+            self._fail(i, "sampling", e)
 
     def _sample(self, row: _Row) -> int:
         request = row.handle.request
@@ -340,8 +397,24 @@ class Engine:
     def _retire(self, i: int, reason: str, text: str = "", error: str | None = None) -> None:
         row = self.rows[i]
         self.rows[i] = None
-        self.cache = self.cache.with_length(i, 0)
-        row.handle.sink(Done(reason, row.produced, text, row.first_token_s, error))
+        self.held[i].used = time.perf_counter()
+        self.cache = self.cache.with_length(i, 0)  # its buffers still hold self.held[i] for a later prompt
+        row.handle.sink(Done(reason, row.produced, text, row.first_token_s, error, row.cached))
+
+
+def _reusable(held: _Held, request: Request) -> int:
+    """How many of the prompt's first positions can come from `held`: its shared prefix, less
+    one so that the prompt's last token is run (its logits start the completion); with
+    prompt log-probs, only tokens whose log-probs were kept, and not the last shared one
+    (the position before each scored token is run)."""
+    common = 0
+    for a, b in zip(held.tokens, request.prompt):
+        if a != b:
+            break
+        common += 1
+    if request.prompt_logprobs:
+        return max(0, min(common - 1, len(held.scored)))
+    return min(common, len(request.prompt) - 1)
 
 
 def _failure(stage: str, e: Exception) -> str:

@@ -430,11 +430,12 @@ class _Reply:
         self.top_wanted = getattr(body, "logprobs", None)
         self.prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n is (OpenAI's count)
 
-    def log(self, completion_tokens: int, ttft: float) -> None:
+    def log(self, completion_tokens: int, ttft: float, cached: int) -> None:
         elapsed = time.perf_counter() - self.started
         rate = completion_tokens / elapsed if elapsed > 0 else float("nan")
+        reused = f", {cached} prompt tokens from the prefix cache" if cached else ""
         self.server.log(f"POST {self.http.url.path}: {len(self.requests)} choice(s), {self.prompt_tokens} prompt + "
-                        f"{completion_tokens} new tokens, first token {ttft:.3f} s, {rate:.1f} tok/s")
+                        f"{completion_tokens} new tokens, first token {ttft:.3f} s, {rate:.1f} tok/s{reused}")
 
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
@@ -461,7 +462,8 @@ class _Reply:
                 logprobs = _logprobs_block(entries, [])
             full = (decode(list(request.prompt)) if self.echo else "") + text
             choices.append({"text": full, "index": i, "logprobs": logprobs, "finish_reason": done.reason})
-        self.log(completion_tokens, min((d.first_token_s for _, _, d in results), default=float("nan")))
+        self.log(completion_tokens, min((d.first_token_s for _, _, d in results), default=float("nan")),
+                 sum(d.cached_tokens for _, _, d in results))
         return {"id": self.ident, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.server.model_name, "choices": choices,
                 "usage": self.usage(completion_tokens)}
@@ -481,7 +483,7 @@ class _Reply:
         done, completion_tokens, ttft = [False] * len(queues), 0, float("nan")
         ids = [[] for _ in queues]  # each choice's tokens so far, for text_offset
         echo_now = self.echo and not any(r.prompt_logprobs for r in self.requests)  # else with the Prompt event
-        pending, failed = {}, False
+        pending, failed, cached = {}, False, 0
         try:
             for i, request in enumerate(self.requests):
                 if self.chat:
@@ -505,6 +507,7 @@ class _Reply:
                             yield "data: [DONE]\n\n"
                             return
                         ttft = event.first_token_s if ttft != ttft else min(ttft, event.first_token_s)
+                        cached += event.cached_tokens
                         yield self.chunk(i, event.text, event.reason)
                         continue
                     if isinstance(event, Prompt):
@@ -523,7 +526,7 @@ class _Reply:
                             "created": self.created, "model": self.server.model_name, "choices": [],
                             "usage": self.usage(completion_tokens)})
             yield "data: [DONE]\n\n"
-            self.log(completion_tokens, ttft)
+            self.log(completion_tokens, ttft, cached)
         finally:
             for fut in pending:
                 fut.cancel()
@@ -580,10 +583,11 @@ def _http_protocol():
 
 
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          device: str | None = None, quantize: str | None = None, err=sys.stderr) -> None:
+          device: str | None = None, quantize: str | None = None, batch_invariant: bool = False,
+          err=sys.stderr) -> None:
     """Load the weights (quantized to `quantize`, a scheme, when given), listen (refusing a
     port another server holds), serve until Ctrl-C / SIGTERM, then shut down as the module
-    doc says."""
+    doc says. batch_invariant: the engine's mode (engine.py)."""
     import uvicorn
 
     from ..device import pick_device
@@ -595,11 +599,12 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
     check_sizes(max_batch, max_queue, flag="--")
     params, config = load_params(weights, device=pick_device(device))
     params = quantize_flag(params, quantize)
-    engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue, batch_invariant=batch_invariant)
     sock = _listen(host, port)
     server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True))
+    mode = "batch invariant" if batch_invariant else "busy rows only, prefix caching"
     print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
-          f"{max_queue})", file=err, flush=True)
+          f"{max_queue}; {mode})", file=err, flush=True)
 
     caught: list[int] = []
 

@@ -102,12 +102,18 @@ class CacheRows:
     already filled (this call's first token sits at position starts[b]). counts: per row,
     how many of this call's T tokens are real (0: the row takes no part); the rest are
     right padding, which is never written to the buffers and gets a zero attention output.
+    index: per row of this call, the buffer row it reads and writes (None: row b is buffer
+    row b), so a call can run only some of the buffers' rows.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     starts: tuple[int, ...]
     counts: tuple[int, ...]
+    index: tuple[int, ...] | None = None
+
+    def buffer_row(self, b: int) -> int:
+        return b if self.index is None else self.index[b]
 
 
 def self_attention(
@@ -168,12 +174,12 @@ def _cached_attention(q, k, v, cache: CacheRows):  # [B, H, T, D] each -> [B, H,
         if n == 0:  # a row not taking part (an idle row of a server's batch)
             rows.append(q.new_zeros((1,) + q.shape[1:]))
             continue
-        end = start + n
+        end, r = start + n, cache.buffer_row(b)
         mask = None
         if start > 0 and n > 1:  # causal, aligned to the end of the keys
             mask = torch.arange(end, device=q.device) <= torch.arange(start, end, device=q.device)[:, None]
-        y = F.scaled_dot_product_attention(q[b : b + 1, :, :n], cache.k[b : b + 1, :, :end],
-                                           cache.v[b : b + 1, :, :end], attn_mask=mask,
+        y = F.scaled_dot_product_attention(q[b : b + 1, :, :n], cache.k[r : r + 1, :, :end],
+                                           cache.v[r : r + 1, :, :end], attn_mask=mask,
                                            is_causal=start == 0 and n > 1)
         rows.append(y if n == T else F.pad(y, (0, 0, 0, T - n)))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -181,8 +187,8 @@ def _cached_attention(q, k, v, cache: CacheRows):  # [B, H, T, D] each -> [B, H,
 
 def _write_rows(k, v, cache: CacheRows) -> None:  # row b's real keys and values into its buffers
     for b, (start, n) in enumerate(zip(cache.starts, cache.counts)):
-        cache.k[b, :, start : start + n] = k[b, :, :n]
-        cache.v[b, :, start : start + n] = v[b, :, :n]
+        cache.k[cache.buffer_row(b), :, start : start + n] = k[b, :, :n]
+        cache.v[cache.buffer_row(b), :, start : start + n] = v[b, :, :n]
 
 
 def _causal(T: int, device) -> torch.Tensor:  # bool [1, 1, T, T]: query t may see keys 0 .. t
@@ -200,7 +206,10 @@ def _cached_keys(k, v, cache: CacheRows):
     counts = torch.tensor(cache.counts, device=device)[:, None, None]
     i = torch.arange(k.shape[2], device=device)[:, None]
     allowed = (torch.arange(S, device=device) <= starts + i) & (i < counts)
-    return cache.k[:, :, :S], cache.v[:, :, :S], allowed[:, None]
+    keys, values = cache.k[:, :, :S], cache.v[:, :, :S]
+    if cache.index is not None:
+        keys, values = keys[list(cache.index)], values[list(cache.index)]
+    return keys, values, allowed[:, None]
 
 
 def _explicit_attention(q, k, v, allowed, attn_pdrop: float, name: str, tap):

@@ -116,6 +116,14 @@ class KVCache:
         """This cache with row b holding `length` positions (0 empties it, for a new sequence)."""
         return replace(self, lengths=self.lengths[:b] + (length,) + self.lengths[b + 1 :])
 
+    def with_prefix(self, b: int, source: int, length: int) -> "KVCache":
+        """This cache with row b holding the first `length` positions of row `source`
+        (copied into b's buffers in place): a sequence that starts as source's does."""
+        if b != source:
+            self.k[:, b, :, :length] = self.k[:, source, :, :length]
+            self.v[:, b, :, :length] = self.v[:, source, :, :length]
+        return self.with_length(b, length)
+
 
 def new_cache(
     config: GPTConfig,
@@ -178,13 +186,18 @@ def forward_cached(
 
 
 def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig,
-                *, rows: tuple[bool, ...] | None = None, tap=no_tap) -> tuple[torch.Tensor, KVCache]:
+                *, rows: tuple[bool, ...] | None = None, fixed_shape: bool = True,
+                tap=no_tap) -> tuple[torch.Tensor, KVCache]:
     """One new token per row after those in `cache`: `forward_cached` for T = 1, as a
     generation loop runs it once per token.
 
     tokens: int64 [B]. rows: which rows take part (default all); the others (idle rows of
     a server's batch) are neither attended for nor cached, their logits are meaningless
-    and their length stays. Returns (logits [B, vocab_size], the cache one position longer
+    and their length stays. fixed_shape: the idle rows still go through the matrix
+    products, so every row's numbers are those of a B-row product whichever rows are busy
+    (a BLAS rounds a row differently by the product's row count); False: only the busy
+    rows do (an idle row's logits are NaN), as fast for one busy row as a 1-row cache.
+    Returns (logits [B, vocab_size], the cache one position longer
     in each taking part); its buffers are written in place, as in forward_cached. The
     tokens and the cache are checked on every call; the params only when the step fails
     (checking them costs more than a small model's decode step, and forward_cached, which
@@ -201,14 +214,27 @@ def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GP
         raise UserError(f"sequence of {longest + 1} tokens is longer than the context of {cache.max_len} positions")
     _check_ids(tokens, config)
     check_callable("tap", tap)
-    positions = _positions(cache.lengths, 1, config, tokens.device)
+    lengths = tuple(n + k for n, k in zip(cache.lengths, counts))
+    if not check_bool("fixed_shape", fixed_shape) and not all(counts):
+        busy = tuple(b for b, k in enumerate(counts) if k)
+        logits = torch.full((len(counts), config.vocab_size), math.nan, dtype=cache.k.dtype, device=tokens.device)
+        if busy:
+            logits[list(busy)] = _decode(params, tokens[list(busy)], cache, config, tap, index=busy)
+        return logits, replace(cache, lengths=lengths)
+    return _decode(params, tokens, cache, config, tap, counts=counts), replace(cache, lengths=lengths)
+
+
+def _decode(params, tokens, cache, config, tap, *, counts=None, index=None):
+    """tokens [b] of the rows taking part (`counts`, or the buffer rows `index`) -> logits [b, V]."""
+    starts = cache.lengths if index is None else tuple(cache.lengths[r] for r in index)
+    positions = _positions(starts, 1, config, tokens.device)
     try:
-        hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache, counts=counts)
+        hidden = _transformer(params, tokens[:, None], positions, config, tap=tap, cache=cache,
+                              counts=counts or (1,) * len(index), index=index)
     except (RuntimeError, TypeError, KeyError, IndexError, AttributeError):
         check_params(params, config)  # bad params: their one-line error; good ones: the error as it was
         raise
-    return _head(params, hidden[:, 0], tap), replace(cache, lengths=tuple(n + k for n, k in zip(cache.lengths,
-                                                                                                 counts)))
+    return _head(params, hidden[:, 0], tap)
 
 
 def _positions(lengths, T: int, config: GPTConfig, device) -> torch.Tensor:
@@ -222,15 +248,18 @@ def _positions(lengths, T: int, config: GPTConfig, device) -> torch.Tensor:
 
 
 def _transformer(
-    params, tokens, positions, config, *, tap, dropout=False, cache=None, counts=None, last_only=False,
+    params, tokens, positions, config, *, tap, dropout=False, cache=None, counts=None, index=None, last_only=False,
     checkpoint=False,
 ):
     """tokens [B, T], positions [B or 1, T] -> the ln_f output [B, T or 1, C]; the one
-    path of training, forward, prefill and decode (see layers.transformer_block)."""
+    path of training, forward, prefill and decode (see layers.transformer_block). index:
+    the cache row of each of the B rows (None: row b is cache row b)."""
     embd_p, attn_p, resid_p = (
         (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop) if dropout else (0.0, 0.0, 0.0)
     )
     wpe = params["wpe"]["weight"]
+    if cache is not None:
+        starts = cache.lengths if index is None else tuple(cache.lengths[r] for r in index)
     x = tap("wte", embed_tokens(params, tokens))
     x = x + tap("wpe", F.embedding(positions, wpe).expand_as(x))
     x = tap("embed", F.dropout(x, embd_p) if embd_p else x)
@@ -240,7 +269,7 @@ def _transformer(
             eps=config.layer_norm_epsilon,
             name=f"h.{i}",
             tap=tap,
-            cache=None if cache is None else CacheRows(cache.k[i], cache.v[i], cache.lengths, counts),
+            cache=None if cache is None else CacheRows(cache.k[i], cache.v[i], starts, counts, index),
             attn_pdrop=attn_p,
             resid_pdrop=resid_p,
         )
