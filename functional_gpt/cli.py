@@ -321,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
     gen.add_argument("--draft", metavar="WEIGHTS",
-                     help="speculative decoding (greedy): a smaller model of the same tokenizer and context guesses")
+                     help="speculative decoding: a smaller model of the same tokenizer and context guesses")
     gen.add_argument("--prompt_lookup", type=int, metavar="N",
-                     help="speculative decoding (greedy): guess what followed the context's last N-gram before")
+                     help="speculative decoding: guess what followed the context's last N-gram before")
     gen.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses verified per forward (default 4)")
     _device_flag(gen)
     _quantize_flag(gen)

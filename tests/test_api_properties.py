@@ -37,6 +37,7 @@ import functional_gpt.training as training
 import functional_gpt.generation.speculative as speculative
 from functional_gpt import UserError
 from functional_gpt.checks import describe
+from functional_gpt.generation.sampling import Sampling
 from functional_gpt.training.data import Position
 
 from conftest import TINY
@@ -216,7 +217,9 @@ CASES = {
     "speculative_generate": Case(lambda **kw: list(speculative.speculative_generate(**kw)),
                                  dict(params=P, prompt=lambda: TOKENS[0].tolist(), config=lambda: TINY,
                                       max_new_tokens=lambda: 5, proposer=lambda: speculative.PromptLookup(2),
-                                      k=lambda: 3, stop_tokens=lambda: (), window=lambda: None),
+                                      k=lambda: 3, stop_tokens=lambda: (), window=lambda: None,
+                                      sampling=lambda: Sampling(temperature=0.7),
+                                      generator=lambda: torch.Generator().manual_seed(0)),
                                  says=dict(params=PARAMS_WORDS, prompt=("token id", "tokens"),
                                            max_new_tokens=("--max_new_tokens",), k=("--speculate",),
                                            stop_tokens=("stop",))),

@@ -84,15 +84,32 @@ def test_generate_takes_a_draft_or_prompt_lookup_and_writes_the_same_text(models
         assert main(G + extra) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2] and len(texts[0]) > 50
+    S = G[:-3] + ["--temperature", "0.9", "--seed", "7", "--max_new_tokens", "40", "--draft", str(draft)]
+    sampled = []
+    for _ in range(2):
+        assert main(S) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and sampled[0] != texts[0][: len(sampled[0])]  # seeded: reproducible
+
+
+@pytest.mark.parametrize("which", ["lookup", "small draft"])
+def test_greedy_with_a_repetition_penalty_is_plain_greedys_with_it(models, which):
+    from functional_gpt.generation.sampling import Sampling
+
+    target, draft = models
+    sampling = Sampling(greedy=True, repetition_penalty=1.7)
+    proposer = PromptLookup(3) if which == "lookup" else DraftModel(draft, draft.config, CONFIG)
+    expected = plain(target, PROMPT, 30, sampling=sampling)
+    assert speculative(target, PROMPT, 30, proposer, 4, sampling=sampling) == expected
+    assert expected != plain(target, PROMPT, 30)
 
 
 @pytest.mark.parametrize("extra, words", [
     (["--draft", "D", "--prompt_lookup", "2"], "--draft and --prompt_lookup: give one proposer, not both"),
     (["--prompt_lookup", "0"], "--prompt_lookup: expected an integer in 1..64, got 0"),
     (["--prompt_lookup", "2", "--greedy", "--speculate", "0"], "--speculate: expected an integer in 1..64, got 0"),
-    (["--prompt_lookup", "2", "--temperature", "0.8"], "--draft / --prompt_lookup: speculative decoding here is "
-                                                      "greedy and one sample"),
-    (["--prompt_lookup", "2", "--greedy", "--num_samples", "2"], "greedy and one sample"),
+    (["--prompt_lookup", "2", "--num_samples", "2"], "--draft / --prompt_lookup: speculative decoding here runs "
+                                                     "one sample (--num_samples 1)"),
     (["--draft", "OTHER", "--greedy"], "--draft: the draft's vocab_size is 300, the model's 50257; a draft must "
                                        "share the tokenizer and the context"),
 ])
@@ -116,3 +133,71 @@ def test_bad_python_arguments_are_user_errors(models):
                    None, CONFIG)
     with pytest.raises(UserError, match="prompt: expected a non-empty list"):
         list(speculative_generate(target, [], CONFIG, max_new_tokens=3, proposer=PromptLookup()))
+
+
+# --- sampling: the rejection rule keeps the target's distribution -------------------------------
+
+SMALL = GPTConfig(vocab_size=8, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+
+
+def exact_pairs(prompt, sampling) -> torch.Tensor:
+    """The target's distribution of its 2nd and 3rd new tokens under `sampling`, [V, V]
+    (summed over the 1st), from transformers' logits and each rule's own function."""
+    from functional_gpt.generation.sampling import process_logits
+
+    hf = hf_model(SMALL, seed=11)
+
+    def dist(seq):
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq])).logits[0, -1:]
+        seen = torch.zeros(1, SMALL.vocab_size, dtype=torch.bool)
+        seen[0, seq] = True
+        return process_logits(logits, sampling, seen).double().softmax(-1)[0]
+
+    V, first = SMALL.vocab_size, dist(prompt)
+    return sum(first[a] * torch.stack([dist(prompt + [a])[b] * dist(prompt + [a, b]) for b in range(V)])
+               for a in range(V))
+
+
+@pytest.mark.parametrize("which, sampling", [
+    ("small draft", dict(temperature=0.8, top_k=6)),
+    ("lookup", dict(temperature=1.3)),
+    ("small draft", dict(temperature=1.0, repetition_penalty=4.0)),
+])
+def test_sampled_speculative_tokens_follow_the_targets_distribution(which, sampling):
+    """3,000 draws of 4 new tokens on a vocabulary of 8, k = 2: the 2nd and 3rd are the
+    guesses of one verifying forward (kept, rejected and redrawn, or the one drawn after
+    them). A chi-square test of their pairs against the target's exact distribution (64
+    cells) at p = 1e-6, no draw where it is 0 (top-k), and the draft's own pairs fail it."""
+    from functional_gpt.generation.sampling import Sampling
+
+    target = params_of(hf_model(SMALL, seed=11))
+    draft = params_of(hf_model(SMALL, seed=12))
+    prompt = [3, 1, 3, 1, 3, 1, 3]  # the lookup guesses what followed "1 3" (or "3") before; 6 tokens unseen
+    sampling = Sampling(**sampling)
+    expected = exact_pairs(prompt, sampling)
+    proposer = DraftModel(draft, SMALL, SMALL) if which == "small draft" else PromptLookup(2)
+    gen = torch.Generator().manual_seed(0)
+    N, V = 3000, SMALL.vocab_size
+    counts, drafts = torch.zeros(V, V), torch.zeros(V, V)
+    for _ in range(N):
+        tokens = speculative(target, prompt, 4, proposer, 2, sampling=sampling, generator=gen)
+        counts[tokens[1], tokens[2]] += 1
+        if which == "small draft":
+            first = tokens[0]
+            a, b = DraftModel(draft, SMALL, SMALL).draw(prompt + [first], 2, sampling, gen)[0]
+            drafts[a, b] += 1
+    e = expected[expected > 0] * N
+    critical = chi2_quantile(len(e) - 1, z=4.753)  # p = 1e-6
+
+    def chi2(observed):
+        return float(((observed[expected > 0] - e) ** 2 / e).sum())
+
+    assert counts[expected == 0].sum() == 0 and chi2(counts) < critical, (chi2(counts), critical)
+    if which == "small draft":
+        assert chi2(drafts) > critical
+
+
+def chi2_quantile(df: int, z: float) -> float:
+    """Wilson and Hilferty's chi-square quantile for the standard normal quantile z."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3

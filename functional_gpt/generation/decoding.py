@@ -261,8 +261,8 @@ def print_samples(
     written. Sample i draws from its own generator seeded with seed + i, so it does not
     depend on how many samples were asked for; seed None draws fresh seeds, else
     seed + num_samples - 1 must fit torch's seed range 0..2**64-1. proposer (a
-    speculative.PromptLookup or DraftModel): decode greedily `speculate` guesses per
-    forward (speculative.py), the same text; one sample, greedy only."""
+    speculative.PromptLookup or DraftModel): verify `speculate` guesses per forward
+    (speculative.py): greedy, the same text; sampling, the same distribution; one sample."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"--max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_int(num_samples) or num_samples < 1:
@@ -270,9 +270,8 @@ def print_samples(
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED - (num_samples - 1)):
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED - (num_samples - 1)} (torch's seeds are "
                         f"0..2**64-1 and sample i uses seed + i), got {seed!r}")
-    if proposer is not None and (num_samples != 1 or not sampling.is_greedy):
-        raise UserError("--draft / --prompt_lookup: speculative decoding here is greedy and one sample (--greedy "
-                        "or --temperature 0, --num_samples 1)")
+    if proposer is not None and num_samples != 1:
+        raise UserError("--draft / --prompt_lookup: speculative decoding here runs one sample (--num_samples 1)")
     texts = [TextStream(stop) for _ in range(num_samples)]
     ids, notice = encode_prompt(prompt_text, config)
     if notice:
@@ -307,7 +306,8 @@ def print_samples(
                         generators=generators, stop_tokens=(ENDOFTEXT_ID,))
     else:
         rows = speculative_generate(params, ids, config, max_new_tokens=max_new_tokens, proposer=proposer,
-                                    k=speculate, stop_tokens=(ENDOFTEXT_ID,))
+                                    k=speculate, stop_tokens=(ENDOFTEXT_ID,), sampling=sampling,
+                                    generator=generators[0])
     for step, tokens in enumerate(rows):
         now = time.perf_counter()
         t_first = now if step == 0 else t_first

@@ -1,11 +1,20 @@
-"""Speculative greedy decoding: the same tokens as plain greedy, several per forward.
+"""Speculative decoding: the target model's own tokens (greedy) or distribution (sampling),
+several tokens per forward.
 
 A proposer guesses the next k tokens; the target model verifies them in one cached
-forward over [last token, guesses] (the one block path). The guesses that equal the
-target's own greedy choices are kept, then the target's next choice after them, so each
-forward yields between 1 and k + 1 tokens, and exactly the tokens `decoding.generate`
-yields greedily. The cache rolls back past the rejected guesses (`KVCache.with_length`:
+forward over [last token, guesses] (the one block path), so each forward yields between 1
+and k + 1 tokens. The cache rolls back past the rejected guesses (`KVCache.with_length`:
 what lies past a row's length is never read).
+- Greedy: the guesses that equal the target's own greedy choices are kept, then the
+  target's next choice after them: exactly the tokens `decoding.generate` yields.
+- Sampling: the rejection rule of Leviathan et al. and Chen et al. (2023). Guess x, drawn
+  from the draft's distribution q, is kept with probability min(1, p(x) / q(x)), p the
+  target's (the `Sampling` rules applied to its logits, as plain sampling applies them);
+  at the first rejection the token is drawn from max(p - q, 0) renormalized, and when all
+  are kept, one more from p. Each token is then distributed as plain sampling's, whatever
+  the draft (a prompt lookup's guess is a point mass: kept with probability p(x), else
+  the token is drawn from p without x). The draws differ from plain sampling's with the
+  same seed: same distribution, not the same tokens.
 
 Proposers: `DraftModel` (a smaller model with the same tokenizer and context, greedy on
 its own KV cache; train one with `fgpt train`) and `PromptLookup` (the continuation of the
@@ -25,6 +34,9 @@ from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.params import Params
 from ..model.transformer import KVCache, checked_config, decode_step, forward_cached, new_cache
+from .sampling import Sampling, process_logits
+
+GREEDY = Sampling(greedy=True)
 
 
 class PromptLookup:
@@ -70,20 +82,32 @@ class DraftModel:
         self.cache = None
 
     def propose(self, context: list[int], k: int) -> list[int]:
+        """k greedy guesses after the context."""
+        return self.draw(context, k, GREEDY)[0]
+
+    def draw(self, context: list[int], k: int, sampling: Sampling, generator: torch.Generator | None = None):
+        """-> (k guesses after the context, each drawn from the draft's distribution under
+        `sampling`'s temperature and filters (no repetition penalty), and those
+        distributions [k, V]; None when greedy: each guess a point mass)."""
         if k == 0:
-            return []
+            return [], None
         if self.cache is None:
             w = self.params["wpe"]["weight"]
             self.cache = new_cache(self.config, 1, dtype=w.dtype, device=w.device)
         held = self.cache.lengths[0]
         missing = torch.tensor([context[held:]], device=self.cache.k.device)
         logits, self.cache = forward_cached(self.params, missing, self.cache, self.config, last_only=True)
-        guesses = [int(logits[0, -1].argmax())]
-        for _ in range(k - 1):
+        logits, guesses, probs = logits[0], [], []
+        while True:
+            if sampling.is_greedy:
+                guesses.append(int(logits[-1].argmax()))
+            else:
+                probs.append(process_logits(logits[-1:].float(), sampling).softmax(-1)[0])
+                guesses.append(int(torch.multinomial(probs[-1], 1, generator=generator)))
+            if len(guesses) == k:
+                return guesses, (torch.stack(probs) if probs else None)
             logits, self.cache = decode_step(self.params, torch.tensor([guesses[-1]], device=self.cache.k.device),
                                              self.cache, self.config)
-            guesses.append(int(logits[0].argmax()))
-        return guesses
 
     def accepted(self, context: list[int], n_kept: int) -> None:
         """context: the window before this step's tokens; n_kept guesses were kept. The cache
@@ -102,11 +126,14 @@ def speculative_generate(
     k: int = 4,
     stop_tokens: tuple[int, ...] = (),
     window: int | None = None,
+    sampling: Sampling = GREEDY,
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Greedy decoding of one prompt (token ids): yields each new token as int64 [1] (as
-    `decoding.generate` yields a row of one), the same tokens, ending after a token in
-    `stop_tokens` or max_new_tokens. k: guesses verified per forward (1..64). window: as
-    in generate. Runs under torch.inference_mode."""
+    """Decoding of one prompt (token ids) under `sampling` (default greedy): yields each
+    new token as int64 [1] (as `decoding.generate` yields a row of one), ending after a
+    token in `stop_tokens` or max_new_tokens; greedy, generate's tokens; sampling, their
+    distribution (the module doc), drawing from `generator`. k: guesses verified per
+    forward (1..64). window: as in generate. Runs under torch.inference_mode."""
     config = checked_config(params, config)
     P = config.n_positions
     window = P // 2 if window is None else check_int("window", window, 1, P)
@@ -119,18 +146,28 @@ def speculative_generate(
                         f"{describe(prompt)}")
     if not isinstance(stop_tokens, (list, tuple, set, frozenset)) or not all(_is_id(t, config) for t in stop_tokens):
         raise UserError(f"stop_tokens: expected a tuple of token ids, got {describe(stop_tokens)}")
+    if not isinstance(sampling, Sampling):
+        raise UserError(f"sampling: expected a Sampling, got {describe(sampling)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise UserError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     if max_new_tokens == 0:
         return
     device = params["wte"]["weight"].device
     proposer.restart()
     s = list(prompt)
     start = max(0, len(s) - P)
+    seen = None  # bool [1, V]: the tokens so far, for the repetition penalty (as generate keeps them)
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device)
+        seen[0, torch.tensor(s, device=device)] = True
     with torch.inference_mode():
         cache, logits = _prefill(params, config, s[start:], device)
-        choices = [int(logits.argmax())]
+        choices = _verify(logits[None], [], None, sampling, seen, generator)
         produced = 0
         while True:
             for token in choices:
+                if seen is not None:
+                    seen[0, token] = True
                 s.append(token)
                 produced += 1
                 yield torch.tensor([token], device=device)
@@ -143,15 +180,51 @@ def speculative_generate(
                 proposer.restart()
             held = cache.lengths[0]  # the window but its last token
             context = s[start:]
-            guesses = proposer.propose(context, min(k, P - (held + 1), max_new_tokens - produced - 1))
+            n = min(k, P - (held + 1), max_new_tokens - produced - 1)
+            if isinstance(proposer, DraftModel):
+                guesses, draft_probs = proposer.draw(context, n, sampling, generator)
+            else:
+                guesses, draft_probs = proposer.propose(context, n), None
             logits, cache = forward_cached(params, torch.tensor([[s[-1], *guesses]], device=device), cache, config)
-            target = logits[0].argmax(-1).tolist()
-            kept = 0
-            while kept < len(guesses) and guesses[kept] == target[kept]:
-                kept += 1
-            choices = guesses[:kept] + [target[kept]]
+            choices = _verify(logits[0], guesses, draft_probs, sampling, seen, generator)
+            kept = len(choices) - 1
             cache = cache.with_length(0, held + 1 + kept)
             proposer.accepted(context, kept)
+
+
+def _verify(logits, guesses: list[int], draft_probs, sampling: Sampling, seen, generator) -> list[int]:
+    """The tokens one verifying forward yields: the guesses kept, then one more.
+    logits: the target's [n + 1, V] after the last token and each of the n guesses;
+    draft_probs: [n, V] the distributions the guesses were drawn from, None for point
+    masses; seen: bool [1, V] the tokens before the guesses (None: no repetition penalty)."""
+    n = len(guesses)
+    seen_rows = None
+    if seen is not None:  # row j also holds guesses 0 .. j-1
+        seen_rows = seen.repeat(n + 1, 1)
+        for j, guess in enumerate(guesses):
+            seen_rows[j + 1 :, guess] = True
+    processed = process_logits(logits.float(), sampling, seen_rows)
+    if sampling.is_greedy:
+        target = processed.argmax(-1).tolist()
+        kept = 0
+        while kept < n and guesses[kept] == target[kept]:
+            kept += 1
+        return guesses[:kept] + [target[kept]]
+    p = processed.softmax(-1)
+    for j, guess in enumerate(guesses):
+        q = None if draft_probs is None else draft_probs[j]
+        if float(torch.rand((), generator=generator, device=p.device)) * (1.0 if q is None else float(q[guess])) \
+                < float(p[j, guess]):  # kept with probability min(1, p / q)
+            continue
+        residual = p[j].clone()
+        if q is None:
+            residual[guess] = 0.0
+        else:
+            residual = (residual - q).clamp_(min=0.0)
+        if not float(residual.sum()) > 0.0:  # p and q equal to rounding: p itself
+            residual = p[j]
+        return guesses[:j] + [int(torch.multinomial(residual, 1, generator=generator))]
+    return guesses + [int(torch.multinomial(p[n], 1, generator=generator))]
 
 
 def _is_id(token, config: GPTConfig) -> bool:
