@@ -60,7 +60,8 @@ def _serve(args) -> int:
     from .generation.server import serve
 
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          device=args.device, quantize=args.quantize, batch_invariant=args.batch_invariant)
+          device=args.device, quantize=args.quantize, batch_invariant=args.batch_invariant,
+          prefix_cache_mb=args.prefix_cache_mb)
     return 0
 
 
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch_invariant", action="store_true",
                      help="every request returns exactly what it returns alone: each step multiplies all "
                           "--max_batch rows and no prompt reuses another's prefix (slower for few clients)")
+    srv.add_argument("--prefix_cache_mb", type=int, default=1024, metavar="MB",
+                     help="keys and values finished requests leave for later prompts sharing their prefix "
+                          "(default 1024; 0: none)")
     _device_flag(srv)
     _quantize_flag(srv)
     srv.set_defaults(run=_serve)

@@ -162,17 +162,33 @@ def test_prompt_logprobs_reuse_only_what_was_scored_and_run_the_last_shared_toke
     check_against_reference(late, e)
 
 
-def test_an_unrelated_prompt_takes_the_least_recently_used_row_and_the_newer_prefix_stays():
-    engine = Engine(PARAMS, TINY, max_batch=2)
-    drive(engine, [Request((1, 2, 3, 4, 5), 1, GREEDY), Request((9, 9, 9, 9, 9), 3, GREEDY)])
-    drive(engine, [Request((60, 61, 62), 1, GREEDY)])  # row 0's request ended first: its row is reused
-    (again,) = drive(engine, [Request((9, 9, 9, 9, 8), 1, GREEDY)])
-    assert again[-1].cached_tokens == 4
+def test_the_prefix_store_keeps_the_most_recently_used_within_its_budget():
+    """Room for 26 tokens (TINY's keys and values take 512 bytes a token). A prompt that
+    extends a stored one replaces it; a new one pushes out the least recently used, and
+    reusing a prefix makes it the most recent. max_tokens 1: a row holds its prompt."""
+    engine = Engine(PARAMS, TINY, max_batch=1, prefix_cache_mb=1)
+    engine.prefix_budget = 26 * 2 * TINY.n_layer * TINY.n_embd * 4
+    p0, p1, p2 = (tuple(range(1 + 20 * j, 13 + 20 * j)) for j in range(3))  # 12 tokens each
+    for p in (p0, p1):
+        drive(engine, [Request(p, 1, GREEDY)])
+    (again,) = drive(engine, [Request(p0 + (5,), 1, GREEDY)])
+    assert again[-1].cached_tokens == 12 and [len(p.tokens) for p in engine.prefixes] == [12, 13]
+    drive(engine, [Request(p2, 1, GREEDY)])  # 37 tokens: p1, the least recently used, goes
+    assert [p.tokens for p in engine.prefixes] == [list(p0 + (5,)), list(p2)]
+    hits = [drive(engine, [Request(p + (9, 9), 1, GREEDY)])[0][-1].cached_tokens for p in (p1, p2)]
+    assert hits == [0, 12]
+
+
+def test_no_store_with_prefix_cache_mb_0_and_a_prefix_larger_than_the_store_is_not_kept():
+    for mb in (0, 1):
+        engine = Engine(PARAMS, TINY, max_batch=1, prefix_cache_mb=mb)
+        engine.prefix_budget = min(engine.prefix_budget, 4 * 2 * TINY.n_layer * TINY.n_embd * 4)  # 4 tokens
+        drive(engine, [Request(CONTEXT, 2, GREEDY)])
+        assert engine.prefixes == []
 
 
 def test_a_failed_prefill_leaves_no_prefix_behind(monkeypatch):
     engine = Engine(PARAMS, TINY, max_batch=1)
-    drive(engine, [Request(CONTEXT + (1,), 1, GREEDY)])
     real = engine_module.forward_cached
 
     def fails_once(*a, **k):
@@ -233,3 +249,11 @@ def test_the_decode_step_multiplies_the_busy_rows_only_unless_batch_invariant(mo
                         lambda *a, **k: shapes.append(k["fixed_shape"]) or real(*a, **k))
     drive(Engine(PARAMS, TINY, max_batch=4, batch_invariant=batch_invariant), [Request((1, 2), 3, GREEDY)])
     assert shapes == [batch_invariant] * 2
+
+
+def test_serve_names_a_bad_prefix_cache_size(capsys):
+    from functional_gpt.cli import main
+
+    assert main(["serve", "--weights", "nowhere.safetensors", "--prefix_cache_mb", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fgpt serve: error: --prefix_cache_mb: expected an integer >= 0, got -1 (an int)"]

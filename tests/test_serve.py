@@ -660,7 +660,7 @@ def test_a_request_that_can_never_fit_the_queue_is_a_400_and_a_full_queue_a_429(
         still_serving(c)
     finally:
         log = stop_server(proc)
-    assert log.splitlines()[0] == f"fgpt serve: {model[0]} on {base}/v1 (max_batch 1, max_queue 1; busy rows only, prefix caching)", log
+    assert log.splitlines()[0] == f"fgpt serve: {model[0]} on {base}/v1 (max_batch 1, max_queue 1; busy rows only, prefix cache 1024 MB)", log
     assert all(line.startswith(("fgpt serve: ", "POST /v1/")) for line in log.splitlines()), log  # no uvicorn INFO
     assert base != "http://127.0.0.1:0"
 
@@ -880,5 +880,6 @@ def test_the_python_serve_takes_the_commands_defaults(tmp_path, monkeypatch):
     with pytest.raises(Listened):
         server_module.serve(str(tmp_path / "w.safetensors"))
     args = build_parser().parse_args(["serve", "--weights", "w.safetensors"])
-    assert seen == {"host": "127.0.0.1", "port": 8000, "max_batch": 8, "max_queue": 64, "batch_invariant": False} == \
+    assert seen == {"host": "127.0.0.1", "port": 8000, "max_batch": 8, "max_queue": 64, "batch_invariant": False,
+                    "prefix_cache_mb": 1024} == \
         {name: getattr(args, name) for name in seen}

@@ -12,9 +12,10 @@ An `Engine` owns a KV cache of `max_batch` rows. Each `step()`:
 Two modes:
 - default: the decode step multiplies only the busy rows (a lone request costs what it
   costs alone), and prompts reuse the keys and values of a shared prefix (prefix caching):
-  every cache row remembers the tokens its buffers hold, also after its request ended, and
-  a new prompt takes the free row holding its longest prefix, or copies that prefix from
-  a busy row, and prefills only the rest (`Done.cached_tokens` counts the reused ones);
+  each busy row knows the tokens its cache holds, and a finished request leaves a copy of
+  its keys and values in a prefix store (least recently used out first, within
+  `prefix_cache_mb`); a new prompt copies its longest reusable prefix from either and
+  prefills only the rest (`Done.cached_tokens` counts the reused tokens);
 - `batch_invariant`: the decode step always multiplies all `max_batch` rows and every
   prompt is prefilled whole, so a request gets exactly the tokens and log-probs it gets
   alone, whichever requests share its batch (a BLAS rounds a row differently by the
@@ -170,10 +171,19 @@ class _Row:  # an active row's state
 
 
 @dataclass
-class _Held:  # what a cache row's buffers hold, kept after its request ends (prefix caching)
-    tokens: list = field(default_factory=list)  # the ids whose keys and values fill positions 0 .. len-1
-    scored: list = field(default_factory=list)  # (log-prob, {alt: log-prob}) of tokens 1 .. len(scored)
-    used: float = 0.0  # when it was last written: the least recently used free row is overwritten first
+class _Held:
+    """Keys and values a prompt may start from: a busy cache row's (`row`), or a copy a
+    finished request left in the prefix store (`k`, `v`: [n_layer, n_head, n, head_dim])."""
+
+    tokens: list  # the ids whose keys and values fill positions 0 .. len-1
+    scored: list  # (log-prob, {alt: log-prob}) of tokens 1 .. len(scored), kept from prompt log-probs
+    row: int | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class QueueFull(Exception):
@@ -189,15 +199,17 @@ def check_sizes(max_batch, max_queue, flag: str = "") -> None:
 
 class Engine:
     def __init__(self, params: Params, config: GPTConfig, *, max_batch: int = 8, max_queue: int = 64,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, prefix_cache_mb: int = 1024):
         check_sizes(max_batch, max_queue)
         self.params, self.config, self.max_queue = params, config, max_queue
         self.batch_invariant = check_bool("batch_invariant", batch_invariant)
+        self.prefix_budget = check_int("prefix_cache_mb", prefix_cache_mb, 0) * 2**20
+        self.prefixes: list[_Held] = []  # the prefix store, least recently used first
         w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
         self.device = w.device
         self.cache = new_cache(config, max_batch, dtype=w.dtype, device=w.device)
         self.rows: list[_Row | None] = [None] * max_batch
-        self.held = [_Held() for _ in range(max_batch)]
+        self.held = [_Held([], [], row=i) for i in range(max_batch)]  # what each busy row's cache holds
         self.waiting: deque[Handle] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -287,39 +299,46 @@ class Engine:
             try:
                 self._prefill(i, handle, source, reused)
             except Exception as e:  # this request's failure: its row stays free for the next
-                self.rows[i], self.held[i] = None, _Held()
+                self.rows[i] = None
                 self.cache = self.cache.with_length(i, 0)
                 handle.sink(Done("error", 0, error=_failure("prefill", e)))
                 continue
             admitted.add(i)
         return admitted
 
-    def _place(self, request: Request) -> tuple[int, int, int]:
-        """-> (the free row to run the request in, the row whose buffers hold its longest
-        reusable prefix, that prefix's length): the holding row itself when it is free, else
-        the least recently used free row (batch_invariant: the first free row, no prefix)."""
-        free = [i for i, row in enumerate(self.rows) if row is None]
-        if self.batch_invariant:
-            return free[0], free[0], 0
-        reusable = [_reusable(held, request) for held in self.held]
-        source = max(range(len(reusable)), key=reusable.__getitem__)
-        if self.rows[source] is None and reusable[source]:
-            return source, source, reusable[source]
-        return min(free, key=lambda i: self.held[i].used), source, reusable[source]
+    def _place(self, request: Request) -> tuple[int, _Held | None, int]:
+        """-> (the first free row, the busy row or stored prefix holding the prompt's longest
+        reusable prefix, that prefix's length; None, 0 when there is none or batch_invariant)."""
+        i = self.rows.index(None)
+        best, source = 0, None
+        if not self.batch_invariant:
+            for held in [self.held[j] for j, row in enumerate(self.rows) if row is not None] + self.prefixes:
+                n = _reusable(held, request)
+                if n > best:
+                    best, source = n, held
+        if source is not None and source.row is None:  # a stored prefix used: now the most recent
+            self.prefixes.remove(source)
+            self.prefixes.append(source)
+        return i, source, best
 
-    def _prefill(self, i: int, handle: Handle, source: int, reused: int) -> None:
-        """Run the prompt in row i after the `reused` positions copied from row `source`,
-        record what the row holds, and send the first token."""
+    def _prefill(self, i: int, handle: Handle, source: _Held | None, reused: int) -> None:
+        """Run the prompt in row i after the `reused` positions copied from `source`, record
+        what the row holds, and send the first token."""
         request, V = handle.request, self.config.vocab_size
-        earlier = self.held[source].scored[:reused] if request.prompt_logprobs else []
-        self.cache = self.cache.with_prefix(i, source, reused)
+        earlier = source.scored[:reused] if source is not None and request.prompt_logprobs else []
+        if source is None:
+            self.cache = self.cache.with_length(i, 0)
+        elif source.row is None:
+            self.cache = self.cache.with_prefix(i, source.k, source.v, reused)
+        else:
+            self.cache = self.cache.with_prefix(i, self.cache.k[:, source.row], self.cache.v[:, source.row], reused)
         tokens = torch.tensor([request.prompt], device=self.device)
         logits, row_cache = forward_cached(self.params, tokens[:, reused:], self.cache.row(i), self.config,
                                            last_only=not request.prompt_logprobs)
         self.cache = self.cache.with_length(i, row_cache.lengths[0])
         scored = (self._score_prompt(logits[0], request, earlier) if request.prompt_logprobs
-                  else self.held[source].scored[:max(reused - 1, 0)])
-        self.held[i] = _Held(list(request.prompt), scored, time.perf_counter())
+                  else [] if source is None else source.scored[:max(reused - 1, 0)])
+        self.held[i] = _Held(list(request.prompt), scored, row=i)
         generator = torch.Generator(device=self.device)
         generator.seed() if request.seed is None else generator.manual_seed(request.seed)
         seen = None
@@ -397,9 +416,23 @@ class Engine:
     def _retire(self, i: int, reason: str, text: str = "", error: str | None = None) -> None:
         row = self.rows[i]
         self.rows[i] = None
-        self.held[i].used = time.perf_counter()
-        self.cache = self.cache.with_length(i, 0)  # its buffers still hold self.held[i] for a later prompt
+        self._store(self.held[i])
+        self.cache = self.cache.with_length(i, 0)
         row.handle.sink(Done(reason, row.produced, text, row.first_token_s, error, row.cached))
+
+    def _store(self, held: _Held) -> None:
+        """Keep a copy of a finished row's keys and values in the prefix store, in place of
+        the stored prefixes it covers; the least recently used go while over the budget."""
+        n = len(held.tokens)
+        if self.batch_invariant or not n or 2 * self.cache.k[:, 0, :, :n].numel() * self.cache.k.element_size() \
+                > self.prefix_budget:
+            return
+        kept = _Held(held.tokens, held.scored, k=self.cache.k[:, held.row, :, :n].clone(),
+                     v=self.cache.v[:, held.row, :, :n].clone())
+        self.prefixes = [p for p in self.prefixes if not (len(p.tokens) <= n and p.tokens == held.tokens[:len(
+            p.tokens)] and len(p.scored) <= len(held.scored))] + [kept]
+        while sum(p.nbytes for p in self.prefixes) > self.prefix_budget:
+            self.prefixes.pop(0)
 
 
 def _reusable(held: _Held, request: Request) -> int:

@@ -584,10 +584,10 @@ def _http_protocol():
 
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           device: str | None = None, quantize: str | None = None, batch_invariant: bool = False,
-          err=sys.stderr) -> None:
+          prefix_cache_mb: int = 1024, err=sys.stderr) -> None:
     """Load the weights (quantized to `quantize`, a scheme, when given), listen (refusing a
     port another server holds), serve until Ctrl-C / SIGTERM, then shut down as the module
-    doc says. batch_invariant: the engine's mode (engine.py)."""
+    doc says. batch_invariant, prefix_cache_mb: the engine's mode and prefix store (engine.py)."""
     import uvicorn
 
     from ..device import pick_device
@@ -597,12 +597,14 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
 
     check_int("--port", port, 0, 65535)
     check_sizes(max_batch, max_queue, flag="--")
+    check_int("--prefix_cache_mb", prefix_cache_mb, 0)
     params, config = load_params(weights, device=pick_device(device))
     params = quantize_flag(params, quantize)
-    engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue, batch_invariant=batch_invariant)
+    engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue, batch_invariant=batch_invariant,
+                    prefix_cache_mb=prefix_cache_mb)
     sock = _listen(host, port)
     server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True))
-    mode = "batch invariant" if batch_invariant else "busy rows only, prefix caching"
+    mode = "batch invariant" if batch_invariant else f"busy rows only, prefix cache {prefix_cache_mb} MB"
     print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
           f"{max_queue}; {mode})", file=err, flush=True)
 

@@ -116,12 +116,12 @@ class KVCache:
         """This cache with row b holding `length` positions (0 empties it, for a new sequence)."""
         return replace(self, lengths=self.lengths[:b] + (length,) + self.lengths[b + 1 :])
 
-    def with_prefix(self, b: int, source: int, length: int) -> "KVCache":
-        """This cache with row b holding the first `length` positions of row `source`
-        (copied into b's buffers in place): a sequence that starts as source's does."""
-        if b != source:
-            self.k[:, b, :, :length] = self.k[:, source, :, :length]
-            self.v[:, b, :, :length] = self.v[:, source, :, :length]
+    def with_prefix(self, b: int, k: torch.Tensor, v: torch.Tensor, length: int) -> "KVCache":
+        """This cache with row b holding the first `length` positions of k and v
+        ([n_layer, n_head, >= length, head_dim]: another row's, or a copy of them), copied
+        into b's buffers in place: a sequence that starts as theirs did."""
+        self.k[:, b, :, :length] = k[:, :, :length]
+        self.v[:, b, :, :length] = v[:, :, :length]
         return self.with_length(b, length)
 
 
