@@ -466,7 +466,7 @@ def test_a_request_after_the_engine_stopped_is_a_503_saying_so():
     servers = []
     with running(TRAINED, servers=servers) as (port, _):
         servers[0].stopping.set()
-        servers[0].thread.join(TIMEOUT)
+        servers[0].loop.result(TIMEOUT)
         answer = post(port, {"prompt": PROMPT, "max_tokens": 2})
     assert answer == (503, {"error": {"message": "the engine has stopped (the server's log says why)",
                                       "type": "server_error", "param": None, "code": None}})

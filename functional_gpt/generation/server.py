@@ -47,6 +47,7 @@ from ..checks import check_int, describe
 from ..errors import UserError
 from ..model.config import GPTConfig
 from ..model.tokenizer import ENDOFTEXT_ID, decode, encode
+from .compute_thread import ComputeThread
 from .engine import Done, Engine, Prompt, QueueFull, Request, token_text
 from .openai_api import (COMMON, GENERATION, ChatBody, ChatChunk, ChatResponse, CompletionBody, CompletionChunk,
                          CompletionResponse, Health, Message, ModelList, error_responses, event_stream)
@@ -188,13 +189,17 @@ def prompts_of(prompts: list, config: GPTConfig, param: str = "prompt") -> list[
 
 
 class Server:
-    """The app's state: the engine, its thread, the model's name, whether it is closing."""
+    """The app's state: the engine, its thread, the model's name, whether it is closing.
+    thread: the ComputeThread the engine's loop runs on (the one that loaded the weights;
+    default a new one)."""
 
-    def __init__(self, engine: Engine, config: GPTConfig, model_name: str, log=print):
+    def __init__(self, engine: Engine, config: GPTConfig, model_name: str, log=print,
+                 thread: ComputeThread | None = None):
         self.engine, self.config, self.model_name, self.log = engine, config, model_name, log
         self.closing = False  # set once by the first signal: no new requests, those in flight end
-        self.stopping = threading.Event()  # the engine's thread ends
-        self.thread = threading.Thread(target=self._run, name="fgpt-engine", daemon=True)
+        self.stopping = threading.Event()  # the engine's loop ends
+        self.thread = thread or ComputeThread("fgpt-engine")
+        self.loop = None  # the Future of the engine's loop on that thread, once the app starts
 
     def begin_shutdown(self) -> None:
         """Stop admitting and end what runs (the engine's thread does it within a step)."""
@@ -245,10 +250,10 @@ class Server:
         return out
 
     def check_serving(self) -> None:
-        """A 503 while the server shuts down or if its engine's thread has stopped."""
+        """A 503 while the server shuts down or if its engine's loop has stopped."""
         if self.closing:
             raise shutting_down()
-        if not self.thread.is_alive():
+        if self.loop is None or self.loop.done():
             raise APIError(503, "the engine has stopped (the server's log says why)", None, None, "server_error")
 
     def submit_all(self, requests: list[Request]):
@@ -319,11 +324,13 @@ def _document(app: FastAPI, config: GPTConfig) -> dict:
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
-        server.thread.start()
+        if not server.thread.is_alive():
+            server.thread.start()
+        server.loop = server.thread.submit(server._run)
         yield
         server.stopping.set()
         server.engine.wake.set()
-        server.thread.join(timeout=10)
+        server.thread.stop(timeout=10)
 
     app = FastAPI(title="fgpt serve", lifespan=lifespan)
     app.add_middleware(BodyLimit)
@@ -598,12 +605,19 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
     check_int("--port", port, 0, 65535)
     check_sizes(max_batch, max_queue, flag="--")
     check_int("--prefix_cache_mb", prefix_cache_mb, 0)
-    params, config = load_params(weights, device=pick_device(device))
-    params = quantize_flag(params, quantize)
-    engine = Engine(params, config, max_batch=max_batch, max_queue=max_queue, batch_invariant=batch_invariant,
-                    prefix_cache_mb=prefix_cache_mb)
+    thread = ComputeThread("fgpt-engine")  # all the torch work, from loading on (compute_thread.py)
+    thread.start()
+
+    def load():
+        params, config = load_params(weights, device=pick_device(device))
+        engine = Engine(quantize_flag(params, quantize), config, max_batch=max_batch, max_queue=max_queue,
+                        batch_invariant=batch_invariant, prefix_cache_mb=prefix_cache_mb)
+        return engine, config
+
+    engine, config = thread.call(load)
     sock = _listen(host, port)
-    server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True))
+    server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True),
+                    thread=thread)
     mode = "batch invariant" if batch_invariant else f"busy rows only, prefix cache {prefix_cache_mb} MB"
     print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
           f"{max_queue}; {mode})", file=err, flush=True)
