@@ -48,7 +48,7 @@ def build_task(folder: Path, questions: int, context_tokens: int, seed: int = 0)
     from functional_gpt.model.tokenizer import decode, encode
     from functional_gpt.training.data import read_text, shakespeare_sources
 
-    text = "\n".join(read_text(s)[1] for s in shakespeare_sources()[:6])
+    text = "\n".join(read_text(s)[0] for s in shakespeare_sources()[:6])
     lines = [line for line in text.splitlines() if len(line.split()) >= 4]
     rng = random.Random(seed)
     with open(folder / "questions.jsonl", "w") as f:
@@ -64,7 +64,7 @@ def build_task(folder: Path, questions: int, context_tokens: int, seed: int = 0)
     (folder / "shakespeare_next_line.yaml").write_text(TASK.format(data=folder / "questions.jsonl"))
 
 
-def run(base: str, folder: Path):
+def run(base: str, folder: Path, model: str):
     """-> (seconds, [log-likelihood per request]) of lm-eval's run of the task on one server."""
     import tiktoken
     from lm_eval import simple_evaluate
@@ -75,7 +75,7 @@ def run(base: str, folder: Path):
     tiktoken.encoding_for_model = lambda name: gpt2_encoding()  # lm-eval's tokenizer, built offline
     t0 = time.perf_counter()
     out = simple_evaluate(model="local-completions", tasks=["shakespeare_next_line"],
-                          model_args=f"base_url={base}/v1/completions,model=gpt2,tokenizer_backend=tiktoken,"
+                          model_args=f"base_url={base}/v1/completions,model={model},tokenizer_backend=tiktoken,"
                                      "tokenized_requests=True,num_concurrent=1,max_retries=1",
                           task_manager=TaskManager(include_path=str(folder)), log_samples=True,
                           verbosity="ERROR")
@@ -106,10 +106,11 @@ def main() -> None:
     servers = {"prefix caching": start(weights, ROOT, []), "--batch_invariant": start(weights, ROOT, ["--batch_invariant"])}
     seconds, lls, acc = {n: [] for n in servers}, {}, {}
     try:
-        for r in range(args.rounds):
+        for r in range(args.rounds + 1):  # round 0 warms each server and lm-eval up, untimed
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                took, lls[name], acc[name] = run(servers[name][1], folder)
-                seconds[name].append(took)
+                took, lls[name], acc[name] = run(servers[name][1], folder, str(weights))
+                if r:
+                    seconds[name].append(took)
                 print(f"round {r + 1}, {name}: {took:.1f} s, {len(lls[name])} log-likelihoods, acc {acc[name]:.3f}",
                       flush=True)
     finally:
