@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serve import cpu_line, start  # noqa: E402
+from bench_serve import cpu_line, start, weights_to_serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = """task: shakespeare_next_line
@@ -94,14 +94,8 @@ def main() -> None:
     args = ap.parse_args()
     import signal
 
-    from functional_gpt import init_params, preset, save_params
-
     folder = Path(tempfile.mkdtemp(prefix="bench-lm-eval-"))
-    weights = args.weights
-    if weights is None:
-        config = preset(args.config)
-        weights = folder / "model.safetensors"
-        save_params(weights, init_params(config, seed=0), config)
+    weights = weights_to_serve(args.weights, args.config, folder)
     build_task(folder, args.questions, args.context_tokens)
     servers = {"prefix caching": start(weights, ROOT, []), "--batch_invariant": start(weights, ROOT, ["--batch_invariant"])}
     seconds, lls, acc = {n: [] for n in servers}, {}, {}

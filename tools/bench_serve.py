@@ -100,6 +100,17 @@ def together(client, clients: int, prompts, new_tokens: int):
     return sum(n for _, _, n in results) / elapsed, statistics.median(f for f, _, _ in results)
 
 
+def weights_to_serve(weights: Path | None, config_name: str, folder: Path) -> Path:
+    """`weights`, or random weights of the preset `config_name` written into `folder`."""
+    if weights is not None:
+        return weights
+    from functional_gpt import init_params, preset, save_params
+
+    config = preset(config_name)
+    save_params(folder / "model.safetensors", init_params(config, seed=0), config)
+    return folder / "model.safetensors"
+
+
 def cpu_line() -> str:
     from functional_gpt.device import cpu_flags
 
@@ -122,14 +133,8 @@ def main() -> None:
     import openai
     import torch
 
-    from functional_gpt import init_params, preset, save_params
-
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    weights = args.weights
-    if weights is None:
-        config = preset(args.config)
-        weights = work / "model.safetensors"
-        save_params(weights, init_params(config, seed=0), config)
+    weights = weights_to_serve(args.weights, args.config, work)
     servers = {"serve": (ROOT, []), "batch_invariant": (ROOT, ["--batch_invariant"])}
     if args.baseline:
         tree = work / "baseline"

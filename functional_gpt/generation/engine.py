@@ -427,7 +427,7 @@ class Engine:
         if self.batch_invariant or not n or 2 * self.cache.k[:, 0, :, :n].numel() * self.cache.k.element_size() \
                 > self.prefix_budget:
             return
-        kept = _Held(held.tokens, held.scored, k=self.cache.k[:, held.row, :, :n].clone(),
+        kept = _Held(list(held.tokens), list(held.scored), k=self.cache.k[:, held.row, :, :n].clone(),
                      v=self.cache.v[:, held.row, :, :n].clone())
         self.prefixes = [p for p in self.prefixes if not (len(p.tokens) <= n and p.tokens == held.tokens[:len(
             p.tokens)] and len(p.scored) <= len(held.scored))] + [kept]
