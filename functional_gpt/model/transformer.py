@@ -196,7 +196,8 @@ def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GP
     and their length stays. fixed_shape: the idle rows still go through the matrix
     products, so every row's numbers are those of a B-row product whichever rows are busy
     (a BLAS rounds a row differently by the product's row count); False: only the busy
-    rows do (an idle row's logits are NaN), as fast for one busy row as a 1-row cache.
+    rows do (an idle row's logits are NaN, and `tap` sees the busy rows only), as fast
+    for one busy row as a 1-row cache.
     Returns (logits [B, vocab_size], the cache one position longer
     in each taking part); its buffers are written in place, as in forward_cached. The
     tokens and the cache are checked on every call; the params only when the step fails
