@@ -163,20 +163,21 @@ def test_prompt_logprobs_reuse_only_what_was_scored_and_run_the_last_shared_toke
 
 
 def test_the_prefix_store_keeps_the_most_recently_used_within_its_budget():
-    """Room for 26 tokens (TINY's keys and values take 512 bytes a token). A prompt that
-    extends a stored one replaces it; a new one pushes out the least recently used, and
-    reusing a prefix makes it the most recent. max_tokens 1: a row holds its prompt."""
+    """Room for 40 tokens (TINY's keys and values take 512 bytes a token); max_tokens 1, so
+    a row holds its prompt. Reusing a prefix makes it the most recent; a new one pushes out
+    the least recently used; a prompt that extends a stored one replaces it."""
     engine = Engine(PARAMS, TINY, max_batch=1, prefix_cache_mb=1)
-    engine.prefix_budget = 26 * 2 * TINY.n_layer * TINY.n_embd * 4
+    engine.prefix_budget = 40 * 2 * TINY.n_layer * TINY.n_embd * 4
     p0, p1, p2 = (tuple(range(1 + 20 * j, 13 + 20 * j)) for j in range(3))  # 12 tokens each
-    for p in (p0, p1):
-        drive(engine, [Request(p, 1, GREEDY)])
-    (again,) = drive(engine, [Request(p0 + (5,), 1, GREEDY)])
-    assert again[-1].cached_tokens == 12 and [len(p.tokens) for p in engine.prefixes] == [12, 13]
-    drive(engine, [Request(p2, 1, GREEDY)])  # 37 tokens: p1, the least recently used, goes
-    assert [p.tokens for p in engine.prefixes] == [list(p0 + (5,)), list(p2)]
-    hits = [drive(engine, [Request(p + (9, 9), 1, GREEDY)])[0][-1].cached_tokens for p in (p1, p2)]
-    assert hits == [0, 12]
+    q, r = p0[:11] + (7,), p2 + (5,)
+
+    def run(prompt):
+        return drive(engine, [Request(prompt, 1, GREEDY)])[0][-1].cached_tokens
+
+    assert [run(p) for p in (p0, p1, q)] == [0, 0, 11]  # q reused p0: p0 is now more recent than p1
+    assert run(p2) == 0 and [tuple(p.tokens) for p in engine.prefixes] == [p0, q, p2]  # 48 tokens: p1 went
+    assert run(r) == 12 and [tuple(p.tokens) for p in engine.prefixes] == [p0, q, r]  # r covers p2
+    assert run(p1 + (9, 9)) == 0
 
 
 def test_no_store_with_prefix_cache_mb_0_and_a_prefix_larger_than_the_store_is_not_kept():
