@@ -105,8 +105,8 @@ def main() -> None:
                 took, lls[name], acc[name] = run(servers[name][1], folder, str(weights))
                 if r:
                     seconds[name].append(took)
-                print(f"round {r + 1}, {name}: {took:.1f} s, {len(lls[name])} log-likelihoods, acc {acc[name]:.3f}",
-                      flush=True)
+                print(f"{f'round {r}' if r else 'warm-up'}, {name}: {took:.1f} s, {len(lls[name])} log-likelihoods, "
+                      f"acc {acc[name]:.3f}", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
