@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serve import cpu_line, start, weights_to_serve  # noqa: E402
+from bench_serve import cpu_line, start, stop, weights_to_serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = """task: shakespeare_next_line
@@ -92,8 +92,6 @@ def main() -> None:
     ap.add_argument("--context_tokens", type=int, default=448, help="contexts of a quarter of this to this many tokens")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    import signal
-
     folder = Path(tempfile.mkdtemp(prefix="bench-lm-eval-"))
     weights = weights_to_serve(args.weights, args.config, folder)
     build_task(folder, args.questions, args.context_tokens)
@@ -108,9 +106,7 @@ def main() -> None:
                 print(f"{f'round {r}' if r else 'warm-up'}, {name}: {took:.1f} s, {len(lls[name])} log-likelihoods, "
                       f"acc {acc[name]:.3f}", flush=True)
     finally:
-        for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        stop(servers.values())
     cached, whole = (statistics.median(seconds[n]) for n in servers)
     a, b = lls.values()
     diff = max(abs(x - y) for x, y in zip(a, b))

@@ -71,6 +71,13 @@ def start(weights: Path, root: Path, flags: list[str]):
     sys.exit(f"bench_serve: the server of {root} did not start")
 
 
+def stop(servers) -> None:
+    """SIGTERM each (process, base URL) that `start` returned, and wait for it to end."""
+    for proc, _ in servers:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def one_request(client, prompt, new_tokens, barrier=None):
     """-> (time to first token, time from first to last token, new tokens) of one streamed
     greedy completion."""
@@ -171,9 +178,7 @@ def main() -> None:
                 print(f"round {r + 1}, {name}: 1 client {rates[name][-1]:.1f} tok/s; {args.clients} clients "
                       f"{rate:.1f} tok/s, p50 first token {first:.2f} s", flush=True)
     finally:
-        for proc, _ in running.values():
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        stop(running.values())
         if args.baseline:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")],
                            capture_output=True)
