@@ -61,7 +61,8 @@ def _serve(args) -> int:
 
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           device=args.device, quantize=args.quantize, batch_invariant=args.batch_invariant,
-          prefix_cache_mb=args.prefix_cache_mb)
+          prefix_cache_mb=args.prefix_cache_mb, draft=args.draft, prompt_lookup=args.prompt_lookup,
+          speculate=args.speculate)
     return 0
 
 
@@ -86,18 +87,9 @@ def _generate(args) -> int:
 
 def _proposer(args, config):
     """The speculative proposer --draft or --prompt_lookup asks for, or None."""
-    from .device import pick_device
-    from .generation.speculative import DraftModel, PromptLookup
-    from .model.checkpoint import load_params
+    from .generation.speculative import proposer_flags
 
-    if args.draft is not None and args.prompt_lookup is not None:
-        raise UserError("--draft and --prompt_lookup: give one proposer, not both")
-    if args.prompt_lookup is not None:
-        return PromptLookup(args.prompt_lookup)
-    if args.draft is not None:
-        draft, draft_config = load_params(args.draft, device=pick_device(args.device))
-        return DraftModel(draft, draft_config, config)
-    return None
+    return proposer_flags(args.draft, args.prompt_lookup, config, args.device)
 
 
 def _eval(args) -> int:
@@ -186,6 +178,15 @@ def _device_flag(parser):
 def _quantize_flag(parser):
     parser.add_argument("--quantize", metavar="SCHEME",
                         help="run on weight-only quantized matrices: int8 (per channel; default: the file's own)")
+
+
+def _speculative_flags(parser):
+    parser.add_argument("--draft", metavar="WEIGHTS",
+                        help="speculative decoding: a smaller model of the same tokenizer and context guesses")
+    parser.add_argument("--prompt_lookup", type=int, metavar="N",
+                        help="speculative decoding: guess what followed the context's last N-gram before")
+    parser.add_argument("--speculate", type=int, default=4, metavar="K",
+                        help="guesses verified per forward (default 4)")
 
 
 def _tolerance_flags(parser, *, default, default_text):
@@ -321,11 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
-    gen.add_argument("--draft", metavar="WEIGHTS",
-                     help="speculative decoding: a smaller model of the same tokenizer and context guesses")
-    gen.add_argument("--prompt_lookup", type=int, metavar="N",
-                     help="speculative decoding: guess what followed the context's last N-gram before")
-    gen.add_argument("--speculate", type=int, default=4, metavar="K", help="guesses verified per forward (default 4)")
+    _speculative_flags(gen)
     _device_flag(gen)
     _quantize_flag(gen)
     gen.set_defaults(run=_generate)
@@ -345,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefix_cache_mb", type=int, default=1024, metavar="MB",
                      help="keys and values finished requests leave for later prompts sharing their prefix "
                           "(default 1024; 0: none)")
+    _speculative_flags(srv)
     _device_flag(srv)
     _quantize_flag(srv)
     srv.set_defaults(run=_serve)

@@ -366,12 +366,12 @@ def test_a_cache_whose_buffers_do_not_fit_the_params_is_named(tiny_params):
 
 
 @pytest.mark.parametrize("counts, message", [
-    ((1, 2), "counts: expected 1 values, one per row of the cache, got a tuple of 2"),
+    ((1, 2), "counts: expected 1 values, one per token row, got a tuple of 2"),
     ((0,), "counts[0]: expected an integer in 1..3, got 0 (an int)"),
     ((4,), "counts[0]: expected an integer in 1..3, got 4 (an int)"),
     ((1.0,), "counts[0]: expected an integer in 1..3, got 1.0 (a float)"),
     ((True,), "counts[0]: expected an integer in 1..3, got True (a bool)"),
-    (3, "counts: expected 1 values, one per row of the cache, got 3 (an int)"),
+    (3, "counts: expected 1 values, one per token row, got 3 (an int)"),
 ])
 def test_bad_counts_are_named(tiny_params, counts, message):
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):

@@ -28,8 +28,8 @@ def reference_logprobs(tokens) -> torch.Tensor:
         return torch.log_softmax(HF(torch.tensor([list(tokens)])).logits[0].double(), -1)
 
 
-def drive(engine: Engine, requests) -> list[list]:
-    """Submit every request, step the engine to idle -> each request's events."""
+def drive(engine: Engine, requests, max_steps: int = 500) -> list[list]:
+    """Submit every request, step the engine to idle (within max_steps) -> each request's events."""
     events = [[] for _ in requests]
     for i, r in enumerate(requests):
         engine.submit(r, events[i].append)
@@ -37,7 +37,7 @@ def drive(engine: Engine, requests) -> list[list]:
     while engine.busy:
         engine.step()
         steps += 1
-        assert steps < 500
+        assert steps < max_steps
     return events
 
 

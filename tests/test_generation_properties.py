@@ -16,6 +16,7 @@ from functional_gpt import UserError, init_params
 from functional_gpt.generation import (Done, Engine, Prompt, Request, Sampling, Token, generate, prefill,
                                        process_logits, sample, sample_rows, stream_text)
 from functional_gpt.generation.sampling import MIN_REPETITION_PENALTY, MIN_TEMPERATURE, RULES
+from functional_gpt.generation.speculative import DraftModel, PromptLookup
 
 from conftest import TINY
 
@@ -217,11 +218,13 @@ requests = st.fixed_dictionaries(
         "frequency_penalty": st.one_of(st.floats(-3, 3), junk), "sampling": st.one_of(st.just(Sampling()), junk)})
 
 
-@given(st.lists(requests, min_size=1, max_size=3), st.integers(1, 2))
-def test_the_engine_finishes_each_request_it_takes_or_names_the_field(bodies, max_batch):
+@given(st.lists(requests, min_size=1, max_size=3), st.integers(1, 2), st.sampled_from([None, "lookup", "draft"]))
+def test_the_engine_finishes_each_request_it_takes_or_names_the_field(bodies, max_batch, speculative):
     """A request is made (its fields checked) and submitted (its prompt against the model),
-    or refused naming the field; each one taken gets its tokens then one Done."""
-    engine = Engine(PARAMS, TINY, max_batch=max_batch, max_queue=4)
+    or refused naming the field; each one taken gets its tokens then one Done, plainly
+    decoded or speculatively (a prompt lookup, or the model as its own draft)."""
+    proposer = {None: None, "lookup": PromptLookup(2), "draft": DraftModel(PARAMS, TINY, TINY, rows=max_batch)}
+    engine = Engine(PARAMS, TINY, max_batch=max_batch, max_queue=4, proposer=proposer[speculative])
     taken = []
     for body in bodies:
         try:

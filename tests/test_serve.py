@@ -356,6 +356,63 @@ def test_sixteen_concurrent_requests_each_return_what_they_return_alone(client, 
     assert len({a[0] for a in alone}) > 8
 
 
+# --- speculative decoding --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft_weights(tmp_path_factory) -> Path:
+    config = GPTConfig(vocab_size=50257, n_positions=256, n_embd=16, n_layer=1, n_head=2)
+    path = tmp_path_factory.mktemp("draft") / "draft.safetensors"
+    save_params(path, params_of(hf_model(config, seed=4)), config)
+    return path
+
+
+def test_with_a_draft_concurrent_greedy_completions_are_transformers(model, draft_weights):
+    """`--draft W --speculate 3` on 4 rows, 6 greedy requests at once (prompts of 1 to 40
+    tokens): each is transformers' greedy continuation, its log-probs transformers'."""
+    _, _, hf = model
+    proc, base = start_server(model[0], "--max_batch", "4", "--draft", str(draft_weights), "--speculate", "3")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        gen = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(50000, (n,), generator=gen).tolist() for n in (1, 8, 40, 3, 17, 25)]
+
+        def ask(prompt):
+            return client.completions.create(model=None, prompt=prompt, max_tokens=12, temperature=0, logprobs=0,
+                                             echo=True).choices[0].logprobs
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, prompts))
+        for prompt, logprobs in zip(prompts, got):
+            expected = transformers_greedy(hf, prompt, 12)
+            assert logprobs.tokens == [decode([t]) for t in prompt + expected]
+            with torch.no_grad():
+                want = torch.log_softmax(hf(torch.tensor([prompt + expected])).logits[0].double(), -1)
+            want = [float(want[t, x]) for t, x in enumerate((prompt + expected)[1:])]
+            assert max(abs(a - b) for a, b in zip(logprobs.token_logprobs[1:], want)) < 1e-4
+    finally:
+        log = stop_server(proc)
+    assert "Traceback" not in log and f"speculative: 3 guesses per step from the draft {draft_weights}" in log, log
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prompt_lookup", "2", "--batch_invariant"], "--batch_invariant and speculative decoding (--draft, "
+                                                    "--prompt_lookup) cannot both hold"),
+    (["--prompt_lookup", "2", "--speculate", "0"], "--speculate: expected an integer in 1..64, got 0"),
+    (["--prompt_lookup", "0"], "--prompt_lookup: expected an integer in 1..64, got 0"),
+    (["--prompt_lookup", "2", "--draft", "D"], "--draft and --prompt_lookup: give one proposer, not both"),
+    (["--draft", "OTHER"], "--draft: the draft's n_positions is 16, the model's 256; a draft must share"),
+])
+def test_bad_speculative_flags_are_one_line_naming_the_flag(model, tmp_path, flags, words):
+    other = GPTConfig(vocab_size=50257, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    save_params(tmp_path / "other.safetensors", init_params(other, seed=0), other)
+    flags = [{"OTHER": str(tmp_path / "other.safetensors"), "D": str(model[0])}.get(f, f) for f in flags]
+    done = subprocess.run([sys.executable, "-m", "functional_gpt", "serve", "--weights", str(model[0]), "--port",
+                           str(free_port()), *flags], capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
+
+
 # --- faults: each a clean OpenAI-style error, and the server keeps serving -----------------
 
 ROOM = {"prompt": [1, 2], "max_tokens": 2}
@@ -880,6 +937,7 @@ def test_the_python_serve_takes_the_commands_defaults(tmp_path, monkeypatch):
     with pytest.raises(Listened):
         server_module.serve(str(tmp_path / "w.safetensors"))
     args = build_parser().parse_args(["serve", "--weights", "w.safetensors"])
+    assert seen.pop("proposer") is None and args.draft is None and args.prompt_lookup is None
     assert seen == {"host": "127.0.0.1", "port": 8000, "max_batch": 8, "max_queue": 64, "batch_invariant": False,
-                    "prefix_cache_mb": 1024} == \
+                    "prefix_cache_mb": 1024, "speculate": 4} == \
         {name: getattr(args, name) for name in seen}

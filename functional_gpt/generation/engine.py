@@ -9,6 +9,14 @@ An `Engine` owns a KV cache of `max_batch` rows. Each `step()`:
    freeing them at once for the next request;
 3. decodes the new token of every row still active in one `decode_step`.
 
+With a speculative proposer (speculative.py: a `DraftModel` of `max_batch` rows, batched
+over the busy rows, or a `PromptLookup`), steps 2 and 3 become one: each busy row's guesses
+after its last token are verified in one `forward_cached` over the busy rows (each row its
+own number of guesses), and each row sends the guesses it keeps and one more token, then
+rolls its cache back past the rejected ones. Greedy rows get plain decoding's tokens,
+sampled rows its distribution (the rejection rule), frequency, presence and repetition
+penalties applied per position as plain decoding applies them.
+
 Two modes:
 - default: the decode step multiplies only the busy rows (a lone request costs what it
   costs alone), and prompts reuse the keys and values of a shared prefix (prefix caching):
@@ -51,6 +59,7 @@ from ..model.tokenizer import decode
 from ..model.transformer import decode_step, forward_cached, new_cache
 from .decoding import MAX_SEED, TextStream
 from .sampling import Sampling, sample
+from .speculative import DraftModel, PromptLookup, verify
 
 MAX_LOGPROBS = 5  # also how many alternatives a row keeps per prompt token, for a later prompt sharing it
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's do
@@ -197,12 +206,27 @@ def check_sizes(max_batch, max_queue, flag: str = "") -> None:
     check_int(f"{flag}max_queue", max_queue, 1)
 
 
+def check_modes(batch_invariant: bool, speculative: bool) -> None:
+    """Batch invariance and speculative decoding exclude each other."""
+    if batch_invariant and speculative:
+        raise UserError("--batch_invariant and speculative decoding (--draft, --prompt_lookup) cannot both hold: "
+                        "a verifying step's shape, so a row's rounding, depends on the other rows' guesses")
+
+
 class Engine:
     def __init__(self, params: Params, config: GPTConfig, *, max_batch: int = 8, max_queue: int = 64,
-                 batch_invariant: bool = False, prefix_cache_mb: int = 1024):
+                 batch_invariant: bool = False, prefix_cache_mb: int = 1024,
+                 proposer: DraftModel | PromptLookup | None = None, speculate: int = 4):
         check_sizes(max_batch, max_queue)
         self.params, self.config, self.max_queue = params, config, max_queue
         self.batch_invariant = check_bool("batch_invariant", batch_invariant)
+        self.proposer, self.speculate = proposer, check_int("speculate", speculate, 1, 64)
+        if proposer is not None and not isinstance(proposer, (DraftModel, PromptLookup)):
+            raise UserError(f"proposer: expected a DraftModel, a PromptLookup or None, got {describe(proposer)}")
+        check_modes(self.batch_invariant, proposer is not None)
+        if isinstance(proposer, DraftModel) and proposer.rows < max_batch:
+            raise UserError(f"proposer: a DraftModel of {proposer.rows} rows for max_batch {max_batch} "
+                            f"(DraftModel(..., rows={max_batch}))")
         self.prefix_budget = check_int("prefix_cache_mb", prefix_cache_mb, 0) * 2**20
         self.prefixes: list[_Held] = []  # the prefix store, least recently used first
         w = params["wpe"]["weight"]  # the dtype activations run in (wte may be int8)
@@ -253,11 +277,13 @@ class Engine:
                     continue
                 if row.handle.cancelled:
                     self._retire(i, "cancelled")
-                    continue
-                self._advance(i)
+                elif self.proposer is None:
+                    self._advance(i)
             live = tuple(r is not None for r in self.rows)
             if not any(live):
                 return
+            if self.proposer is not None:
+                return self._speculate([i for i, on in enumerate(live) if on])
             tokens = [0 if r is None else r.next_token for r in self.rows]
             try:
                 logits, self.cache = decode_step(self.params, torch.tensor(tokens, device=self.device), self.cache,
@@ -271,6 +297,60 @@ class Engine:
                 if on:
                     self.rows[i].logits = logits[i]
                     self.held[i].tokens.append(tokens[i])
+
+    def _speculate(self, busy: list[int]) -> None:
+        """Verify the busy rows' guesses after their last sent token in one forward, send
+        what each keeps and one more, roll each cache back past its rejected guesses."""
+        contexts = [self.held[i].tokens + [self.rows[i].next_token] for i in busy]
+        wanted = [min(self.speculate, self.rows[i].handle.request.max_tokens - self.rows[i].produced - 1)
+                  for i in busy]
+        try:
+            if isinstance(self.proposer, DraftModel):
+                drawn = self.proposer.draw_rows(busy, contexts, max(wanted),
+                                                [self.rows[i].handle.request.sampling for i in busy],
+                                                [self.rows[i].generator for i in busy])
+                drawn = [(g[:n], None if q is None else q[:n]) for (g, q), n in zip(drawn, wanted)]
+            else:
+                drawn = [(self.proposer.propose(c, n), None) for c, n in zip(contexts, wanted)]
+            T = 1 + max(len(g) for g, _ in drawn)
+            tokens = torch.tensor([[c[-1], *g] + [0] * (T - 1 - len(g)) for c, (g, _) in zip(contexts, drawn)],
+                                  device=self.device)
+            logits, self.cache = forward_cached(self.params, tokens, self.cache, self.config, cache_rows=tuple(busy),
+                                                counts=tuple(1 + len(g) for g, _ in drawn))
+        except Exception as e:  # the shared step: every row it held fails with it
+            for i in busy:
+                self._fail(i, "the speculative step", e)
+            return
+        for b, (i, context, (guesses, q)) in enumerate(zip(busy, contexts, drawn)):
+            row = self.rows[i]
+            try:
+                choices = verify(self._penalized(row, logits[b, : 1 + len(guesses)], guesses), guesses, q,
+                                 row.handle.request.sampling, row.seen, row.generator)
+            except Exception as e:  # this row's failure: the others go on
+                self.cache = self.cache.with_length(i, len(self.held[i].tokens))
+                self._fail(i, "sampling", e)
+                continue
+            kept = len(choices) - 1
+            self.held[i].tokens = context + guesses[:kept]
+            self.cache = self.cache.with_length(i, len(self.held[i].tokens))
+            for j, token in enumerate(choices):
+                row.logits = logits[b, j]
+                row.next_token = token
+                self._emit(i, token)
+                if self.rows[i] is None:
+                    break
+
+    @staticmethod
+    def _penalized(row: _Row, logits: torch.Tensor, guesses: list[int]) -> torch.Tensor:
+        """logits [n + 1, V] after the last token and each guess, less the frequency and
+        presence penalties of the tokens before each position (the guesses included)."""
+        request = row.handle.request
+        if not (request.frequency_penalty or request.presence_penalty):
+            return logits
+        counts = row.counts.repeat(len(guesses) + 1, 1)
+        for j, guess in enumerate(guesses):
+            counts[j + 1 :, guess] += 1
+        return logits.float() - request.frequency_penalty * counts - request.presence_penalty * (counts > 0)
 
     def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
         """Finish every request, waiting or running, with `reason` (and `error`)."""
@@ -352,6 +432,8 @@ class Engine:
                 for token, (logprob, alts) in zip(request.prompt[1:], scored)]))
         self.rows[i] = _Row(handle, generator, TextStream(request.stop), torch.zeros(V, device=self.device), seen,
                             logits[0, -1], cached=reused)
+        if isinstance(self.proposer, DraftModel):
+            self.proposer.restart(i)
         if request.max_tokens == 0:
             self._retire(i, "length")
         else:

@@ -591,27 +591,35 @@ def _http_protocol():
 
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           device: str | None = None, quantize: str | None = None, batch_invariant: bool = False,
-          prefix_cache_mb: int = 1024, err=sys.stderr) -> None:
+          prefix_cache_mb: int = 1024, draft: str | None = None, prompt_lookup: int | None = None,
+          speculate: int = 4, err=sys.stderr) -> None:
     """Load the weights (quantized to `quantize`, a scheme, when given), listen (refusing a
     port another server holds), serve until Ctrl-C / SIGTERM, then shut down as the module
-    doc says. batch_invariant, prefix_cache_mb: the engine's mode and prefix store (engine.py)."""
+    doc says. batch_invariant, prefix_cache_mb: the engine's mode and prefix store; draft
+    (weights) or prompt_lookup (n-gram length), speculate (guesses per step): speculative
+    decoding (engine.py)."""
     import uvicorn
 
     from ..device import pick_device
     from ..model.checkpoint import load_params
     from ..model.quantize import quantize_flag
-    from .engine import check_sizes
+    from .engine import check_modes, check_sizes
+    from .speculative import PromptLookup, proposer_flags
 
     check_int("--port", port, 0, 65535)
     check_sizes(max_batch, max_queue, flag="--")
     check_int("--prefix_cache_mb", prefix_cache_mb, 0)
+    check_int("--speculate", speculate, 1, 64)
+    check_modes(batch_invariant, draft is not None or prompt_lookup is not None)
     thread = ComputeThread("fgpt-engine")  # all the torch work, from loading on (compute_thread.py)
     thread.start()
 
     def load():
         params, config = load_params(weights, device=pick_device(device))
+        proposer = proposer_flags(draft, prompt_lookup, config, device, rows=max_batch)
         engine = Engine(quantize_flag(params, quantize), config, max_batch=max_batch, max_queue=max_queue,
-                        batch_invariant=batch_invariant, prefix_cache_mb=prefix_cache_mb)
+                        batch_invariant=batch_invariant, prefix_cache_mb=prefix_cache_mb, proposer=proposer,
+                        speculate=speculate)
         return engine, config
 
     engine, config = thread.call(load)
@@ -619,6 +627,10 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
     server = Server(engine, config, model_name=str(weights), log=lambda line: print(line, file=err, flush=True),
                     thread=thread)
     mode = "batch invariant" if batch_invariant else f"busy rows only, prefix cache {prefix_cache_mb} MB"
+    if engine.proposer is not None:  # what the engine runs, not what was asked
+        mode += (f"; speculative: {engine.speculate} guesses per step from " + (
+            f"prompt lookup of {engine.proposer.max_ngram}-grams" if isinstance(engine.proposer, PromptLookup)
+            else f"the draft {draft}"))
     print(f"fgpt serve: {weights} on http://{host}:{sock.getsockname()[1]}/v1 (max_batch {max_batch}, max_queue "
           f"{max_queue}; {mode})", file=err, flush=True)
 

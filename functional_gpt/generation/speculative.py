@@ -57,17 +57,17 @@ class PromptLookup:
     def restart(self) -> None:
         pass  # no state
 
-    def accepted(self, context: list[int], n_kept: int) -> None:
-        pass
-
 
 class DraftModel:
-    """Guesses greedily with a smaller model on its own KV cache, which holds a prefix of
-    the window's context and is caught up (one forward) before each guess. It serves one
-    generation at a time: speculative_generate restarts it at the start and whenever the
-    window restarts."""
+    """Guesses with a smaller model on its own KV cache of `rows` rows (one per sequence it
+    serves: a server's rows). A row holds its last context and the guesses after it; the
+    next context must extend the last by the guesses kept, so the row keeps all but its
+    new context's last position and catches up from there (one forward for all the rows
+    asked). speculative_generate restarts it at the start and whenever the window
+    restarts; a server restarts a row when a new request takes it."""
 
-    def __init__(self, params: Params, config: GPTConfig, target: GPTConfig, *, flag: str = "--draft"):
+    def __init__(self, params: Params, config: GPTConfig, target: GPTConfig, *, rows: int = 1,
+                 flag: str = "--draft"):
         config = checked_config(params, config)
         if not isinstance(target, GPTConfig):
             raise UserError(f"target: expected the model's GPTConfig, got {describe(target)}")
@@ -75,11 +75,15 @@ class DraftModel:
             if getattr(config, field) != getattr(target, field):
                 raise UserError(f"{flag}: the draft's {field} is {getattr(config, field)}, the model's "
                                 f"{getattr(target, field)}; a draft must share the tokenizer and the context")
-        self.params, self.config = params, config
-        self.cache: KVCache | None = None  # holds the window's first `cache.lengths[0]` tokens
+        self.params, self.config, self.rows = params, config, check_int("rows", rows, 1)
+        self.cache: KVCache | None = None  # row r holds its context's first `cache.lengths[r]` tokens
 
-    def restart(self) -> None:
-        self.cache = None
+    def restart(self, row: int | None = None) -> None:
+        """Forget row `row`'s context (None: every row's)."""
+        if row is None or self.cache is None:
+            self.cache = None
+        else:
+            self.cache = self.cache.with_length(row, 0)
 
     def propose(self, context: list[int], k: int) -> list[int]:
         """k greedy guesses after the context."""
@@ -88,32 +92,59 @@ class DraftModel:
     def draw(self, context: list[int], k: int, sampling: Sampling, generator: torch.Generator | None = None):
         """-> (k guesses after the context, each drawn from the draft's distribution under
         `sampling`'s temperature and filters (no repetition penalty), and those
-        distributions [k, V]; None when greedy: each guess a point mass)."""
+        distributions [k, V]; None when greedy: each guess a point mass). Row 0's cache."""
+        return self.draw_rows([0], [context], k, [sampling], [generator])[0]
+
+    def draw_rows(self, rows: list[int], contexts: list[list[int]], k: int, samplings: list[Sampling],
+                  generators: list) -> list[tuple[list[int], torch.Tensor | None]]:
+        """`draw` for several rows at once, row rows[b] after contexts[b] under samplings[b]
+        with generators[b]: one catch-up forward, then k - 1 decode steps of those rows."""
         if k == 0:
-            return [], None
+            return [([], None) for _ in rows]
         if self.cache is None:
             w = self.params["wpe"]["weight"]
-            self.cache = new_cache(self.config, 1, dtype=w.dtype, device=w.device)
-        held = self.cache.lengths[0]
-        missing = torch.tensor([context[held:]], device=self.cache.k.device)
-        logits, self.cache = forward_cached(self.params, missing, self.cache, self.config, last_only=True)
-        logits, guesses, probs = logits[0], [], []
+            self.cache = new_cache(self.config, self.rows, dtype=w.dtype, device=w.device)
+        device = self.cache.k.device
+        for r, context in zip(rows, contexts):  # rejected guesses past it are dropped; the last token is run again
+            self.cache = self.cache.with_length(r, min(self.cache.lengths[r], len(context) - 1))
+        missing = [context[self.cache.lengths[r]:] for r, context in zip(rows, contexts)]
+        T = max(len(m) for m in missing)
+        tokens = torch.tensor([m + [0] * (T - len(m)) for m in missing], device=device)
+        logits, self.cache = forward_cached(self.params, tokens, self.cache, self.config, cache_rows=tuple(rows),
+                                            counts=tuple(len(m) for m in missing), last_only=True)
+        logits = logits[:, -1]
+        guesses, probs = [[] for _ in rows], [[] for _ in rows]
+        busy = tuple(r in rows for r in range(self.rows))
         while True:
-            if sampling.is_greedy:
-                guesses.append(int(logits[-1].argmax()))
-            else:
-                probs.append(process_logits(logits[-1:].float(), sampling).softmax(-1)[0])
-                guesses.append(int(torch.multinomial(probs[-1], 1, generator=generator)))
-            if len(guesses) == k:
-                return guesses, (torch.stack(probs) if probs else None)
-            logits, self.cache = decode_step(self.params, torch.tensor([guesses[-1]], device=self.cache.k.device),
-                                             self.cache, self.config)
+            for b, (sampling, generator) in enumerate(zip(samplings, generators)):
+                if sampling.is_greedy:
+                    guesses[b].append(int(logits[b].argmax()))
+                else:
+                    probs[b].append(process_logits(logits[b : b + 1].float(), sampling).softmax(-1)[0])
+                    guesses[b].append(int(torch.multinomial(probs[b][-1], 1, generator=generator)))
+            if len(guesses[0]) == k:
+                return [(g, torch.stack(p) if p else None) for g, p in zip(guesses, probs)]
+            step = torch.zeros(self.rows, dtype=torch.long, device=device)
+            step[list(rows)] = torch.tensor([g[-1] for g in guesses], device=device)
+            logits, self.cache = decode_step(self.params, step, self.cache, self.config, rows=busy, fixed_shape=False)
+            logits = logits[list(rows)]
 
-    def accepted(self, context: list[int], n_kept: int) -> None:
-        """context: the window before this step's tokens; n_kept guesses were kept. The cache
-        holds context + the first k - 1 guesses: keep what the new context shares."""
-        if self.cache is not None:
-            self.cache = self.cache.with_length(0, min(self.cache.lengths[0], len(context) + n_kept))
+
+def proposer_flags(draft: str | None, prompt_lookup: int | None, config: GPTConfig, device=None, *,
+                   rows: int = 1) -> "PromptLookup | DraftModel | None":
+    """The proposer `--draft WEIGHTS` or `--prompt_lookup N` asks for (a draft of `rows`
+    rows, loaded on `device`), or None for neither."""
+    from ..device import pick_device
+    from ..model.checkpoint import load_params
+
+    if draft is not None and prompt_lookup is not None:
+        raise UserError("--draft and --prompt_lookup: give one proposer, not both")
+    if prompt_lookup is not None:
+        return PromptLookup(prompt_lookup)
+    if draft is not None:
+        params, draft_config = load_params(draft, device=pick_device(device))
+        return DraftModel(params, draft_config, config, rows=rows)
+    return None
 
 
 def speculative_generate(
@@ -162,7 +193,7 @@ def speculative_generate(
         seen[0, torch.tensor(s, device=device)] = True
     with torch.inference_mode():
         cache, logits = _prefill(params, config, s[start:], device)
-        choices = _verify(logits[None], [], None, sampling, seen, generator)
+        choices = verify(logits[None], [], None, sampling, seen, generator)
         produced = 0
         while True:
             for token in choices:
@@ -186,13 +217,12 @@ def speculative_generate(
             else:
                 guesses, draft_probs = proposer.propose(context, n), None
             logits, cache = forward_cached(params, torch.tensor([[s[-1], *guesses]], device=device), cache, config)
-            choices = _verify(logits[0], guesses, draft_probs, sampling, seen, generator)
+            choices = verify(logits[0], guesses, draft_probs, sampling, seen, generator)
             kept = len(choices) - 1
             cache = cache.with_length(0, held + 1 + kept)
-            proposer.accepted(context, kept)
 
 
-def _verify(logits, guesses: list[int], draft_probs, sampling: Sampling, seen, generator) -> list[int]:
+def verify(logits, guesses: list[int], draft_probs, sampling: Sampling, seen, generator) -> list[int]:
     """The tokens one verifying forward yields: the guesses kept, then one more.
     logits: the target's [n + 1, V] after the last token and each of the n guesses;
     draft_probs: [n, V] the distributions the guesses were drawn from, None for point

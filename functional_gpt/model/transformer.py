@@ -157,6 +157,7 @@ def forward_cached(
     config: GPTConfig | None = None,
     *,
     counts: tuple[int, ...] | None = None,
+    cache_rows: tuple[int, ...] | None = None,
     tap=no_tap,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, KVCache]:
@@ -166,6 +167,9 @@ def forward_cached(
     counts: per row, how many of the T tokens are real (the rest right padding, which is
       neither cached nor attended to); None means all T. Prompts of different lengths
       share a prefill this way, each row computing what it computes alone.
+    cache_rows: the distinct cache rows the B token rows go to, in order (None: all of
+      them, B the cache's rows); the other rows take no part and keep their lengths, so a
+      call costs what its own rows cost (a server's busy rows, verifying their guesses).
     last_only: compute the logits of each row's last real token only (all generation
       needs; the LM head is a large share of a prefill's work).
     Returns (logits [B, T or 1, vocab_size], the cache holding lengths[b] + counts[b]
@@ -175,14 +179,18 @@ def forward_cached(
     """
     config = checked_config(params, config)
     T = _length(tokens)
-    _check_cache(cache, config, params, tokens.shape[0] if tokens.dim() == 2 else None)
-    counts = _counts(counts, len(cache.lengths), T)
-    _check_tokens(tokens, config, params, end=max(n + k for n, k in zip(cache.lengths, counts)), limit=cache.max_len)
+    _check_cache(cache, config, params, tokens.shape[0] if tokens.dim() == 2 and cache_rows is None else None)
+    index = None if cache_rows is None else _cache_rows(cache_rows, tokens.shape[0], len(cache.lengths))
+    counts = _counts(counts, tokens.shape[0], T)
+    starts = cache.lengths if index is None else tuple(cache.lengths[r] for r in index)
+    _check_tokens(tokens, config, params, end=max(n + k for n, k in zip(starts, counts)), limit=cache.max_len)
     _check_switches(last_only=last_only, tap=tap)
-    hidden = _transformer(params, tokens, _positions(cache.lengths, T, config, tokens.device), config, tap=tap,
-                          cache=cache, counts=counts, last_only=last_only)
-    lengths = tuple(n + k for n, k in zip(cache.lengths, counts))
-    return _head(params, hidden, tap), replace(cache, lengths=lengths)
+    hidden = _transformer(params, tokens, _positions(starts, T, config, tokens.device), config, tap=tap,
+                          cache=cache, counts=counts, index=index, last_only=last_only)
+    lengths = list(cache.lengths)
+    for b, k in enumerate(counts):
+        lengths[b if index is None else index[b]] += k
+    return _head(params, hidden, tap), replace(cache, lengths=tuple(lengths))
 
 
 def decode_step(params: Params, tokens: torch.Tensor, cache: KVCache, config: GPTConfig,
@@ -315,19 +323,29 @@ def _check_switches(*, tap=no_tap, **flags) -> None:
         check_bool(name, value)
 
 
-def _sequence(name: str, values, n: int) -> tuple:
-    """values as a tuple of n items (a list, tuple or 1-D tensor), else a UserError."""
+def _sequence(name: str, values, n: int, of: str = "cache") -> tuple:
+    """values as a tuple of n items (a list, tuple or 1-D tensor), one per row of the
+    `of` ("cache" or "token") rows, else a UserError."""
     if isinstance(values, torch.Tensor) and values.dim() == 1:
         values = values.tolist()
     if not isinstance(values, (list, tuple)) or len(values) != n:
-        raise UserError(f"{name}: expected {n} values, one per row of the cache, got {describe(values)}")
+        raise UserError(f"{name}: expected {n} values, one per {of} row, got {describe(values)}")
     return tuple(values)
 
 
 def _counts(counts, B: int, T: int) -> tuple[int, ...]:
     if counts is None:
         return (T,) * B
-    return tuple(check_int(f"counts[{b}]", n, 1, T) for b, n in enumerate(_sequence("counts", counts, B)))
+    return tuple(check_int(f"counts[{b}]", n, 1, T) for b, n in enumerate(_sequence("counts", counts, B, "token")))
+
+
+def _cache_rows(cache_rows, B: int, n_rows: int) -> tuple[int, ...]:
+    """cache_rows as B distinct row numbers of a cache of n_rows, else a UserError."""
+    rows = tuple(check_int(f"cache_rows[{b}]", r, 0, n_rows - 1)
+                 for b, r in enumerate(_sequence("cache_rows", cache_rows, B, "token")))
+    if len(set(rows)) != B:
+        raise UserError(f"cache_rows: expected distinct rows, got {list(rows)}")
+    return rows
 
 
 def _length(tokens) -> int:
