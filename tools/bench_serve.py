@@ -1,6 +1,7 @@
 """`fgpt serve` for one client and for eight, against one `fgpt generate` stream (a benchmark, not a test).
 
-    python tools/bench_serve.py [--config gpt2 | --weights PATH] [--baseline REV] [--rounds 3] [--png FILE]
+    python tools/bench_serve.py [--config gpt2 | --weights PATH] [--baseline REV] [--prompt_lookup N]
+                                [--draft WEIGHTS] [--rounds 3] [--png FILE]
 
 Contenders, each its own process on the same weights (random ones of --config unless
 --weights), measured in interleaved rounds (medians reported):
@@ -9,7 +10,10 @@ Contenders, each its own process on the same weights (random ones of --config un
   serve             `fgpt serve` in its default mode (busy rows only, prefix caching);
   batch_invariant   `fgpt serve --batch_invariant` (every step multiplies all rows);
   REV               with --baseline REV: `fgpt serve` of that git revision (a worktree of
-                    it), e.g. the server before this mode existed.
+                    it), e.g. the server before this mode existed;
+  prompt_lookup N, draft
+                    with --prompt_lookup N or --draft WEIGHTS: the default mode with
+                    speculative decoding (against plain `generate`, as the others).
 Each server is asked, with the official openai client, greedy and streamed: one client
 alone (its decode rate: new tokens after the first over the time from first to last), and
 --clients clients arriving together at a barrier, one request each (their total new
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--max_batch", type=int, default=8)
+    parser.add_argument("--prompt_lookup", type=int, metavar="N", help="also serve with --prompt_lookup N")
+    parser.add_argument("--draft", metavar="WEIGHTS", help="also serve with --draft WEIGHTS")
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
     import openai
@@ -143,6 +149,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     weights = weights_to_serve(args.weights, args.config, work)
     servers = {"serve": (ROOT, []), "batch_invariant": (ROOT, ["--batch_invariant"])}
+    if args.prompt_lookup:
+        servers[f"prompt_lookup {args.prompt_lookup}"] = (ROOT, ["--prompt_lookup", str(args.prompt_lookup)])
+    if args.draft:
+        servers["draft"] = (ROOT, ["--draft", args.draft])
     if args.baseline:
         tree = work / "baseline"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline], check=True,
