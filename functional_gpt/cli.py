@@ -49,10 +49,12 @@ def stop_text(value: str) -> str:
 
 def _load(args):
     from .model.checkpoint import load_params
+    from .model.lora_files import with_adapter
     from .model.quantize import quantize_flag
     from .device import pick_device
 
     params, config = load_params(args.weights, device=pick_device(args.device))
+    params = with_adapter(params, args.adapter)
     return quantize_flag(params, getattr(args, "quantize", None)), config
 
 
@@ -62,7 +64,7 @@ def _serve(args) -> int:
     serve(args.weights, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           device=args.device, quantize=args.quantize, batch_invariant=args.batch_invariant,
           prefix_cache_mb=args.prefix_cache_mb, draft=args.draft, prompt_lookup=args.prompt_lookup,
-          speculate=args.speculate)
+          speculate=args.speculate, adapter=args.adapter)
     return 0
 
 
@@ -158,7 +160,7 @@ def _export(args) -> int:
     from .reference.diff import DTYPES
     from .reference.export import export_hf
 
-    out = export_hf(args.weights, args.out, dtype=DTYPES.get(args.dtype))
+    out = export_hf(args.weights, args.out, dtype=DTYPES.get(args.dtype), adapter=getattr(args, "adapter", None))
     print(f"wrote {out}/config.json and {out}/model.safetensors (transformers: GPT2LMHeadModel.from_pretrained)")
     return 0
 
@@ -169,6 +171,12 @@ def _download(args) -> int:
     out = download(args.name, args.out)
     print(f"downloaded {args.name} into {out}/ (try: fgpt compare --weights {out})")
     return 0
+
+
+def _adapter_flag(parser, required: bool = False):
+    parser.add_argument("--adapter", metavar="DIR", required=required,
+                        help="a LoRA adapter directory (peft's adapter_config.json + adapter_model.safetensors), "
+                             "merged into the weights")
 
 
 def _device_flag(parser):
@@ -323,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop before this text (repeatable; escapes: \\n newline, \\t tab, \\\\ backslash, "
                           "so \"\\n\\n\" is a blank line); <|endoftext|> always stops")
     _speculative_flags(gen)
+    _adapter_flag(gen)
     _device_flag(gen)
     _quantize_flag(gen)
     gen.set_defaults(run=_generate)
@@ -343,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keys and values finished requests leave for later prompts sharing their prefix "
                           "(default 1024; 0: none)")
     _speculative_flags(srv)
+    _adapter_flag(srv)
     _device_flag(srv)
     _quantize_flag(srv)
     srv.set_defaults(run=_serve)
@@ -358,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _device_flag(ev)
     _quantize_flag(ev)
+    _adapter_flag(ev)
     ev.set_defaults(run=_eval)
 
     pictures = {  # commands that draw a picture of one prompt
@@ -369,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         picture.add_argument("--weights", required=True, metavar="PATH", help="a checkpoint file or directory")
         picture.add_argument("--prompt", required=True, metavar="TEXT")
         picture.add_argument("--out", required=True, metavar="FILE.png")
+        _adapter_flag(picture)
         _device_flag(picture)
         picture.set_defaults(run=run)
 
@@ -405,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
     export.add_argument("--dtype", choices=dtypes, help="convert the tensors (default: keep the checkpoint's)")
     export.set_defaults(run=_export)
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base weights (a directory transformers "
+                                              "and fgpt load)")
+    merge.add_argument("--weights", metavar="PATH", required=True, help="the base: a checkpoint file or directory")
+    _adapter_flag(merge, required=True)
+    merge.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
+    merge.add_argument("--dtype", choices=dtypes, help="convert the tensors (default: keep the checkpoint's)")
+    merge.set_defaults(run=_export)
 
     download = commands.add_parser("download", help="fetch a published GPT-2 (needs huggingface_hub and network)")
     download.add_argument("name", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])

@@ -147,31 +147,31 @@ def _out(suffix: str) -> Callable:
     return lambda: WORK / "out" / f"{next(counter)}{suffix}"
 
 
-def _adapter() -> "training.Adapter":
-    return training.init_adapter(PARAMS, 2, targets=("attn.c_attn", "mlp.c_proj"), seed=1)
+def _adapter() -> "fg.model.Adapter":
+    return fg.model.init_adapter(PARAMS, 2, targets=("attn.c_attn", "mlp.c_proj"), seed=1)
 
 
 def _saved_adapter() -> Path:
     path = WORK / "saved" / "adapter"
     if not path.exists():
-        training.save_adapter(path, _adapter())
+        fg.model.save_adapter(path, _adapter())
     return path
 
 
 SPOILED_ADAPTERS = st.sampled_from([
-    training.Adapter({}, 2, 2.0),
-    training.Adapter({"h.0.attn.c_attn.lora_A": torch.zeros(TINY.n_embd, 2)}, 2, 2.0),  # no lora_B
-    training.Adapter({"h.9.attn.c_attn.lora_A": torch.zeros(1, 2), "h.9.attn.c_attn.lora_B": torch.zeros(2, 1)}, 2, 1.0),
-    training.Adapter({"h.0.attn.c_q.lora_A": torch.zeros(1, 2)}, 2, 1.0),
-    training.Adapter({"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 3),
+    fg.model.Adapter({}, 2, 2.0),
+    fg.model.Adapter({"h.0.attn.c_attn.lora_A": torch.zeros(TINY.n_embd, 2)}, 2, 2.0),  # no lora_B
+    fg.model.Adapter({"h.9.attn.c_attn.lora_A": torch.zeros(1, 2), "h.9.attn.c_attn.lora_B": torch.zeros(2, 1)}, 2, 1.0),
+    fg.model.Adapter({"h.0.attn.c_q.lora_A": torch.zeros(1, 2)}, 2, 1.0),
+    fg.model.Adapter({"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 3),
                       "h.0.mlp.c_fc.lora_B": torch.zeros(3, 4 * TINY.n_embd)}, 2, 1.0),  # rank 3 tensors, rank 2
-    training.Adapter({"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 2, dtype=torch.long),
+    fg.model.Adapter({"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 2, dtype=torch.long),
                       "h.0.mlp.c_fc.lora_B": torch.zeros(2, 4 * TINY.n_embd)}, 2, 1.0),
-    training.Adapter(_adapter_tensors := {"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 2),
+    fg.model.Adapter(_adapter_tensors := {"h.0.mlp.c_fc.lora_A": torch.zeros(TINY.n_embd, 2),
                                           "h.0.mlp.c_fc.lora_B": torch.zeros(2, 4 * TINY.n_embd)}, 0, 1.0),
-    training.Adapter(_adapter_tensors, 2, float("nan")),
-    training.Adapter(_adapter_tensors, 2, 1.0, rslora="yes"),
-    training.Adapter([1, 2], 2, 1.0),
+    fg.model.Adapter(_adapter_tensors, 2, float("nan")),
+    fg.model.Adapter(_adapter_tensors, 2, 1.0, rslora="yes"),
+    fg.model.Adapter([1, 2], 2, 1.0),
 ])
 
 
@@ -348,19 +348,19 @@ CASES = {
                            training.Batch(_batch().x + 500, _batch().y, Position()),
                            training.Batch(_batch().x, _batch().y, (0, 0))])),
                        updates=("state",)),
-    "init_adapter": Case(training.init_adapter, dict(params=P, rank=lambda: 2, alpha=lambda: 4.0,
+    "init_adapter": Case(fg.model.init_adapter, dict(params=P, rank=lambda: 2, alpha=lambda: 4.0,
                                                      targets=lambda: ("attn.c_attn", "mlp.c_fc"), layers=lambda: [1],
                                                      seed=lambda: 3, config=lambda: None),
                          says=dict(params=PARAMS_WORDS, config=PARAMS_WORDS), spoilers=dict(params=SPOILED_PARAMS)),
-    "merge": Case(training.merge, dict(params=P, adapter=_adapter, config=lambda: None),
+    "merge": Case(fg.model.merge, dict(params=P, adapter=_adapter, config=lambda: None),
                   says=dict(params=PARAMS_WORDS, config=PARAMS_WORDS), spoilers=dict(params=SPOILED_PARAMS,
                                                                                       adapter=SPOILED_ADAPTERS)),
-    "unmerge": Case(training.unmerge, dict(params=P, adapter=_adapter, config=lambda: TINY),
+    "unmerge": Case(fg.model.unmerge, dict(params=P, adapter=_adapter, config=lambda: TINY),
                     says=dict(params=PARAMS_WORDS, config=PARAMS_WORDS), spoilers=dict(adapter=SPOILED_ADAPTERS)),
-    "trainable_count": Case(training.trainable_count, dict(adapter=_adapter)),
-    "save_adapter": Case(training.save_adapter, dict(directory=_out("-adapter"), adapter=_adapter, base=lambda: None),
+    "trainable_count": Case(fg.model.trainable_count, dict(adapter=_adapter)),
+    "save_adapter": Case(fg.model.save_adapter, dict(directory=_out("-adapter"), adapter=_adapter, base=lambda: None),
                          says=dict(directory=("path", "out")), spoilers=dict(adapter=SPOILED_ADAPTERS)),
-    "load_adapter": Case(training.load_adapter, dict(directory=_saved_adapter, params=P, config=lambda: None),
+    "load_adapter": Case(fg.model.load_adapter, dict(directory=_saved_adapter, params=P, config=lambda: None),
                          says=dict(directory=("adapter", "not found"), params=PARAMS_WORDS, config=PARAMS_WORDS),
                          spoilers=dict(params=SPOILED_PARAMS)),
     "lm_head_loss": Case(training.lm_head_loss, dict(hidden=lambda: torch.randn(2, 5, TINY.n_embd),

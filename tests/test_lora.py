@@ -1,4 +1,4 @@
-"""LoRA as a pure transform (training/lora.py) and peft's format (training/lora_files.py),
+"""LoRA as a pure transform (model/lora.py) and peft's format (model/lora_files.py),
 against Hugging Face peft on transformers' GPT2LMHeadModel with the same weights: peft
 loads our adapter and computes our logits; an adapter peft made loads into ours with the
 same result; our merge equals peft's merge_and_unload. A fresh adapter changes nothing;
@@ -12,8 +12,8 @@ import torch
 
 from conftest import TINY, assert_rel_close, hf_model, params_of
 from functional_gpt import UserError, forward
-from functional_gpt.training.lora import TARGETS, Adapter, init_adapter, merge, trainable_count, unmerge
-from functional_gpt.training.lora_files import load_adapter, save_adapter
+from functional_gpt.model.lora import TARGETS, Adapter, init_adapter, merge, trainable_count, unmerge
+from functional_gpt.model.lora_files import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -133,3 +133,96 @@ def test_an_adapter_for_other_shapes_is_refused_naming_the_key_and_both_shapes(t
     (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps(settings | {"use_dora": True}))
     with pytest.raises(UserError, match="adapter_config.json: use_dora is True; only False is supported$"):
         load_adapter(tmp_path / "wide", PARAMS)
+
+
+# --- on the command line: --adapter and fgpt merge, against peft on transformers' GPT-2 ---------
+
+WIDE = type(TINY)(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)  # GPT-2's tokenizer: text I/O
+
+
+@pytest.fixture(scope="module")
+def on_disk(tmp_path_factory):
+    """(base weights file, adapter directory, transformers + peft with that adapter)."""
+    from functional_gpt import save_params
+
+    root = tmp_path_factory.mktemp("lora")
+    hf = hf_model(WIDE, seed=8)
+    params = params_of(hf)
+    save_params(root / "base.safetensors", params, WIDE)
+    adapter = trained(init_adapter(params, 4, alpha=8, targets=TARGETS, seed=2), seed=3)
+    save_adapter(root / "adapter", adapter, base=root / "base.safetensors")
+    return root / "base.safetensors", root / "adapter", peft.PeftModel.from_pretrained(hf, root / "adapter").eval()
+
+
+def test_generate_with_an_adapter_writes_peft_s_greedy_text(on_disk, capsys):
+    from functional_gpt.cli import main
+    from functional_gpt.model.tokenizer import decode, encode
+
+    base, adapter, model = on_disk
+    prompt = encode("ROMEO: But soft")
+    with torch.no_grad():
+        theirs = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                dtype=torch.long), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    assert main(["generate", "--weights", str(base), "--adapter", str(adapter), "--prompt", "ROMEO: But soft",
+                 "--greedy", "--max_new_tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert decode(theirs.tolist()) in out
+    assert main(["generate", "--weights", str(base), "--prompt", "ROMEO: But soft", "--greedy",
+                 "--max_new_tokens", "12"]) == 0
+    assert decode(theirs.tolist()) not in capsys.readouterr().out  # without it, other text
+
+
+def test_fgpt_merge_writes_weights_transformers_loads_as_peft_s_merge(on_disk, tmp_path, capsys):
+    import transformers
+
+    from functional_gpt.cli import main
+
+    base, adapter, model = on_disk
+    assert main(["merge", "--weights", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    tokens = torch.randint(WIDE.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_rel_close(merged(tokens).logits, model(tokens).logits, 1e-5)
+
+
+@pytest.mark.parametrize("base, flags, words", [
+    ("base", ["generate", "--prompt", "a", "--adapter", "NOWHERE"],
+     "NOWHERE/adapter_config.json: not found (an adapter directory holds adapter_config.json and "
+     "adapter_model.safetensors)"),
+    ("wide", ["eval", "--adapter", "OTHER"],
+     "other/adapter_model.safetensors: base_model.model.transformer.h.0.attn.c_attn.lora_A.weight has shape [2, 32], "
+     "but h.0.attn.c_attn.weight is [64, 192]: expected [2, 64] at rank 2"),
+    ("base", ["merge", "--out", "OUT"], "the following arguments are required: --adapter"),
+])
+def test_a_bad_adapter_is_one_line_naming_the_file_key_and_shapes(on_disk, tmp_path, capsys, base, flags, words):
+    """A missing adapter; one made for a base of n_embd 32 given to one of 64; no --adapter."""
+    from functional_gpt import save_params
+    from functional_gpt.cli import main
+
+    wide = type(WIDE)(**(WIDE.to_dict() | {"n_embd": 64}))
+    save_params(tmp_path / "wide.safetensors", params_of(hf_model(wide, seed=1)), wide)
+    save_adapter(tmp_path / "other", init_adapter(params_of(hf_model(WIDE, seed=1)), 2))
+    names = {"NOWHERE": str(tmp_path / "nowhere"), "OTHER": str(tmp_path / "other"), "OUT": str(tmp_path / "out")}
+    weights = {"base": str(on_disk[0]), "wide": str(tmp_path / "wide.safetensors")}[base]
+    assert main([flags[0], "--weights", weights, *[names.get(f, f) for f in flags[1:]]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words.replace("NOWHERE", names["NOWHERE"]) in err[0], err
+
+
+def test_serve_with_an_adapter_answers_peft_s_greedy_tokens(on_disk):
+    from test_serve import post, start_server, stop_server
+
+    base, adapter, model = on_disk
+    prompt = [464, 3290, 318, 257, 922]
+    with torch.no_grad():
+        theirs = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    proc, url = start_server(base, "--adapter", str(adapter), "--max_batch", "2")
+    try:
+        status, body = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                      "logprobs": 0})
+    finally:
+        log = stop_server(proc)
+    from functional_gpt.model.tokenizer import decode
+
+    assert status == 200 and body["choices"][0]["logprobs"]["tokens"] == [decode([t]) for t in theirs], (body, log)

@@ -592,16 +592,17 @@ def _http_protocol():
 def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           device: str | None = None, quantize: str | None = None, batch_invariant: bool = False,
           prefix_cache_mb: int = 1024, draft: str | None = None, prompt_lookup: int | None = None,
-          speculate: int = 4, err=sys.stderr) -> None:
+          speculate: int = 4, adapter: str | None = None, err=sys.stderr) -> None:
     """Load the weights (quantized to `quantize`, a scheme, when given), listen (refusing a
     port another server holds), serve until Ctrl-C / SIGTERM, then shut down as the module
     doc says. batch_invariant, prefix_cache_mb: the engine's mode and prefix store; draft
     (weights) or prompt_lookup (n-gram length), speculate (guesses per step): speculative
-    decoding (engine.py)."""
+    decoding (engine.py); adapter: a LoRA adapter directory merged into the weights."""
     import uvicorn
 
     from ..device import pick_device
     from ..model.checkpoint import load_params
+    from ..model.lora_files import with_adapter
     from ..model.quantize import quantize_flag
     from .engine import check_modes, check_sizes
     from .speculative import PromptLookup, proposer_flags
@@ -616,6 +617,7 @@ def serve(weights: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch:
 
     def load():
         params, config = load_params(weights, device=pick_device(device))
+        params = with_adapter(params, adapter)
         proposer = proposer_flags(draft, prompt_lookup, config, device, rows=max_batch)
         engine = Engine(quantize_flag(params, quantize), config, max_batch=max_batch, max_queue=max_queue,
                         batch_invariant=batch_invariant, prefix_cache_mb=prefix_cache_mb, proposer=proposer,

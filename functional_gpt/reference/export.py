@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..model.checkpoint import load_params, save_params
+from ..model.lora_files import with_adapter
 from ..model.config import write_hf_config
 from ..model.quantize import scheme_of
 from ..model.tokenizer import ENDOFTEXT_ID
@@ -24,10 +25,12 @@ HUB_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 
 
-def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
+              adapter: str | os.PathLike | None = None) -> Path:
     """Write `out`/config.json and `out`/model.safetensors from any checkpoint load_params
     reads, so that `transformers.GPT2LMHeadModel.from_pretrained(out)` loads it. Tensors
-    keep the checkpoint's dtype unless `dtype` is given. A model whose vocabulary holds
+    keep the checkpoint's dtype unless `dtype` is given. adapter: a LoRA adapter directory
+    (peft's format) merged into the weights first (`fgpt merge`). A model whose vocabulary holds
     GPT-2's 50257 ids also gets the tokenizer's vocab.json and merges.txt (GPT-2's own
     files), so that `AutoTokenizer.from_pretrained(out)`, pipelines and TransformerLens's
     `TransformerBridge.boot_transformers(out)` load it whole.
@@ -46,6 +49,8 @@ def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
         raise UserError(f"--out {out}: holds a training run ({run_file}); exporting there would replace its "
                         "weights; pick another directory")
     params, config = load_params(weights, dtype=dtype)
+    if adapter is not None:
+        params = with_adapter(params, adapter)
     if scheme_of(params):
         raise UserError(f"{weights}: holds {scheme_of(params)} params, which transformers' GPT-2 does not load; "
                         f"export the float weights they were made from")

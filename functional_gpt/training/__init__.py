@@ -1,25 +1,20 @@
 """Training: `data` (corpus -> token files -> windows), `loss` (the chunked LM-head loss),
 `optim` (AdamW, schedule, clipping), `distributed` (data parallel, ZeRO-1) -> `step`
 (`train_step(state, batch, settings) -> (state, metrics)`) -> `runs` (a run's files) ->
-`loop` (`fgpt train`: batches, progress, evaluation, checkpoints). Beside them, `lora`
-(LoRA adapters as a pure transform: init_adapter, merge, unmerge) -> `lora_files` (peft's
-adapter format).
+`loop` (`fgpt train`: batches, progress, evaluation, checkpoints).
 """
 
 from .data import Position, load_tokens, next_batch, prepare
 from .distributed import World, world_from_env
 from .loop import TrainConfig, make_config, read_config_file, resume_config, train
-from .lora import Adapter, init_adapter, merge, trainable_count, unmerge
-from .lora_files import load_adapter, save_adapter
 from .loss import lm_head_loss
 from .optim import AdamWState, adamw_init, adamw_step, clip_grad_norm, lr_at
 from .runs import load_checkpoint
 from .step import Batch, Diverged, StepSettings, TrainState, new_state, train_step
 
 __all__ = [
-    "AdamWState", "Adapter", "Batch", "Diverged", "Position", "StepSettings", "TrainConfig", "TrainState", "World",
-    "adamw_init", "adamw_step", "clip_grad_norm", "init_adapter", "lm_head_loss", "load_adapter",
-    "load_checkpoint", "load_tokens", "lr_at", "make_config", "merge", "new_state", "next_batch", "prepare",
-    "read_config_file", "resume_config", "save_adapter", "train", "train_step", "trainable_count", "unmerge",
-    "world_from_env",
+    "AdamWState", "Batch", "Diverged", "Position", "StepSettings", "TrainConfig", "TrainState", "World",
+    "adamw_init", "adamw_step", "clip_grad_norm", "lm_head_loss", "load_checkpoint", "load_tokens",
+    "lr_at", "make_config", "new_state", "next_batch", "prepare", "read_config_file",
+    "resume_config", "train", "train_step", "world_from_env",
 ]

@@ -17,8 +17,8 @@ import torch
 
 from ..checks import check_bool, check_int, check_number, describe
 from ..errors import UserError
-from ..model.params import Params, flatten, unflatten
-from ..model.transformer import checked_config
+from .params import Params, flatten, unflatten
+from .transformer import checked_config
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the block matrices LoRA may target
 _KEY = re.compile(r"h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])")

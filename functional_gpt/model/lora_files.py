@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from ..checks import check_path, describe
 from ..errors import UserError
 from ..files import atomic_path, make_dir, write_json
-from ..model.params import Params, flatten
-from ..model.transformer import checked_config
-from .lora import TARGETS, Adapter, check_adapter
+from .params import Params, flatten
+from .transformer import checked_config
+from .lora import TARGETS, Adapter, check_adapter, merge
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model.transformer."
@@ -117,3 +117,10 @@ def _read_config(path: Path) -> dict:
         if settings.get(field, plain) not in (plain, None, [], {}):
             raise UserError(f"{path}: {field} is {settings[field]!r}; only {plain!r} is supported")
     return {"r": r, "lora_alpha": float(alpha), "use_rslora": bool(settings.get("use_rslora", False))}
+
+
+def with_adapter(params: Params, directory: str | os.PathLike | None, *, config=None) -> Params:
+    """params with the adapter in `directory` merged in (`--adapter DIR`); None: params."""
+    if directory is None:
+        return params
+    return merge(params, load_adapter(directory, params, config=config), config=config)
