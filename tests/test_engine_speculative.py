@@ -60,6 +60,34 @@ def test_greedy_rows_verified_together_get_transformers_tokens_and_logprobs(whic
         assert rows_verified == sum(-(-(r.max_tokens - 1) // 4) for r in requests), rows_verified
 
 
+def test_a_forward_over_some_cache_rows_gives_each_its_own_logits_and_leaves_the_others():
+    """cache_rows (2, 0) of 3, at lengths 7 and 4, with 3 and 1 new tokens (right padding):
+    every real position's logits are transformers' on that row's sequence (5e-6 of the
+    largest), the lengths move by the counts, row 1's buffers and length stay."""
+    from functional_gpt import forward_cached, new_cache
+    from test_engine_modes import HF
+
+    gen = torch.Generator().manual_seed(4)
+    seqs = {0: torch.randint(TINY.vocab_size, (1, 4), generator=gen), 1: torch.randint(TINY.vocab_size, (1, 5),
+            generator=gen), 2: torch.randint(TINY.vocab_size, (1, 7), generator=gen)}
+    cache = new_cache(TINY, 3)
+    for b, seq in seqs.items():
+        _, row = forward_cached(PARAMS, seq, cache.row(b), TINY)
+        cache = cache.with_length(b, row.lengths[0])
+    idle = cache.k[:, 1].clone()
+    new = torch.tensor([[9, 8, 7], [5, 0, 0]])
+    logits, after = forward_cached(PARAMS, new, cache, TINY, cache_rows=(2, 0), counts=(3, 1))
+    assert after.lengths == (5, 5, 10) and torch.equal(after.k[:, 1], idle)
+    for b, (row, n) in enumerate(((2, 3), (0, 1))):
+        with torch.no_grad():
+            expected = HF(torch.cat([seqs[row], new[b : b + 1, :n]], 1)).logits[0, -n:]
+        assert torch.allclose(logits[b, :n], expected, rtol=0, atol=5e-6 * float(expected.abs().max())), row
+    with pytest.raises(UserError, match=r"^cache_rows: expected distinct rows, got \[0, 0\]$"):
+        forward_cached(PARAMS, new, cache, TINY, cache_rows=(0, 0), counts=(3, 1))
+    with pytest.raises(UserError, match=r"^cache_rows\[1\]: expected an integer in 0..2, got 3"):
+        forward_cached(PARAMS, new, cache, TINY, cache_rows=(0, 3), counts=(3, 1))
+
+
 def test_a_draft_of_several_rows_guesses_each_rows_own_greedy_continuation():
     """Rows asked in changing sets, at their own lengths, some guesses kept and a new token
     after them: each row's guesses are plain greedy decoding of the draft on that row's
