@@ -226,3 +226,115 @@ def test_serve_with_an_adapter_answers_peft_s_greedy_tokens(on_disk):
     from functional_gpt.model.tokenizer import decode
 
     assert status == 200 and body["choices"][0]["logprobs"]["tokens"] == [decode([t]) for t in theirs], (body, log)
+
+
+# --- attached, not merged: the low-rank product per call (training's path) ----------------------
+
+
+def test_an_attached_adapter_computes_peft_s_logits_everywhere_the_model_runs(tmp_path):
+    """forward, the KV cache's greedy decoding, hook points by head and the weights by role
+    on `attach(params, adapter)` equal them on the merged weights (and forward equals peft);
+    saving attached params is refused by name."""
+    from functional_gpt import save_params
+    from functional_gpt.generation.decoding import generate
+    from functional_gpt.interp import run_with_cache, weights_by_role
+    from functional_gpt.model.lora import attach
+
+    adapter = trained(init_adapter(PARAMS, 4, alpha=8, targets=TARGETS, seed=6), seed=2)
+    attached, merged = attach(PARAMS, adapter), merge(PARAMS, adapter)
+    save_adapter(tmp_path / "a", adapter)
+    theirs = logits_of(peft.PeftModel.from_pretrained(copy.deepcopy(HF), tmp_path / "a"))
+    assert_rel_close(forward(attached, TOKENS), theirs, 1e-5)
+    assert_rel_close(forward(attached, TOKENS), forward(merged, TOKENS), 1e-5)
+    prompt = TOKENS[0, :5].tolist()
+    assert [int(t[0]) for t in generate(attached, [prompt], TINY, max_new_tokens=10)] == \
+        [int(t[0]) for t in generate(merged, [prompt], TINY, max_new_tokens=10)]
+    names = ["h.1.attn.q", "h.1.attn.result", "h.0.mlp.post"]
+    ours, want = run_with_cache(attached, TOKENS, names=names)[1], run_with_cache(merged, TOKENS, names=names)[1]
+    for name in names:
+        assert_rel_close(ours[name], want[name], 1e-5, name)
+    ours, want = weights_by_role(attached), weights_by_role(merged)
+    for role in ("W_Q", "W_O", "W_in", "W_out"):
+        assert_rel_close(getattr(ours, role), getattr(want, role), 1e-6, role)
+    with pytest.raises(UserError, match=r"^params: an attached LoRA adapter \(h.0.attn.c_attn.lora_A\); save the "
+                                        r"adapter \(save_adapter\) or the merged weights \(merge\)$"):
+        save_params(tmp_path / "m.safetensors", attached, TINY)
+
+
+def test_attached_gradients_equal_merged_ones_and_no_weight_is_copied(monkeypatch):
+    """The gradients of A and B through the per-call product equal those through the merged
+    weights (1e-5); the attached forward never forms a matrix of a weight's shape."""
+    from functional_gpt.model.lora import attach
+
+    adapter = trained(init_adapter(PARAMS, 4, alpha=8, targets=TARGETS, seed=6), seed=2)
+    grads = []
+    for transform in (merge, attach):
+        tensors = {k: t.clone().requires_grad_() for k, t in adapter.tensors.items()}
+        forward(transform(PARAMS, adapter.with_tensors(tensors)), TOKENS).logsumexp(-1).mean().backward()
+        grads.append({k: t.grad for k, t in tensors.items()})
+    for key in grads[0]:
+        assert_rel_close(grads[1][key], grads[0][key], 1e-5, key)
+    shapes = set()
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: shapes.add(tuple(real(a, b).shape)) or real(a, b))
+    forward(attach(PARAMS, adapter), TOKENS)
+    weights = {tuple(t.shape) for t in _flat(PARAMS).values() if t.dim() == 2}
+    assert shapes and not shapes & weights, shapes & weights
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"h.0.attn.c_attn.lora_A": torch.zeros(32, 2)}, "h.0.attn.c_attn.lora_A has no lora_B beside it"),
+    ({"wte.lora_A": torch.zeros(128, 2), "wte.lora_B": torch.zeros(2, 32)},
+     "unexpected key wte.lora_A: only a block's matrices (h.N.attn.c_attn, ...) carry LoRA factors"),
+    ({"h.1.mlp.c_fc.lora_A": torch.zeros(32, 2), "h.1.mlp.c_fc.lora_B": torch.zeros(3, 128)},
+     "h.1.mlp.c_fc.lora_B has shape [3, 128], but h.1.mlp.c_fc.weight is [32, 128]: expected [2, 128]"),
+])
+def test_attached_factors_that_do_not_fit_are_named(extra, words):
+    from functional_gpt import unflatten, with_config
+
+    with pytest.raises(UserError) as e:
+        forward(with_config(unflatten(_flat(PARAMS) | extra), TINY), TOKENS)
+    assert words in str(e.value)
+
+
+# --- training an adapter: train_step on a state that carries one -------------------------------
+
+
+def test_train_step_on_an_adapter_is_torch_s_adamw_on_peft_s_lora_weights(tmp_path):
+    """Three steps (clipping, weight decay, the schedule's warm-up) on a state carrying an
+    adapter: the adapter is where torch.optim.AdamW takes peft's LoRA weights on
+    transformers' GPT-2 with the same batches (1e-5); the params are untouched and have
+    no moments."""
+    import torch.nn.functional as F
+
+    from functional_gpt.training.data import Position
+    from functional_gpt.training.optim import lr_at
+    from functional_gpt.training.step import Batch, StepSettings, new_state, train_step
+
+    adapter = trained(init_adapter(PARAMS, 4, alpha=8, targets=["attn.c_attn", "mlp.c_proj"], seed=6), seed=2)
+    save_adapter(tmp_path / "a", adapter)
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(HF), tmp_path / "a", is_trainable=True).eval()  # no dropout
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    reference = torch.optim.AdamW(lora.values(), lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    settings = StepSettings(config=TINY, lr=1e-2, min_lr=1e-3, warmup_steps=2, decay_steps=10, weight_decay=0.1,
+                            grad_clip=0.5, dropout=False)
+    base = {k: t.clone() for k, t in _flat(PARAMS).items()}
+    state = new_state(PARAMS, seed=0, device=torch.device("cpu"),
+                      adapter=adapter.with_tensors({k: t.clone() for k, t in adapter.tensors.items()}))
+    assert set(state.opt.exp_avg) == set(adapter.tensors)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        t = torch.randint(TINY.vocab_size, (1, 3, 13), generator=gen)
+        state, metrics = train_step(state, Batch(t[..., :-1], t[..., 1:], Position(0, 3)), settings)
+        reference.zero_grad()
+        loss = F.cross_entropy(model(t[0, :, :-1]).logits.flatten(0, 1), t[0, :, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora.values(), 0.5)
+        for group in reference.param_groups:
+            group["lr"] = lr_at(step, lr=1e-2, warmup_steps=2, decay_steps=10, min_lr=1e-3)
+        reference.step()
+        assert abs(metrics["loss"] - loss.item()) < 1e-5 * loss.item()
+    for name, p in lora.items():
+        key = name.removeprefix("base_model.model.transformer.").replace(".default", "").removesuffix(".weight")
+        assert_rel_close(state.adapter.tensors[key], p.detach().t(), 1e-5, key)
+    assert all(torch.equal(t, base[k]) for k, t in _flat(state.params).items())

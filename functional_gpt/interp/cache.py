@@ -23,7 +23,7 @@ import torch
 from ..checks import check_bool, check_int, check_str, check_tensor, describe
 from ..errors import UserError
 from ..model.config import GPTConfig
-from ..model.layers import layer_norm
+from ..model.layers import float_weight, layer_norm
 from ..model.params import Params
 from ..model.tokenizer import to_single_token
 from ..model.transformer import embed_tokens
@@ -189,7 +189,7 @@ class ActivationCache(Mapping):
         if name in self.activations:
             return self.activations[name]
         z = self[f"h.{layer}.attn.z"]
-        W_O = self._params()["h"][layer]["attn"]["c_proj"]["weight"].view(z.shape[-2], z.shape[-1], -1)
+        W_O = float_weight(self._params()["h"][layer]["attn"]["c_proj"], z.dtype).view(z.shape[-2], z.shape[-1], -1)
         return torch.einsum("...hd,hdc->...hc", z, W_O.to(z.dtype))
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,

@@ -42,6 +42,10 @@ def save_params(path: str | os.PathLike, params: Params, config: GPTConfig) -> N
     if not isinstance(config, GPTConfig):
         raise UserError(f"config: expected a GPTConfig, got {type(config).__name__}")
     check_params(params, config)
+    attached = next((k for k in flatten(params) if k.endswith(".lora_A")), None)
+    if attached is not None:
+        raise UserError(f"params: an attached LoRA adapter ({attached}); save the adapter (save_adapter) or the "
+                        f"merged weights (merge)")
     tensors = _unshared({k: t.detach().contiguous() for k, t in flatten(params).items()})
     check_finite(tensors, f"{path}: refusing to save")
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}

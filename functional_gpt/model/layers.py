@@ -30,13 +30,18 @@ def tapped_layer_norm(x, weight, bias, *, eps: float, name: str, tap):
     return tap(name, layer_norm(x, weight, bias, eps))
 
 
-def linear(x, weight, bias, weight_scale=None):
+def linear(x, weight, bias, weight_scale=None, lora_A=None, lora_B=None):
     """x [..., n_in] -> x @ weight + bias [..., n_out]; weight [n_in, n_out] as GPT-2 stores
-    it, or int8 with its scale [n_out] beside it (quantize.py)."""
+    it, or int8 with its scale [n_out] beside it (quantize.py); plus (x @ lora_A) @ lora_B
+    when an adapter is attached (lora.attach: A [n_in, r], B [r, n_out] already scaled),
+    the low-rank product per call instead of a merged copy of the weight."""
     if weight_scale is not None:
-        return torch.add(bias, int8_matmul(x, weight, weight_scale))  # the bias's dtype: one op, no cast
-    y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-    return y.view(*x.shape[:-1], weight.shape[-1])
+        y = torch.add(bias, int8_matmul(x, weight, weight_scale))  # the bias's dtype: one op, no cast
+    else:
+        y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
+    if lora_A is not None:
+        y = y + (x @ lora_A) @ lora_B
+    return y
 
 
 def int8_matmul(x, weight, scale):
@@ -58,9 +63,8 @@ def int8_matmul(x, weight, scale):
 def float_weight(p: dict, dtype: torch.dtype) -> torch.Tensor:
     """A linear's weight as a `dtype` matrix [n_in, n_out]: int8 values times their scales
     when quantized. For the taps that take a matrix apart by head (off the hot path)."""
-    if "weight_scale" in p:
-        return p["weight"].to(dtype) * p["weight_scale"].to(dtype)
-    return p["weight"]
+    weight = p["weight"].to(dtype) * p["weight_scale"].to(dtype) if "weight_scale" in p else p["weight"]
+    return weight + p["lora_A"] @ p["lora_B"] if "lora_A" in p else weight
 
 
 def gelu(x):  # GPT-2's tanh approximation ("gelu_new")

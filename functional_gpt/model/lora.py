@@ -93,6 +93,22 @@ def merge(params: Params, adapter: Adapter, *, config=None) -> Params:
     return _add(params, adapter, config, 1.0)
 
 
+def attach(params: Params, adapter: Adapter, *, config=None) -> Params:
+    """params whose adapted matrices carry the adapter beside them (`lora_A`: A, `lora_B`:
+    scale * B, in the weight's dtype), so that `linear` adds (x @ A) @ (scale B) per call:
+    the model computes what it computes on `merge(params, adapter)` (to rounding), with
+    gradients to A and B, and no merged copy of a weight is ever made (training's path).
+    The weights themselves are shared, unchanged."""
+    config = checked_config(params, config)
+    flat = flatten(params)
+    check_adapter(adapter, flat)
+    for key in adapter.weights:
+        stem, dtype = key.removesuffix(".weight"), flat[key].dtype
+        flat[f"{stem}.lora_A"] = adapter.tensors[f"{stem}.lora_A"].to(dtype)
+        flat[f"{stem}.lora_B"] = (adapter.scale * adapter.tensors[f"{stem}.lora_B"]).to(dtype)
+    return Params(unflatten(flat), config)
+
+
 def unmerge(params: Params, adapter: Adapter, *, config=None) -> Params:
     """The base params back from merged ones: W - scale * A @ B (to rounding)."""
     return _add(params, adapter, config, -1.0)

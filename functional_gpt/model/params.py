@@ -83,6 +83,7 @@ def param_spec(config: GPTConfig) -> dict[str, ParamSpec]:
 
 
 SCALE = "weight_scale"  # the key beside a quantized weight that holds its scales
+LORA = ("lora_A", "lora_B")  # the keys beside a block matrix that an attached LoRA adapter adds (lora.attach)
 
 
 def quantizable_keys(config: GPTConfig) -> list[str]:
@@ -225,10 +226,12 @@ def check_params(params: Params, config: GPTConfig, source: str = "params", *, q
     if bad is not None:
         raise UserError(f"{source}: {bad[0]} is {describe(bad[1])}, not a torch.Tensor")
     scales = {k: flat.pop(k) for k in [k for k in flat if k.rpartition(".")[2] == SCALE]}
+    factors = {k: flat.pop(k) for k in [k for k in flat if k.rpartition(".")[2] in LORA]}
     check_shapes({k: tuple(v.shape) for k, v in flat.items()}, config, f"{source} (for {config.n_layer} layers "
                  f"x {config.n_embd}, vocab {config.vocab_size}, {config.n_positions} positions)")
     _check_scales(flat, scales, config, source, quantized)
-    flat |= scales
+    _check_factors(flat, factors, config, source)
+    flat |= scales | factors
     if not isinstance(params["h"], list):  # a dict keyed "0", "1", ... has the right keys but no order
         raise UserError(f"{source}['h']: expected a list of the {config.n_layer} blocks (params['h'][i] is block "
                         f"i), got {describe(params['h'])}")
@@ -274,6 +277,26 @@ def _check_scales(flat: dict, scales: dict, config: GPTConfig, source: str, quan
     if key is not None:
         raise UserError(f"{source}: {key} holds int8 values without the {SCALE} beside it "
                         f"(functional_gpt.quantize makes both)")
+
+
+def _check_factors(flat: dict, factors: dict, config: GPTConfig, source: str) -> None:
+    """Each attached LoRA pair sits beside a block matrix [n_in, n_out]: lora_A [n_in, r]
+    and lora_B [r, n_out] (lora.attach)."""
+    allowed = set(quantizable_keys(config)) - {"wte.weight"}
+    for key, t in factors.items():
+        stem, _, side = key.rpartition(".")
+        weight_key, pair = f"{stem}.weight", f"{stem}.{'lora_B' if side == 'lora_A' else 'lora_A'}"
+        if weight_key not in allowed:
+            raise UserError(f"{source}: unexpected key {key}: only a block's matrices (h.N.attn.c_attn, ...) carry "
+                            f"LoRA factors")
+        if pair not in factors:
+            raise UserError(f"{source}: {key} has no {pair.rpartition('.')[2]} beside it")
+        n_in, n_out = flat[weight_key].shape
+        r = factors[f"{stem}.lora_A"].shape[-1]
+        want = (n_in, r) if side == "lora_A" else (r, n_out)
+        if tuple(t.shape) != want:
+            raise UserError(f"{source}: {key} has shape {list(t.shape)}, but {weight_key} is {[n_in, n_out]}: "
+                            f"expected {list(want)}")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:

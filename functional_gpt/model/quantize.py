@@ -44,16 +44,21 @@ def quantize(params: Params, scheme: str = "int8") -> Params:
 
 def dequantize(params: Params, config: GPTConfig | None = None) -> Params:
     """The float params int8 params stand for (each matrix q * scale, in the dtype of the
-    rest); float params as they are. config: None takes the one they carry. For what
-    reads matrices whole: the weights by role, transformers as the reference."""
+    rest), attached LoRA factors folded in (W + A @ B, lora.attach); plain float params as
+    they are. config: None takes the one they carry. For what reads matrices whole: the
+    weights by role, transformers as the reference."""
     config = _checked(params, "dequantize", config=config)
-    if scheme_of(params) is None:
-        return params
     flat = dict(flatten(params))
+    factors = [k for k in flat if k.endswith(".lora_A")]
+    if scheme_of(params) is None and not factors:
+        return params
     dtype = params["wpe"]["weight"].dtype
     for key in [k for k in flat if k.endswith(f".{SCALE}")]:
         weight_key, scale = key.removesuffix("_scale"), flat.pop(key).to(dtype)
         flat[weight_key] = flat[weight_key].to(dtype) * (scale[:, None] if weight_key == "wte.weight" else scale)
+    for key in factors:
+        stem = key.removesuffix(".lora_A")
+        flat[f"{stem}.weight"] = flat[f"{stem}.weight"] + flat.pop(key) @ flat.pop(f"{stem}.lora_B")
     return Params(unflatten(flat), config)
 
 

@@ -24,6 +24,7 @@ from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, 
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
 from .optim import AdamWState, adamw_init, adamw_step, check_adamw, check_schedule, clip_grad_norm, lr_at
+from ..model.lora import Adapter, attach, check_adapter
 from ..model.params import Params, check_params, flatten, unflatten
 
 
@@ -43,8 +44,10 @@ GROWTH_INTERVAL = 2000
 class TrainState:
     """What a run carries from one step to the next, as one value.
 
-    params: the nested GPT-2 params, float32 master weights. opt: AdamW's moments (under
-    the flat GPT-2 keys) and its step count. step: optimizer updates made. position:
+    params: the nested GPT-2 params, float32 master weights. adapter: with a LoRA adapter
+    (model/lora.py) the only thing that trains: the model runs `attach(params, adapter)`
+    (the low-rank product per call), params stay frozen and have no moments. opt: AdamW's
+    moments (under the flat GPT-2 keys, or the adapter's) and its step count. step: optimizer updates made. position:
     where the next batch starts in the shuffled windows (data.next_batch). rng: the
     generator state(s) dropout draws from, {"torch": CPU state[, "cuda": CUDA state]}
     as uint8 tensors. loss_scale: float16 training only.
@@ -56,13 +59,20 @@ class TrainState:
     position: Position
     rng: dict
     loss_scale: LossScale | None = None
+    adapter: Adapter | None = None
+
+    def trainable(self) -> dict:
+        """{key: tensor} of what the optimizer updates: the flat params, or the adapter's."""
+        return flatten(self.params) if self.adapter is None else dict(self.adapter.tensors)
 
 
-def new_state(params: Params, seed: int, device: torch.device, moments_of=None) -> TrainState:
+def new_state(params: Params, seed: int, device: torch.device, moments_of=None, *,
+              adapter: Adapter | None = None) -> TrainState:
     """The state before the first step: fresh moments, position 0, the RNG seeded as
     torch.manual_seed(seed) would seed it (without touching torch's global generator).
-    moments_of(flat params) -> the keys to keep moments for (a rank's share under
-    shard_optimizer; default all)."""
+    moments_of(flat trainable tensors) -> the keys to keep moments for (a rank's share
+    under shard_optimizer; default all). adapter: train this LoRA adapter of `params`
+    alone (its float32 tensors; params frozen)."""
     if not isinstance(params, dict):
         raise UserError(f"params: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     if isinstance(params, Params):
@@ -76,8 +86,14 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None) 
     rng = {"torch": torch.Generator().manual_seed(seed).get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+    if adapter is not None:
+        check_adapter(adapter, flat)
+        flat = check_tensor_dict("adapter.tensors", dict(adapter.tensors))
+        wrong = next((k for k, t in flat.items() if t.dtype != torch.float32), None)
+        if wrong is not None:
+            raise UserError(f"adapter: {wrong} is {describe(flat[wrong])}; an adapter trains in float32")
     keys = flat if moments_of is None else moments_of(flat)
-    return TrainState(params, adamw_init({k: flat[k] for k in keys}), 0, Position(), rng)
+    return TrainState(params, adamw_init({k: flat[k] for k in keys}), 0, Position(), rng, adapter=adapter)
 
 
 @dataclass(frozen=True)
@@ -163,7 +179,7 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     are the means over every rank's windows, and every rank makes the same update.
     """
     _check_step(state, batch, settings)
-    flat = flatten(state.params)
+    flat = state.trainable()
     world = settings.world
     lr = lr_at(state.step, lr=settings.lr, warmup_steps=settings.warmup_steps,
                decay_steps=settings.decay_steps, min_lr=settings.min_lr)
@@ -171,6 +187,10 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     rng = _dropout_rng(state.rng, world)
     # Each weight is cast once per step; its gradient arrives in the compute dtype.
     compute = flat if settings.dtype == torch.float32 else {k: t.to(settings.dtype) for k, t in flat.items()}
+    frozen = None  # with an adapter: the params it adapts, in the compute dtype
+    if state.adapter is not None:
+        base = flatten(state.params)
+        frozen = base if settings.dtype == torch.float32 else {k: t.to(settings.dtype) for k, t in base.items()}
     n_micro = len(batch.x)
     loss, grads = 0.0, None
     for i, (x, y) in enumerate(zip(batch.x, batch.y)):
@@ -182,10 +202,11 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
                                       accumulated=None if grads is None else _in_float32(grads))
         micro_loss, micro_grads = loss_and_grads(compute, x, y, settings.config, dropout=settings.dropout,
                                                  loss_scale=scale, reducer=reducer,
-                                                 checkpoint=settings.checkpoint_activations, compile=settings.compile)
+                                                 checkpoint=settings.checkpoint_activations, compile=settings.compile,
+                                                 frozen=frozen, adapter=state.adapter)
         loss += float(micro_loss) / n_micro
         grads = micro_grads if grads is None or reducer is not None else _add(_in_float32(grads), micro_grads)
-    del compute
+    del compute, frozen
     rng = rng if rng is not None else _get_rng(state.rng)
     if n_micro > 1 or scale != 1.0 or world.size > 1:  # the mean over all windows, unscaled, in float32
         grads = _in_float32(grads)
@@ -231,6 +252,8 @@ def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None
         raise UserError(f"state: expected a TrainState (new_state), got {describe(state)}")
     config = settings.config
     check_params(state.params, config, "state.params", quantized=False)
+    if state.adapter is not None:
+        check_adapter(state.adapter, flatten(state.params))
     if not isinstance(batch, Batch):
         raise UserError(f"batch: expected a Batch(x, y, end), got {describe(batch)}")
     x = check_tensor("batch.x", batch.x, dims="A B T", kind="integer")
@@ -252,15 +275,20 @@ def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None
 
 
 def loss_and_grads(flat: dict, x, y, config: GPTConfig, *, dropout: bool = False, loss_scale: float = 1.0,
-                   reducer: GradientReducer | None = None, checkpoint: bool = False, compile: bool = False):
+                   reducer: GradientReducer | None = None, checkpoint: bool = False, compile: bool = False,
+                   frozen: dict | None = None, adapter: Adapter | None = None):
     """One forward and backward pass. flat: {GPT-2 key: tensor}, in the compute dtype;
     x, y: int64 [B, T]. -> (loss in nats/token as a float32 0-d tensor, {key: gradient of
     loss * loss_scale}, in flat's dtypes). With a `reducer`, each gradient goes to it as
     backward produces it, and the result is `reducer.wait()`: the float32 sums over the
     ranks. checkpoint: recompute each block in the backward pass (model.forward_hidden).
-    compile: run the model compiled (`compiled_model`)."""
+    compile: run the model compiled (`compiled_model`). With an adapter, flat holds its
+    tensors and `frozen` the flat params they adapt (no gradients for those)."""
     leaves = {k: t.detach().requires_grad_(True) for k, t in flat.items()}
-    params = unflatten(leaves)
+    if adapter is None:
+        params = unflatten(leaves)
+    else:
+        params = attach(Params(unflatten(frozen), config), adapter.with_tensors(leaves))
     hidden = (compiled_model() if compile else forward_hidden)(params, x, config, dropout=dropout,
                                                               checkpoint=checkpoint)
     loss = lm_head_loss(hidden, params["wte"]["weight"], y)
