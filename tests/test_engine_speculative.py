@@ -209,6 +209,9 @@ def test_a_failing_verifying_forward_ends_the_rows_it_held_and_the_engine_serves
 
 
 def test_refusals_name_what_is_wrong():
+    with pytest.raises(UserError, match="^draw_rows: expected rows, contexts, samplings and generators of one "
+                                        "length, got a list of 2, a list of 1"):
+        proposer("small draft").draw_rows([0, 1], [[1, 2]], 2, [GREEDY], [None])
     with pytest.raises(UserError, match=r"^--batch_invariant and speculative decoding \(--draft, --prompt_lookup\) "
                                         "cannot both hold"):
         Engine(PARAMS, TINY, batch_invariant=True, proposer=PromptLookup(2))

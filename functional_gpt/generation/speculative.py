@@ -99,6 +99,10 @@ class DraftModel:
                   generators: list) -> list[tuple[list[int], torch.Tensor | None]]:
         """`draw` for several rows at once, row rows[b] after contexts[b] under samplings[b]
         with generators[b]: one catch-up forward, then k - 1 decode steps of those rows."""
+        if not isinstance(rows, (list, tuple)) or not rows or not all(
+                isinstance(x, (list, tuple)) and len(x) == len(rows) for x in (contexts, samplings, generators)):
+            raise UserError(f"draw_rows: expected rows, contexts, samplings and generators of one length, got "
+                            f"{describe(rows)}, {describe(contexts)}, {describe(samplings)}, {describe(generators)}")
         if k == 0:
             return [([], None) for _ in rows]
         if self.cache is None:
