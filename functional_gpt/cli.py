@@ -135,7 +135,8 @@ def _dump(args) -> int:
     from .reference.diff import dump
 
     side = "transformers" if args.reference else "functional_gpt"
-    print(dump(args.weights, _text("--prompt", args.prompt), args.out, side=side, grads=args.grads, dtype=args.dtype, device=args.device))
+    print(dump(args.weights, _text("--prompt", args.prompt), args.out, side=side, grads=args.grads, dtype=args.dtype,
+               device=args.device, adapter=args.adapter))
     return 0
 
 
@@ -150,8 +151,8 @@ def _diff(args) -> int:
 def _compare(args) -> int:
     from .reference.diff import compare
 
-    report, ok = compare(args.weights, _text("--prompt", args.prompt), grads=args.grads, dtype=args.dtype, device=args.device,
-                         atol=args.atol, rtol=args.rtol)
+    report, ok = compare(args.weights, _text("--prompt", args.prompt), grads=args.grads, dtype=args.dtype,
+                         device=args.device, atol=args.atol, rtol=args.rtol, adapter=args.adapter)
     print(report)
     return 0 if ok else 1
 
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--grads", action="store_true", help="add the next-token loss and every parameter's gradient")
     dump.add_argument("--reference", choices=["transformers"], help="run transformers' GPT2LMHeadModel instead")
     dump.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype (default float32)")
+    _adapter_flag(dump)
     _device_flag(dump)
     dump.set_defaults(run=_dump)
 
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--grads", action="store_true", help="compare the loss and every parameter's gradient too")
     compare.add_argument("--dtype", choices=dtypes, default="float32",
                          help="compute dtype; sets default tolerances: float32 1e-4/1e-4, float16 1e-2/1e-2, bfloat16 1e-1/5e-2")
+    _adapter_flag(compare)
     _device_flag(compare)
     _tolerance_flags(compare, default=None, default_text="by --dtype")
     compare.set_defaults(run=_compare)

@@ -338,3 +338,20 @@ def test_train_step_on_an_adapter_is_torch_s_adamw_on_peft_s_lora_weights(tmp_pa
         key = name.removeprefix("base_model.model.transformer.").replace(".default", "").removesuffix(".weight")
         assert_rel_close(state.adapter.tensors[key], p.detach().t(), 1e-5, key)
     assert all(torch.equal(t, base[k]) for k, t in _flat(state.params).items())
+
+
+def test_compare_with_an_adapter_diffs_the_adapted_model_and_transformers_sees_peft_s_numbers(on_disk, capsys):
+    """`fgpt compare --adapter`: both sides run the merged weights; transformers' top next
+    token and its probability are peft's on the prompt."""
+    from functional_gpt.cli import main
+    from functional_gpt.model.tokenizer import decode, encode
+
+    base, adapter, model = on_disk
+    assert main(["compare", "--weights", str(base), "--adapter", str(adapter), "--prompt", "To be, or not"]) == 0
+    out = capsys.readouterr().out
+    assert f"weights {base} + adapter {adapter}, float32" in out
+    with torch.no_grad():
+        probs = model(torch.tensor([encode("To be, or not")])).logits[0, -1].softmax(-1)
+    top = int(probs.argmax())
+    first = next(line for line in out.splitlines() if line.startswith("   1"))
+    assert repr(decode([top]))[1:-1] in first and f"{float(probs[top]):.3g}" in first.split()[-1], first

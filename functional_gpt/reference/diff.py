@@ -24,6 +24,7 @@ from ..device import pick_device
 from ..errors import UserError
 from ..files import atomic_path
 from ..model.checkpoint import load_params
+from ..model.lora_files import with_adapter
 from ..model.config import GPTConfig
 from ..model.transformer import checked_config, forward
 from ..model.taps import recorder
@@ -125,10 +126,12 @@ def read_dump(path: str | os.PathLike) -> Dump:
 
 
 def dump(weights, prompt: str, out, *, side: str = "functional_gpt", grads: bool = False,
-         dtype: str = "float32", device: str | None = None) -> str:
-    """Load `weights`, run `side` on the prompt, write the dump to `out`; returns a summary line."""
+         dtype: str = "float32", device: str | None = None, adapter=None) -> str:
+    """Load `weights` (with the LoRA `adapter` directory merged in, when given), run `side`
+    on the prompt, write the dump to `out`; returns a summary line."""
     dev = pick_device(device)
     params, config = load_params(weights, dtype=DTYPES[dtype], device=dev)
+    params = with_adapter(params, adapter)
     tokens = prompt_tokens(prompt, config, dev)
     tensors = run_side(side, params, config, tokens, grads=grads)
     write_dump(out, tensors, side=side, prompt=prompt, tokens=tokens)
@@ -232,18 +235,20 @@ def _token_text(token_id: int) -> str:
 
 
 def compare(weights, prompt: str, *, grads: bool = False, dtype: str = "float32", device: str | None = None,
-            atol: float | None = None, rtol: float | None = None) -> tuple[str, bool]:
-    """`fgpt compare`: run functional_gpt and transformers on the same weights and prompt
-    -> (diff table + top-5 next tokens side by side, all agree). Tolerances default to
-    TOLERANCES[dtype]."""
+            atol: float | None = None, rtol: float | None = None, adapter=None) -> tuple[str, bool]:
+    """`fgpt compare`: run functional_gpt and transformers on the same weights (with the
+    LoRA `adapter` directory merged in, when given) and prompt -> (diff table + top-5 next
+    tokens side by side, all agree). Tolerances default to TOLERANCES[dtype]."""
     atol = TOLERANCES[dtype][0] if atol is None else atol
     rtol = TOLERANCES[dtype][1] if rtol is None else rtol
     check_tolerances(atol, rtol)
     dev = pick_device(device)
     params, config = load_params(weights, dtype=DTYPES[dtype], device=dev)
+    params = with_adapter(params, adapter)
     tokens = prompt_tokens(prompt, config, dev)
     ours, theirs = (run_side(side, params, config, tokens, grads=grads) for side in SIDES)
-    headers = [f"A  functional_gpt   B  transformers   weights {weights}, {dtype} on {dev}, "
+    merged = "" if adapter is None else f" + adapter {adapter}"
+    headers = [f"A  functional_gpt   B  transformers   weights {weights}{merged}, {dtype} on {dev}, "
                f"prompt {prompt!r} ({tokens.shape[1]} tokens)"]
     table, ok = format_diff(diff_tensors(ours, theirs, atol=atol, rtol=rtol), atol=atol, rtol=rtol, headers=headers)
     lines = ["", f"{'next token':<12}{'functional_gpt':<20}{'prob':>9}    {'transformers':<20}{'prob':>9}"]
