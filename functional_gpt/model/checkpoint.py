@@ -84,6 +84,9 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         return [path / name for name in _shard_names(index)]
     if any((path / n).exists() for n in ("pytorch_model.bin", "model.pt", "model.ckpt")):
         raise UserError(f"{path}: holds only pickled weights, which are never loaded; convert them to model.safetensors")
+    if (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: holds a LoRA adapter, not a model; give its base as --weights and this directory "
+                        f"as --adapter")
     raise UserError(f"{path}: holds no checkpoint (model.safetensors)")
 
 
