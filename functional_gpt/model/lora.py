@@ -21,7 +21,7 @@ from .params import Params, flatten, unflatten
 from .transformer import checked_config
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the block matrices LoRA may target
-_KEY = re.compile(r"h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])")
+_KEY = re.compile(rf"h\.(\d+)\.({'|'.join(map(re.escape, TARGETS))})\.lora_([AB])")
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,7 @@ def attach(params: Params, adapter: Adapter, *, config=None) -> Params:
     the model computes what it computes on `merge(params, adapter)` (to rounding), with
     gradients to A and B, and no merged copy of a weight is ever made (training's path).
     The weights themselves are shared, unchanged."""
-    config = checked_config(params, config)
-    flat = flatten(params)
-    check_adapter(adapter, flat)
+    config, flat = _checked(params, adapter, config)
     for key in adapter.weights:
         stem, dtype = key.removesuffix(".weight"), flat[key].dtype
         flat[f"{stem}.lora_A"] = adapter.tensors[f"{stem}.lora_A"].to(dtype)
@@ -115,15 +113,21 @@ def unmerge(params: Params, adapter: Adapter, *, config=None) -> Params:
 
 
 def _add(params, adapter: Adapter, config, sign: float) -> Params:
-    config = checked_config(params, config)
-    flat = flatten(params)
-    check_adapter(adapter, flat)
+    config, flat = _checked(params, adapter, config)
     for key in adapter.weights:
         stem = key.removesuffix(".weight")
         W = flat[key]
         delta = adapter.tensors[f"{stem}.lora_A"].to(W.dtype) @ adapter.tensors[f"{stem}.lora_B"].to(W.dtype)
         flat[key] = W + (sign * adapter.scale) * delta
     return Params(unflatten(flat), config)
+
+
+def _checked(params, adapter: Adapter, config) -> tuple:
+    """-> (the params' config, the params flattened) after checking both and the adapter."""
+    config = checked_config(params, config)
+    flat = flatten(params)
+    check_adapter(adapter, flat)
+    return config, flat
 
 
 def trainable_count(adapter: Adapter) -> int:
