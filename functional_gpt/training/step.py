@@ -186,11 +186,8 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     scale = state.loss_scale.scale if state.loss_scale is not None else 1.0
     rng = _dropout_rng(state.rng, world)
     # Each weight is cast once per step; its gradient arrives in the compute dtype.
-    compute = flat if settings.dtype == torch.float32 else {k: t.to(settings.dtype) for k, t in flat.items()}
-    frozen = None  # with an adapter: the params it adapts, in the compute dtype
-    if state.adapter is not None:
-        base = flatten(state.params)
-        frozen = base if settings.dtype == torch.float32 else {k: t.to(settings.dtype) for k, t in base.items()}
+    compute = _cast(flat, settings.dtype)
+    frozen = None if state.adapter is None else _cast(flatten(state.params), settings.dtype)  # what it adapts
     n_micro = len(batch.x)
     loss, grads = 0.0, None
     for i, (x, y) in enumerate(zip(batch.x, batch.y)):
@@ -339,6 +336,10 @@ def max_abs(flat: dict) -> tuple[str, float]:
     norms = ranges.abs().amax(dim=1).tolist()
     i = next((i for i, n in enumerate(norms) if not math.isfinite(n)), max(range(len(norms)), key=norms.__getitem__))
     return list(flat)[i], norms[i]
+
+
+def _cast(flat: dict, dtype: torch.dtype) -> dict:  # the tensors in the compute dtype (float32: as they are)
+    return flat if dtype == torch.float32 else {k: t.to(dtype) for k, t in flat.items()}
 
 
 def _in_float32(grads: dict) -> dict:
