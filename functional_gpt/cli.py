@@ -277,6 +277,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                   "them (less memory, about a third more compute); on --resume: may be changed",
         "compile": "torch.compile the model (falls back to eager in one line where that fails); on --resume: "
                    "may be changed",
+        "lora_rank": "train a LoRA adapter of this rank on --init's weights, which stay frozen (no optimizer "
+                     "state for them); the run directory holds the adapter in peft's format",
+        "lora_alpha": "LoRA's alpha: the update is (alpha / rank) A @ B (default: the rank)",
+        "lora_targets": "comma-separated block matrices to adapt: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj "
+                        "(default attn.c_attn)",
+        "lora_layers": "blocks to adapt, as indices and ranges: 6-11, 0,3,5 (default: all)",
     }
     for field in dataclasses.fields(TrainConfig):
         kind = str(field.type)

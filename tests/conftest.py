@@ -186,6 +186,35 @@ def reference_training(start: dict, config, batches, *, lrs, weight_decay: float
     return {k: p.detach() for k, p in named}, losses, norms
 
 
+def reference_lora_training(start: dict, config, adapter_dir, batches, *, lrs, weight_decay: float, clip: float,
+                            betas=(0.9, 0.95)):
+    """The independent reference of a LoRA run: Hugging Face peft's LoRA (the adapter in
+    `adapter_dir`, peft's format) on transformers' GPT2LMHeadModel holding `start` (flat
+    params), its LoRA weights trained by torch.optim.AdamW (weight decay on all of them, as
+    transformers' Trainer decays every matrix), clip_grad_norm_ over them and F.cross_entropy.
+    batches: one (x, y) [B, T] per step; lrs: each step's learning rate.
+    -> ({our adapter key: tensor after the last step, in our layout}, [loss per step],
+    [pre-clip norm per step])."""
+    import torch.nn.functional as F
+
+    peft = pytest.importorskip("peft")
+    model = peft.PeftModel.from_pretrained(hf_from(start, config), adapter_dir, is_trainable=True).eval()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(lora.values(), lr=lrs[0], betas=betas, eps=1e-8, weight_decay=weight_decay)
+    losses, norms = [], []
+    for (x, y), lr in zip(batches, lrs, strict=True):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(torch.as_tensor(x)).logits.flatten(0, 1), torch.as_tensor(y).flatten())
+        loss.backward()
+        losses.append(float(loss.detach()))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(lora.values(), clip)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    ours = lambda name: name.removeprefix("base_model.model.transformer.").replace(".default", "").removesuffix(".weight")
+    return {ours(n): p.detach().t() for n, p in lora.items()}, losses, norms
+
+
 def without_key_bias(key: str, t: torch.Tensor, n_embd: int) -> torch.Tensor:
     """`t`, less the key bias when `key` is a c_attn bias: that bias's gradient is zero in
     exact arithmetic (softmax ignores a shift common to a query's scores), so any two

@@ -171,6 +171,46 @@ def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path,
     assert min(norms) > CLIP
 
 
+def adapter_of(run: Path) -> dict:
+    """The run's LoRA adapter in our layout (peft stores each matrix transposed)."""
+    stored = load_file(str(run / "adapter_model.safetensors"))
+    return {k.removeprefix("base_model.model.transformer.").removesuffix(".weight"): t.t() for k, t in stored.items()}
+
+
+@pytest.mark.parametrize("shard", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["lora", "lora-sharded-optimizer"])
+def test_a_lora_run_on_two_processes_is_one_process_and_peft(setup, tmp_path, shard):
+    """--lora_rank 4 on attn.c_attn and mlp.c_fc, 2 ranks of 2 windows: the adapter of one
+    process within 1e-5 of each tensor's scale and the final validation loss within 1e-6,
+    the moments (all of them, also when each rank kept half) within 1e-4, and peft's LoRA
+    on transformers' GPT-2 trained by torch.optim.AdamW on the same windows within 1e-4."""
+    from functional_gpt.model.lora import init_adapter
+    from functional_gpt.model.lora_files import save_adapter
+
+    from conftest import reference_lora_training
+
+    pytest.importorskip("peft")
+    data, init = setup
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_targets="attn.c_attn,mlp.c_fc")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(flags(data, init, one, **lora))
+    done = torchrun(as_argv(flags(data, init, two, shard_optimizer=shard, **lora)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_params(adapter_of(two), adapter_of(one), 1e-5, "2 processes vs 1")
+    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)
+    moments = [load_file(str(run / "optimizer.safetensors")) for run in (two, one)]
+    assert set(moments[0]) == {f"{m}.{k}" for m in ("exp_avg", "exp_avg_sq") for k in adapter_of(one)}
+    assert_same_params(*moments, 1e-4, "moments")
+    base = load_params(init)[0]
+    save_adapter(tmp_path / "first", init_adapter(base, 4, 8.0, ["attn.c_attn", "mlp.c_fc"], seed=0))
+    expected, _, norms = reference_lora_training(flatten(base), TINY, tmp_path / "first",
+                                                 reference_batches(data, steps=STEPS, windows=4),
+                                                 lrs=closed_form_lrs(STEPS), weight_decay=WD, clip=CLIP)
+    assert_same_params(adapter_of(two), expected, 1e-4, "2 processes vs peft")
+    assert min(norms) > CLIP  # clipped at every step
+    assert not (two / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_a_checkpoint_resumes_with_another_number_of_processes(setup, tmp_path):
     """2 ranks to step 3, then 1 process to step 5; and 1 process to step 3, then 2 ranks

@@ -85,9 +85,18 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if any((path / n).exists() for n in ("pytorch_model.bin", "model.pt", "model.ckpt")):
         raise UserError(f"{path}: holds only pickled weights, which are never loaded; convert them to model.safetensors")
     if (path / "adapter_config.json").is_file():
-        raise UserError(f"{path}: holds a LoRA adapter, not a model; give its base as --weights and this directory "
-                        f"as --adapter")
+        raise UserError(f"{path}: holds a LoRA adapter, not a model; give its base{_base_of(path)} as --weights and "
+                        f"this directory as --adapter")
     raise UserError(f"{path}: holds no checkpoint (model.safetensors)")
+
+
+def _base_of(adapter_dir: Path) -> str:
+    """ " (PATH)": the base model the adapter's config names, if it names one ("" if not)."""
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" ({base})" if isinstance(base, str) and base else ""
 
 
 def _shard_names(index: Path) -> list[str]:

@@ -339,6 +339,11 @@ def crc32(x) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B"))  # no copy of a memmap
 
 
+def crc32_of(tensors) -> str:
+    """"crc32 xxxxxxxx": one CRC-32 over the tensors' CRC-32s, in the order given."""
+    return f"crc32 {crc32(np.array([crc32(t) for t in tensors], dtype=np.uint32)):08x}"
+
+
 class GradientReducer:
     """The sum over the ranks of one backward pass's gradients, bucketed and overlapped.
 

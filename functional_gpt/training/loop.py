@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..model.checkpoint import load_params
+from ..model.lora import TARGETS, Adapter, attach, init_adapter, trainable_count
 from ..model.config import GPTConfig, preset
 from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
 from . import distributed
@@ -76,6 +77,10 @@ class TrainConfig:
     shard_optimizer: bool = False  # data parallel: each rank keeps its share of AdamW's moments (ZeRO-1)
     checkpoint_activations: bool = False  # recompute each block in the backward pass
     compile: bool = False  # torch.compile the model
+    lora_rank: int | None = None  # train a LoRA adapter of this rank on --init's frozen weights (None: all train)
+    lora_alpha: float | None = None  # the adapter's update is (alpha / rank) A @ B (default: the rank)
+    lora_targets: str | None = None  # comma-separated block matrices to adapt (default attn.c_attn)
+    lora_layers: str | None = None  # blocks to adapt: "6-11", "0,3,5" (default: all)
 
     def __post_init__(self):
         """Every field's type and range, checked once here, however the config is built
@@ -105,12 +110,52 @@ class TrainConfig:
             raise UserError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.init is None:
             preset(self.preset)  # an unknown name fails now, not after the data is read
+        if self.lora_rank is None:
+            given = next((f for f in ("lora_alpha", "lora_targets", "lora_layers") if getattr(self, f) is not None),
+                         None)
+            if given is not None:
+                raise UserError(f"--{given} sets up a LoRA adapter: give its rank with --lora_rank")
+        else:
+            if self.init is None:
+                raise UserError("--lora_rank trains an adapter of existing weights: give them with --init")
+            if self.lora_rank < 1:
+                raise UserError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+            if self.lora_alpha is not None and not self.lora_alpha > 0:
+                raise UserError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+            lora_targets(self.lora_targets)
+            lora_layers(self.lora_layers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval")
+
+
+def lora_targets(text: str | None) -> tuple[str, ...]:
+    """--lora_targets "attn.c_attn,mlp.c_fc" -> the TARGETS it names (None: attn.c_attn)."""
+    if text is None:
+        return ("attn.c_attn",)
+    names = tuple(name.strip() for name in text.split(","))
+    for name in names:
+        if name not in TARGETS:
+            raise UserError(f"--lora_targets: unknown target {name!r}; the targets are {', '.join(TARGETS)}")
+    return names
+
+
+def lora_layers(text: str | None) -> list[int] | None:
+    """--lora_layers "0-3,8" -> [0, 1, 2, 3, 8] (None: every block); the model's range is
+    checked where the model is known."""
+    if text is None:
+        return None
+    layers = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        last = last if dash else first
+        if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
+            raise UserError(f"--lora_layers: {part.strip()!r} is not a block index or a range like 6-11")
+        layers += range(int(first), int(last) + 1)
+    return layers
 _NON_NEGATIVE = ("eval_windows", "sample_tokens")
 
 
@@ -219,6 +264,9 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
     stored = read_state(run_dir)["config"]
     values = {"dtype": "float32", **stored, "out": str(Path(run_dir))}  # runs from before --dtype: float32
     for key, given in overrides.items():
+        if key == "lora_rank" and stored.get(key) is None:
+            raise UserError(f"--lora_rank: {run_dir} is a full training run, which LoRA cannot continue; train an "
+                            f"adapter of its weights into a new run: --init {run_dir} --lora_rank {given} --out DIR")
         if key in _MAY_CHANGE_ON_RESUME:
             values[key] = given
             continue
@@ -276,7 +324,23 @@ def resolve(cfg: TrainConfig, config: GPTConfig) -> TrainConfig:
         stride=cfg.stride or context,
         decay_steps=cfg.decay_steps or cfg.max_steps,
         min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
+        lora_alpha=float(cfg.lora_rank) if cfg.lora_rank is not None and cfg.lora_alpha is None else cfg.lora_alpha,
+        lora_targets=",".join(lora_targets(cfg.lora_targets)) if cfg.lora_rank is not None else None,
     )
+
+
+def new_adapter(cfg: TrainConfig, params: Params, config: GPTConfig) -> Adapter:
+    """The fresh LoRA adapter a --lora_rank run trains (A drawn from --seed, B zero); a
+    setting that does not fit the model is a UserError naming its flag."""
+    layers = lora_layers(cfg.lora_layers)
+    outside = next((i for i in layers or () if i >= config.n_layer), None)
+    if outside is not None:
+        raise UserError(f"--lora_layers: block {outside} is not in the model, whose blocks are 0..{config.n_layer - 1}")
+    try:
+        return init_adapter(params, cfg.lora_rank, cfg.lora_alpha, lora_targets(cfg.lora_targets), layers=layers,
+                            seed=cfg.seed, config=config)
+    except UserError as e:  # init_adapter names its arguments: rank, layers, ...
+        raise UserError(f"--lora_{e}") from None
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> dict:
@@ -343,6 +407,7 @@ class _Start(NamedTuple):
     best: float | None
     train_tokens: np.ndarray
     val_tokens: np.ndarray
+    base_crc32: str | None  # a LoRA run's frozen weights' fingerprint
 
 
 def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
@@ -365,13 +430,16 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
             log(f"resuming a {stored_dtype} run in {cfg.dtype}: the master weights and Adam's moments are float32, "
                 f"so only the precision of the compute changes")
         metrics = [m for m in read_metrics(run) if m["step"] <= state.step]
-        best = fields["best_val_loss"]
+        best, base_crc32 = fields["best_val_loss"], fields.get("base_crc32")
     else:
         if (run / STATE).exists():
             raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
         params, config = _model(cfg, device)
         cfg = resolve(cfg, config)
-        state, metrics, best = new_state(params, cfg.seed, device, moments_of=_moments_of(cfg, world)), [], None
+        adapter = None if cfg.lora_rank is None else new_adapter(cfg, params, config)
+        base_crc32 = None if adapter is None else distributed.crc32_of(flatten(params).values())
+        state = new_state(params, cfg.seed, device, moments_of=_moments_of(cfg, world), adapter=adapter)
+        metrics, best = [], None
     if dtype == torch.float16 and state.loss_scale is None:
         state = dataclasses.replace(state, loss_scale=LossScale())
     if state.step >= cfg.max_steps:
@@ -388,7 +456,7 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
         if state.position.index >= n_windows:
             raise UserError(f"{run / STATE}: data_position index {state.position.index} is past the "
                             f"{n_windows} windows of an epoch")
-    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens)
+    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens, base_crc32)
 
 
 def _moments_of(cfg: TrainConfig, world: World):
@@ -415,21 +483,18 @@ def _facts(start: _Start, resume: bool) -> dict:
     facts |= {"the device kind": start.device.type, "the compute dtype": str(start.dtype).removeprefix("torch.")}
     facts |= {f"the model's {k}": v for k, v in start.config.to_dict().items()}
     facts |= {"the starting step": state.step, "the data position": list(state.position),
-              "the RNG state": _crc_of(state.rng[k] for k in sorted(state.rng)),
+              "the RNG state": distributed.crc32_of(state.rng[k] for k in sorted(state.rng)),
               "the loss scale": None if state.loss_scale is None else list(state.loss_scale),
               "the best validation loss": start.best}
     if not cfg.shard_optimizer:  # sharded, each rank holds the only copy of its share
-        facts["Adam's moments"] = _crc_of(m[k] for m in (state.opt.exp_avg, state.opt.exp_avg_sq) for k in m)
+        facts["Adam's moments"] = distributed.crc32_of(m[k] for m in (state.opt.exp_avg, state.opt.exp_avg_sq) for k in m)
     for name, tokens in (("train.bin", start.train_tokens), ("val.bin", start.val_tokens)):
         facts[f"--data {name}"] = f"{len(tokens):,} tokens (crc32 {distributed.crc32(tokens):08x})"
     source = "the checkpoint's" if resume else "--init" if cfg.init is not None else "the initial"
     facts |= {f"{source} {k}": f"crc32 {distributed.crc32(t):08x}" for k, t in flatten(state.params).items()}
+    if state.adapter is not None:
+        facts |= {f"the adapter's {k}": f"crc32 {distributed.crc32(t):08x}" for k, t in state.adapter.tensors.items()}
     return facts
-
-
-def _crc_of(tensors) -> str:
-    """One CRC-32 over the tensors' CRC-32s, in the order given."""
-    return f"crc32 {distributed.crc32(np.array([distributed.crc32(t) for t in tensors], dtype=np.uint32)):08x}"
 
 
 def _make_run_dir(run: Path, world: World, device) -> None:
@@ -462,17 +527,25 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
     stop = _StopOnSignal()
     n_params = sum(t.numel() for t in flatten(state.params).values())
     ranks = f", {world.size} processes x {cfg.batch_size // world.size} windows" if world.size > 1 else ""
-    log(f"training {run} on {cfg.data}: {n_params:,} parameters, {tokens_per_step} tokens/step{ranks}, "
+    lora = "" if state.adapter is None else (
+        f" ({trainable_count(state.adapter):,} train: LoRA r={cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
+        f"{cfg.lora_targets} of {'every block' if cfg.lora_layers is None else 'blocks ' + cfg.lora_layers})")
+    log(f"training {run} on {cfg.data}: {n_params:,} parameters{lora}, {tokens_per_step} tokens/step{ranks}, "
         f"steps {state.step}..{cfg.max_steps}, device {device}, {str(dtype).removeprefix('torch.')}")
 
+    def model() -> Params:  # what the run has trained, as the model runs it
+        return state.params if state.adapter is None else attach(state.params, state.adapter, config=config)
+
     def checkpoint(val: float | None, is_best: bool, lr: float):
-        flat = flatten(state.params)
+        flat = state.trainable()
         if not world.is_main:  # under --shard_optimizer, rank 0 writes this rank's moments too
             for _ in checkpoint_dirs(run, is_best) if moments_of is not None else ():
                 distributed.send_moments(world, state.opt, flat)
             return
         record = {"data_dir": cfg.data, "train_tokens": len(train_tokens), "lr": lr, "val_loss": val,
                   "best_val_loss": best, "config": cfg.to_dict()}
+        if start.base_crc32 is not None:
+            record["base_crc32"] = start.base_crc32
         write_metrics(run, metrics)
         fetch = distributed.fetch_moments(flat, world.size) if moments_of is not None else None
         save_run_checkpoint(run, state, config, record, is_best=is_best, fetch_moment=fetch)
@@ -495,7 +568,7 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     say = bar.write if world.is_main else _silent
-    start = time.time()
+    began = time.time()
     with stop, bar:  # the bar is closed before any error is printed
         while state.step < cfg.max_steps:
             t0 = time.time()
@@ -510,16 +583,14 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
             bar.update()
             stop_now = distributed.any_rank(world, stop.requested is not None, device)
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-                val = val_loss(state.params, config, val_tokens, quick_starts, cfg.context_length, device,
-                               world=world)
+                val = val_loss(model(), config, val_tokens, quick_starts, cfg.context_length, device, world=world)
                 if not math.isfinite(val):
                     raise stopped(state.step, f"validation loss is {val}")
                 is_best = best is None or val < best
                 best = min(val, best) if best is not None else val
                 entry = {"step": state.step, "val_loss": val}
                 if cfg.sample_tokens and world.is_main:
-                    entry["sample"] = sample_text(state.params, config, cfg.sample_tokens, cfg.seed + state.step,
-                                                  device)
+                    entry["sample"] = sample_text(model(), config, cfg.sample_tokens, cfg.seed + state.step, device)
                 metrics.append(entry)
                 say(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f} ({len(quick_starts)} "
                     f"windows)" + (f"\n  sample: {entry['sample']!r}" if "sample" in entry else ""))
@@ -534,19 +605,20 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                     f"saved. Resume with: fgpt train --resume {run}")
                 return {"step": state.step, "interrupted": True}
         bar.close()
-        elapsed = time.time() - start
+        elapsed = time.time() - began
         # The figure a run is judged by: every val token predicted once, at the model's full
         # context (the training context when val.bin is shorter than that).
         final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
         final_starts = eval_starts(len(val_tokens), final_T)
         # Ranks stop a final evaluation together or not at all: a signal only skips it in a single process.
         should_stop = (lambda: stop.requested is not None) if world.size == 1 else (lambda: False)
-        final = None if stop_now else val_loss(state.params, config, val_tokens, final_starts, final_T,
+        final = None if stop_now else val_loss(model(), config, val_tokens, final_starts, final_T,
                                                device, should_stop=should_stop, world=world)
     step = state.step
     if final is None:
         log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is "
-            f"complete and saved; the final evaluation over all of val.bin was skipped (run: fgpt eval --weights {run})")
+            f"complete and saved; the final evaluation over all of val.bin was skipped (run: fgpt eval "
+            f"{_weights_flags(cfg)})")
         return {"step": step, "interrupted": True}
     peaks = distributed.every_rank(world, _peak_rss_mb(), device)
     log(f"val loss {final:.4f} nats/token (all {len(final_starts)} non-overlapping windows of "
@@ -562,6 +634,11 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
         write_metrics(run, metrics)
         plot_losses(metrics, run / "loss.png")
     return summary
+
+
+def _weights_flags(cfg: TrainConfig) -> str:
+    """The flags that load what the run `cfg` trained: its directory, or a LoRA run's base and adapter."""
+    return f"--weights {cfg.out}" if cfg.lora_rank is None else f"--weights {cfg.init} --adapter {cfg.out}"
 
 
 class _StopOnSignal:

@@ -7,6 +7,11 @@ position, RNG state, the full run configuration; the commit marker, written last
 run directory holds the latest checkpoint at its root and the best-validation one in
 `best/`, beside `metrics.jsonl` (one JSON object per step and per evaluation).
 
+A LoRA run's checkpoint holds the adapter instead of the model: `adapter_config.json` and
+`adapter_model.safetensors` in peft's format (model/lora_files.py), its moments keyed by the
+adapter's keys, and in state.json the CRC-32 of the frozen base weights (`base_crc32`),
+which it reloads from the run's `init`.
+
 Each reader checks what it reads: a garbled, truncated or hand-edited file is a
 one-line UserError naming the file and the field, never a raw JSON or key error.
 """
@@ -23,9 +28,11 @@ from safetensors import SafetensorError, safe_open
 
 from ..model.checkpoint import load_params, save_params
 from ..model.config import GPTConfig
+from ..model.lora_files import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, load_adapter, save_adapter
 from ..checks import check_path
 from ..errors import UserError
 from .data import Position
+from .distributed import crc32_of
 from ..files import atomic_path, write_json
 from .optim import AdamWState
 from ..model.params import check_finite, flatten
@@ -51,8 +58,11 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTCo
     run_dir = Path(run_dir)
     recover(run_dir)
     pending = run_dir / ".next"
-    save_params(pending / MODEL, state.params, config)
-    flat = flatten(state.params)
+    if state.adapter is None:
+        save_params(pending / MODEL, state.params, config)
+    else:
+        save_adapter(pending, state.adapter, base=record.get("config", {}).get("init"))
+    flat = state.trainable()
     specs = [(f"{kind}.{k}", p.shape, p.dtype) for kind in MOMENTS for k, p in flat.items()]
 
     def moments():
@@ -114,7 +124,7 @@ def write_safetensors(path: str | os.PathLike, specs: list, tensors, metadata: d
 
 def _commit(run_dir: Path) -> None:
     pending = run_dir / ".next"
-    for name in (OPTIMIZER, MODEL, STATE):
+    for name in (OPTIMIZER, MODEL, ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE):
         if (pending / name).exists():
             os.replace(pending / name, run_dir / name)
     pending.rmdir()
@@ -163,6 +173,9 @@ _STATE_FIELDS = {
     "config": ("an object", lambda x: isinstance(x, dict)),
     "model_config": ("an object", lambda x: isinstance(x, dict)),
 }
+# Present in LoRA runs only: the frozen base weights' fingerprint (distributed.crc32_of).
+_BASE_CRC = ("'crc32 ' and 8 hex digits", lambda x: isinstance(x, str) and len(x) == 14 and x.startswith("crc32 ")
+             and _hex(x[6:]))
 # Present in float16 runs only.
 _LOSS_SCALE = ("an object {scale: a number > 0, good_steps: an integer >= 0}",
                lambda x: isinstance(x, dict) and set(x) == {"scale", "good_steps"} and _number(x["scale"])
@@ -189,6 +202,9 @@ def read_state(run_dir: str | os.PathLike) -> dict:
             raise UserError(f"{path}: field {field!r} must be {kind}, got {state[field]!r:.80}")
     if "loss_scale" in state and not _LOSS_SCALE[1](state["loss_scale"]):
         raise UserError(f"{path}: field 'loss_scale' must be {_LOSS_SCALE[0]}, got {state['loss_scale']!r:.80}")
+    if state["config"].get("lora_rank") is not None and not _BASE_CRC[1](state.get("base_crc32")):
+        raise UserError(f"{path}: field 'base_crc32' must be {_BASE_CRC[0]} in a LoRA run, got "
+                        f"{state.get('base_crc32')!r:.80}")
     return state
 
 
@@ -282,18 +298,41 @@ def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -
     whose AdamW moments to load (default all)."""
     fields = read_state(run_dir)
     run_dir = Path(run_dir)
-    params, config = load_params(run_dir / MODEL, device=device)
-    flat = flatten(params)
+    if fields["config"].get("lora_rank") is None:
+        params, config = load_params(run_dir / MODEL, device=device)
+        if config.to_dict() != GPTConfig.from_dict(fields["model_config"]).to_dict():
+            raise UserError(f"{run_dir / MODEL}: its config differs from the run's ({STATE} model_config); "
+                            f"the file was replaced")
+        adapter, flat = None, flatten(params)
+    else:
+        params, config, adapter = _lora_checkpoint(run_dir, fields, device)
+        flat = dict(adapter.tensors)
     opt = read_optimizer(run_dir / OPTIMIZER, flat, device, keep=None if moments_of is None else moments_of(flat))
-    if config.to_dict() != GPTConfig.from_dict(fields["model_config"]).to_dict():
-        raise UserError(f"{run_dir / MODEL}: its config differs from the run's ({STATE} model_config); "
-                        f"the file was replaced")
     if opt.step != fields["step"]:
         raise UserError(f"{run_dir}: {OPTIMIZER} is at step {opt.step}, {STATE} at step {fields['step']}")
     rng = {name: _generator_state(run_dir / STATE, name, text) for name, text in fields["rng"].items()}
     loss_scale = LossScale(**fields["loss_scale"]) if "loss_scale" in fields else None
-    state = TrainState(params, opt, fields["step"], Position(**fields["data_position"]), rng, loss_scale)
+    state = TrainState(params, opt, fields["step"], Position(**fields["data_position"]), rng, loss_scale, adapter)
     return state, config, fields
+
+
+def _lora_checkpoint(run_dir: Path, fields: dict, device):
+    """-> (the frozen base params from the run's init, checked against base_crc32, the
+    model config, the adapter in `run_dir`, checked against the run's rank and alpha)."""
+    run, base = fields["config"], fields["config"].get("init")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{run_dir / STATE}: config.init must name the base weights of a LoRA run, got {base!r:.80}")
+    params, config = load_params(base, device=device, config=GPTConfig.from_dict(fields["model_config"]))
+    found = crc32_of(flatten(params).values())
+    if found != fields["base_crc32"]:
+        raise UserError(f"{base}: the base weights of the LoRA run {run_dir} changed since it started ({found}, the "
+                        f"run's {fields['base_crc32']}); give the run its own base back, or train a new --out")
+    adapter = load_adapter(run_dir, params)
+    for field, setting, value in (("r", "lora_rank", adapter.rank), ("lora_alpha", "lora_alpha", adapter.alpha)):
+        if value != run.get(setting):
+            raise UserError(f"{run_dir / ADAPTER_CONFIG}: {field} is {value}, the run's {setting} "
+                            f"{run.get(setting)} ({STATE})")
+    return params, config, adapter
 
 
 def _generator_state(path: Path, name: str, text: str) -> torch.Tensor:
