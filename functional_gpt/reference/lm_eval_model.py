@@ -9,9 +9,10 @@ becomes `<|endoftext|>`), rolling windows are lm-eval's `get_rolling_token_windo
 stop sequences and generation settings go through lm-eval's own helpers: the numbers
 differ from its `hf` model on the same weights by rounding alone.
 
-Scoring runs on the KV cache: the requests sharing a context (a multiple-choice
-question's choices) have it computed once, then each choice's continuation runs after a
-copy of its cached keys and values, all of a batch's choices in one call.
+Scoring runs on the KV cache: a batch's contexts run once, into one cache row each (the
+choices of a multiple-choice question share theirs); then each choice's continuation runs
+after its context's cached keys and values, one choice per context in each call, the rows
+rolled back to their contexts after it (the cache holds the batch's contexts, no copies).
 """
 
 import sys
@@ -135,38 +136,47 @@ class FunctionalGPTLM(TemplateLM):
 
     def _score(self, contexts: list[tuple], continuations: list[tuple[int, tuple]]) -> list[tuple[float, bool]]:
         """contexts: G token tuples; continuations: (index of its context, tokens) -> per
-        continuation (log-likelihood, greedy). Each context runs once into a cache of G rows;
-        its last logits score every continuation's first token; the rest of each
-        continuation runs after a copy of its context's cache row."""
+        continuation (log-likelihood, greedy). The contexts run once, into a cache of G rows
+        (their last logits score each continuation's first token); then, in passes, the
+        rest of each context's first continuation, of its second, ..., every row after its
+        own context's cached keys and values, each row put back to its context's length
+        after each pass."""
         device = self._device
         counts = [len(c) for c in contexts]
         tokens = torch.zeros(len(contexts), max(counts), dtype=torch.long, device=device)
         for g, context in enumerate(contexts):
             tokens[g, : len(context)] = torch.tensor(context)
+        longest = max(counts[g] + len(cont) - 1 for g, cont in continuations)
         w = self.params["wpe"]["weight"]
-        cache = new_cache(self.config, len(contexts), dtype=w.dtype, device=device)
+        cache = new_cache(self.config, len(contexts), max_len=longest, dtype=w.dtype, device=device)
         last, cache = forward_cached(self.params, tokens, cache, self.config, counts=tuple(counts), last_only=True)
         first = torch.log_softmax(last[:, -1].float(), dim=-1)  # [G, V]: each context's next-token log-probs
         scored = [(float(first[g, cont[0]]), int(first[g].argmax()) == cont[0]) for g, cont in continuations]
-        rest = [j for j, (_, cont) in enumerate(continuations) if len(cont) > 1]
-        for chunk in _chunks(rest, [len(continuations[j][1]) - 1 for j in rest], TOKENS_PER_CALL):
-            for j, (logprob, greedy) in zip(chunk, self._score_rest(cache, [continuations[j] for j in chunk])):
-                scored[j] = (scored[j][0] + logprob, scored[j][1] and greedy)
+        passes: list[list[int]] = []  # pass k: the k-th continuation of each context that has one
+        taken = [0] * len(contexts)
+        for j, (g, cont) in enumerate(continuations):
+            if len(cont) > 1:
+                if taken[g] == len(passes):
+                    passes.append([])
+                passes[taken[g]].append(j)
+                taken[g] += 1
+        for rows in passes:
+            for chunk in _chunks(rows, [len(continuations[j][1]) - 1 for j in rows], TOKENS_PER_CALL):
+                for j, (logprob, greedy) in zip(chunk, self._score_rest(cache, [continuations[j] for j in chunk])):
+                    scored[j] = (scored[j][0] + logprob, scored[j][1] and greedy)
         return scored
 
-    def _score_rest(self, contexts_cache, continuations: list[tuple[int, tuple]]) -> Iterator[tuple[float, bool]]:
-        """Each continuation's tokens after the first, predicted from a copy of its context's
-        cache row followed by the continuation's earlier tokens."""
-        device, lengths = self._device, contexts_cache.lengths
+    def _score_rest(self, cache, continuations: list[tuple[int, tuple]]) -> Iterator[tuple[float, bool]]:
+        """Continuations of distinct contexts (cache rows): each one's tokens after the first,
+        predicted from its context's cache row followed by its earlier tokens. The rows'
+        buffers take the continuations' keys and values; their lengths stay the contexts'."""
+        device = self._device
         counts = [len(cont) - 1 for _, cont in continuations]
-        longest = max(lengths[g] + len(cont) - 1 for g, cont in continuations)
-        w = self.params["wpe"]["weight"]
-        cache = new_cache(self.config, len(continuations), max_len=longest, dtype=w.dtype, device=device)
         inputs = torch.zeros(len(continuations), max(counts), dtype=torch.long, device=device)
-        for r, (g, cont) in enumerate(continuations):
-            cache = cache.with_prefix(r, contexts_cache.k[:, g], contexts_cache.v[:, g], lengths[g])
+        for r, (_, cont) in enumerate(continuations):
             inputs[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        logits, _ = forward_cached(self.params, inputs, cache, self.config, counts=tuple(counts))
+        logits, _ = forward_cached(self.params, inputs, cache, self.config, counts=tuple(counts),
+                                   cache_rows=tuple(g for g, _ in continuations))
         for r, (_, cont) in enumerate(continuations):
             logprobs = torch.log_softmax(logits[r, : len(cont) - 1].float(), dim=-1)
             targets = torch.tensor(cont[1:], device=device)
