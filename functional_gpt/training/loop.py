@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..model.checkpoint import load_params
-from ..model.lora import TARGETS, Adapter, attach, init_adapter, trainable_count
+from ..model.lora import Adapter, attach, check_targets, init_adapter, trainable_count
 from ..model.config import GPTConfig, preset
 from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
 from . import distributed
@@ -130,17 +130,17 @@ class TrainConfig:
 
 
 _POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval")
+_NON_NEGATIVE = ("eval_windows", "sample_tokens")
 
 
 def lora_targets(text: str | None) -> tuple[str, ...]:
     """--lora_targets "attn.c_attn,mlp.c_fc" -> the TARGETS it names (None: attn.c_attn)."""
     if text is None:
         return ("attn.c_attn",)
-    names = tuple(name.strip() for name in text.split(","))
-    for name in names:
-        if name not in TARGETS:
-            raise UserError(f"--lora_targets: unknown target {name!r}; the targets are {', '.join(TARGETS)}")
-    return names
+    try:
+        return check_targets([name.strip() for name in text.split(",")])
+    except UserError as e:  # "targets: ..."
+        raise UserError(f"--lora_{e}") from None
 
 
 def lora_layers(text: str | None) -> list[int] | None:
@@ -156,7 +156,6 @@ def lora_layers(text: str | None) -> list[int] | None:
             raise UserError(f"--lora_layers: {part.strip()!r} is not a block index or a range like 6-11")
         layers += range(int(first), int(last) + 1)
     return layers
-_NON_NEGATIVE = ("eval_windows", "sample_tokens")
 
 
 def _check_type(key: str, kind: str, value) -> None:
