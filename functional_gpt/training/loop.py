@@ -30,7 +30,7 @@ from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, loa
 from . import distributed
 from ..device import DTYPES, pick_device, pick_dtype
 from .distributed import SINGLE, World
-from ..checks import check_path, describe
+from ..checks import check_path, check_str, describe
 from ..errors import AgreedError, UserError
 from ..files import make_dir, save_png
 from ..generation.decoding import generate
@@ -138,9 +138,12 @@ def lora_targets(text: str | None) -> tuple[str, ...]:
     if text is None:
         return ("attn.c_attn",)
     try:
-        return check_targets([name.strip() for name in text.split(",")])
+        return check_targets([name.strip() for name in check_str("--lora_targets", text).split(",")])
     except UserError as e:  # "targets: ..."
         raise UserError(f"--lora_{e}") from None
+
+
+MAX_LAYERS = 10_000  # a bound on --lora_layers before the model is known (GPT-2 XL has 48 blocks)
 
 
 def lora_layers(text: str | None) -> list[int] | None:
@@ -149,11 +152,13 @@ def lora_layers(text: str | None) -> list[int] | None:
     if text is None:
         return None
     layers = []
-    for part in text.split(","):
+    for part in check_str("--lora_layers", text).split(","):
         first, dash, last = part.strip().partition("-")
         last = last if dash else first
         if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
             raise UserError(f"--lora_layers: {part.strip()!r} is not a block index or a range like 6-11")
+        if int(last) >= MAX_LAYERS:
+            raise UserError(f"--lora_layers: block {int(last)} is past any model's blocks (fewer than {MAX_LAYERS})")
         layers += range(int(first), int(last) + 1)
     return layers
 
