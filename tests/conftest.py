@@ -162,8 +162,6 @@ def reference_training(start: dict, config, batches, *, lrs, weight_decay: float
     `optim.decays`, clip_grad_norm_ and F.cross_entropy over each step's windows at once.
     batches: one (x, y) [B, T] per step; lrs: each step's learning rate.
     -> ({GPT-2 key: param after the last step}, [loss per step], [pre-clip norm per step])."""
-    import torch.nn.functional as F
-
     from functional_gpt.training.optim import decays
 
     model = hf_from(start, config)
@@ -173,17 +171,26 @@ def reference_training(start: dict, config, batches, *, lrs, weight_decay: float
          {"params": [p for k, p in named if not decays(k, p)], "weight_decay": 0.0}],
         lr=lrs[0], betas=betas, eps=1e-8)
     assert len(optimizer.param_groups[0]["params"]) == 4 * config.n_layer  # c_attn, c_proj, c_fc, c_proj
+    losses, norms = _torch_training(model, list(model.parameters()), optimizer, batches, lrs, clip)
+    return {k: p.detach() for k, p in named}, losses, norms
+
+
+def _torch_training(model, trained: list, optimizer, batches, lrs, clip: float) -> tuple[list, list]:
+    """Each step: F.cross_entropy over its windows, backward, clip_grad_norm_ of `trained`,
+    the step's lr, optimizer.step() -> ([loss per step], [pre-clip norm per step])."""
+    import torch.nn.functional as F
+
     losses, norms = [], []
     for (x, y), lr in zip(batches, lrs, strict=True):
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model(torch.as_tensor(x)).logits.flatten(0, 1), torch.as_tensor(y).flatten())
         loss.backward()
         losses.append(float(loss.detach()))
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trained, clip)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
-    return {k: p.detach() for k, p in named}, losses, norms
+    return losses, norms
 
 
 def reference_lora_training(start: dict, config, adapter_dir, batches, *, lrs, weight_decay: float, clip: float,
@@ -195,22 +202,11 @@ def reference_lora_training(start: dict, config, adapter_dir, batches, *, lrs, w
     batches: one (x, y) [B, T] per step; lrs: each step's learning rate.
     -> ({our adapter key: tensor after the last step, in our layout}, [loss per step],
     [pre-clip norm per step])."""
-    import torch.nn.functional as F
-
     peft = pytest.importorskip("peft")
     model = peft.PeftModel.from_pretrained(hf_from(start, config), adapter_dir, is_trainable=True).eval()
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(lora.values(), lr=lrs[0], betas=betas, eps=1e-8, weight_decay=weight_decay)
-    losses, norms = [], []
-    for (x, y), lr in zip(batches, lrs, strict=True):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(torch.as_tensor(x)).logits.flatten(0, 1), torch.as_tensor(y).flatten())
-        loss.backward()
-        losses.append(float(loss.detach()))
-        norms.append(float(torch.nn.utils.clip_grad_norm_(lora.values(), clip)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+    losses, norms = _torch_training(model, list(lora.values()), optimizer, batches, lrs, clip)
     ours = lambda name: name.removeprefix("base_model.model.transformer.").replace(".default", "").removesuffix(".weight")
     return {ours(n): p.detach().t() for n, p in lora.items()}, losses, norms
 
