@@ -151,7 +151,8 @@ class FunctionalGPTLM(TemplateLM):
         cache = new_cache(self.config, len(contexts), max_len=longest, dtype=w.dtype, device=device)
         last, cache = forward_cached(self.params, tokens, cache, self.config, counts=tuple(counts), last_only=True)
         first = torch.log_softmax(last[:, -1].float(), dim=-1)  # [G, V]: each context's next-token log-probs
-        scored = [(float(first[g, cont[0]]), int(first[g].argmax()) == cont[0]) for g, cont in continuations]
+        greedy = first.argmax(-1).tolist()
+        scored = [(float(first[g, cont[0]]), greedy[g] == cont[0]) for g, cont in continuations]
         passes: list[list[int]] = []  # pass k: the k-th continuation of each context that has one
         taken = [0] * len(contexts)
         for j, (g, cont) in enumerate(continuations):

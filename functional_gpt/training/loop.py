@@ -37,7 +37,8 @@ from ..generation.decoding import generate
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
 from ..model.params import Params, flatten, init_params
-from .runs import STATE, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint, write_metrics
+from .runs import (STATE, base_crc32, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint,
+                   write_metrics)
 from ..generation.sampling import Sampling
 from .optim import check_adamw, check_schedule
 from .step import Batch, Diverged, LossScale, StepSettings, TrainState, new_state, train_step
@@ -434,14 +435,14 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
             log(f"resuming a {stored_dtype} run in {cfg.dtype}: the master weights and Adam's moments are float32, "
                 f"so only the precision of the compute changes")
         metrics = [m for m in read_metrics(run) if m["step"] <= state.step]
-        best, base_crc32 = fields["best_val_loss"], fields.get("base_crc32")
+        best, base_crc = fields["best_val_loss"], fields.get("base_crc32")
     else:
         if (run / STATE).exists():
             raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
         params, config = _model(cfg, device)
         cfg = resolve(cfg, config)
         adapter = None if cfg.lora_rank is None else new_adapter(cfg, params, config)
-        base_crc32 = None if adapter is None else distributed.crc32_of(flatten(params).values())
+        base_crc = None if adapter is None else base_crc32(params)
         state = new_state(params, cfg.seed, device, moments_of=_moments_of(cfg, world), adapter=adapter)
         metrics, best = [], None
     if dtype == torch.float16 and state.loss_scale is None:
@@ -460,7 +461,7 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
         if state.position.index >= n_windows:
             raise UserError(f"{run / STATE}: data_position index {state.position.index} is past the "
                             f"{n_windows} windows of an epoch")
-    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens, base_crc32)
+    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens, base_crc)
 
 
 def _moments_of(cfg: TrainConfig, world: World):

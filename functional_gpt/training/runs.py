@@ -173,7 +173,7 @@ _STATE_FIELDS = {
     "config": ("an object", lambda x: isinstance(x, dict)),
     "model_config": ("an object", lambda x: isinstance(x, dict)),
 }
-# Present in LoRA runs only: the frozen base weights' fingerprint (distributed.crc32_of).
+# Present in LoRA runs only: the frozen base weights' fingerprint (base_crc32).
 _BASE_CRC = ("'crc32 ' and 8 hex digits", lambda x: isinstance(x, str) and len(x) == 14 and x.startswith("crc32 ")
              and _hex(x[6:]))
 # Present in float16 runs only.
@@ -316,6 +316,11 @@ def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -
     return state, config, fields
 
 
+def base_crc32(params) -> str:
+    """A LoRA run's fingerprint of its frozen base weights (state.json's base_crc32)."""
+    return crc32_of(flatten(params).values())
+
+
 def _lora_checkpoint(run_dir: Path, fields: dict, device):
     """-> (the frozen base params from the run's init, checked against base_crc32, the
     model config, the adapter in `run_dir`, checked against the run's rank and alpha)."""
@@ -323,7 +328,7 @@ def _lora_checkpoint(run_dir: Path, fields: dict, device):
     if not isinstance(base, str) or not base:
         raise UserError(f"{run_dir / STATE}: config.init must name the base weights of a LoRA run, got {base!r:.80}")
     params, config = load_params(base, device=device, config=GPTConfig.from_dict(fields["model_config"]))
-    found = crc32_of(flatten(params).values())
+    found = base_crc32(params)
     if found != fields["base_crc32"]:
         raise UserError(f"{base}: the base weights of the LoRA run {run_dir} changed since it started ({found}, the "
                         f"run's {fields['base_crc32']}); give the run its own base back, or train a new --out")
