@@ -242,7 +242,8 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from .training.loop import make_config, read_config_file, resume_config, train
+    from .training.loop import train
+    from .training.settings import make_config, read_config_file, resume_config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "resume")}
     if args.resume is None and _restarted_by_torchrun(flags):
@@ -270,7 +271,7 @@ def _restarted_by_torchrun(flags: dict) -> bool:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from .training.loop import TrainConfig
+    from .training.settings import TrainConfig
 
     defaults = TrainConfig()
     helps = {
@@ -278,8 +279,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "out": "run directory for checkpoints, metrics.jsonl and loss.png",
         "preset": f"model preset for a fresh model: {', '.join(PRESETS)}",
         "init": "start from these weights (a .safetensors file, run dir or Hugging Face GPT-2 dir)",
-        "max_steps": "optimizer updates in all (on --resume: may be raised to train on)",
-        "decay_steps": "step where the cosine schedule reaches --min_lr (default: --max_steps)",
+        "max_steps": "optimizer updates in all, instead of --time_budget (on --resume: may be raised to train on)",
+        "time_budget": "the run's length as wall time, e.g. 90s, 10m, 1.5h: steps, evaluations and checkpoints "
+                       "fit in it, the final evaluation follows; the steps are fixed when the cooldown is due and "
+                       "recorded (default: 10m unless --max_steps is given)",
+        "decay_steps": "step where the schedule reaches --min_lr (default: --max_steps)",
+        "schedule": "wsd: warm-up, constant, then linear decay over the last --cooldown of the run; cosine: warm-up, "
+                    "then a cosine to --min_lr",
+        "cooldown": "wsd: the share of the run in its final linear decay, in (0, 1)",
+        "optimizer": "muon: Muon for the blocks' 2-D matrices and AdamW for embeddings, biases and gains, at one "
+                     "--lr; adamw: AdamW for all (default: muon; adamw for --lora_rank)",
         "batch_size": "windows per micro-batch",
         "grad_accum": "micro-batches per update (gradient accumulation)",
         "context_length": "tokens per window (default: the model's n_positions)",
@@ -287,7 +296,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "lr": "peak learning rate",
         "min_lr": "learning-rate floor (default: --lr / 10)",
         "warmup_steps": "steps of linear warm-up",
-        "weight_decay": "AdamW decay of the 2-D block weights",
+        "weight_decay": "decoupled decay of the 2-D block weights (AdamW's or Muon's)",
         "beta1": "AdamW beta1",
         "beta2": "AdamW beta2",
         "grad_clip": "clip the global gradient norm to this (0: off)",

@@ -34,7 +34,7 @@ import functional_gpt.device as device_module
 import functional_gpt.interp as interp
 import functional_gpt.reference as reference
 import functional_gpt.training as training
-import functional_gpt.training.loop as loop
+import functional_gpt.training.settings as settings_module
 import functional_gpt.generation.speculative as speculative
 from functional_gpt import UserError
 from functional_gpt.checks import describe
@@ -386,9 +386,9 @@ CASES = {
                         says=dict(data_dir=("val.bin",), vocab_size=("val.bin",))),
     "make_config": Case(training.make_config, dict(values=lambda: {"lr": 0.01, "batch_size": 2}),
                         says=dict(values=("training settings",))),
-    "lora_targets": Case(loop.lora_targets, dict(text=lambda: "attn.c_attn,mlp.c_fc"),
+    "lora_targets": Case(settings_module.lora_targets, dict(text=lambda: "attn.c_attn,mlp.c_fc"),
                          says=dict(text=("--lora_targets",)), spoilers=dict(text=st.text(max_size=16))),
-    "lora_layers": Case(loop.lora_layers, dict(text=lambda: "0-3,5"), says=dict(text=("--lora_layers",)),
+    "lora_layers": Case(settings_module.lora_layers, dict(text=lambda: "0-3,5"), says=dict(text=("--lora_layers",)),
                         spoilers=dict(text=st.text(alphabet="0123456789-, x", max_size=10))),
     # --- reference
     "evaluate": Case(reference.evaluate, dict(params=P, texts=lambda: [TOKENS[0], TOKENS[1, :3]], config=lambda: TINY,

@@ -29,7 +29,8 @@ from functional_gpt.training.distributed import World, GradientReducer, my_share
 from functional_gpt.errors import UserError
 from functional_gpt.training.optim import lr_at
 from functional_gpt.training.step import loss_and_grads
-from functional_gpt.training.loop import make_config, resume_config, train
+from functional_gpt.training.loop import train
+from functional_gpt.training.settings import make_config, resume_config
 
 from conftest import TINY, hf_model, params_of, random_token_data, reference_training, without_key_bias
 
@@ -56,7 +57,7 @@ def flags(data, init, out, **overrides) -> dict:
     values = dict(data=str(data), init=str(init), out=str(out), batch_size=4, context_length=16, lr=LR,
                   min_lr=MIN_LR, warmup_steps=WARMUP, decay_steps=STEPS, max_steps=STEPS, weight_decay=WD,
                   grad_clip=CLIP, dropout=0.0, eval_interval=STEPS, eval_windows=0, sample_tokens=0,
-                  device="cpu", dtype="float32")
+                  device="cpu", dtype="float32", optimizer="adamw", schedule="cosine")
     return values | overrides
 
 

@@ -31,7 +31,8 @@ from functional_gpt.device import cpu_has_bf16
 from functional_gpt.errors import AgreedError, UserError
 from functional_gpt.training import distributed
 from functional_gpt.training.distributed import World, disagreement, start_together, stop_together
-from functional_gpt.training.loop import make_config, train
+from functional_gpt.training.loop import train
+from functional_gpt.training.settings import make_config, resume_config
 
 from conftest import TINY, hf_model, params_of, random_token_data
 from test_distributed import as_argv, finished, flags, free_port, start, torchrun_argv
@@ -86,7 +87,7 @@ def facts_of(files, tmp_path, resume: bool = False, **overrides) -> dict:
     changed by `overrides`."""
     data, init, _ = files
     if resume:
-        cfg = loop.resume_config(overrides.pop("out", tmp_path / "out"), overrides)
+        cfg = resume_config(overrides.pop("out", tmp_path / "out"), overrides)
     else:
         cfg = make_config(flags(data, init, tmp_path / "out", max_steps=3) | overrides)
     return loop._facts(loop._start(cfg, World(1, 2, 1), resume=resume, log=lambda *a: None), resume)
@@ -153,7 +154,7 @@ def test_a_resumed_state_is_compared_by_its_contents(files, tmp_path):
     resumed = facts_of(files, tmp_path, resume=True, max_steps=4)
     assert differences(resumed, facts_of(files, tmp_path, resume=True, out=tmp_path / "copy", max_steps=4)) == []
     assert differences(resumed, facts_of(files, tmp_path / "fresh", max_steps=4))[0] == "--resume"
-    train(loop.resume_config(run, {"max_steps": 3}), resume=True, progress=False, log=lambda *a: None)
+    train(resume_config(run, {"max_steps": 3}), resume=True, progress=False, log=lambda *a: None)
     later = differences(facts_of(files, tmp_path, resume=True, out=tmp_path / "copy", max_steps=4),
                         facts_of(files, tmp_path, resume=True, max_steps=4))
     assert later[0] == "the starting step" and "the checkpoint's wte.weight" in later

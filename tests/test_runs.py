@@ -251,7 +251,7 @@ def test_the_files_are_read_as_utf8_whatever_the_locale(run, tmp_path):
     (tmp_path / "run.toml").write_text('name = "\u00e9"\n', encoding="utf-8")
     (tmp_path / "run.json").write_text('{"name": "\u00e9"}', encoding="utf-8")
     code = ("import sys; from functional_gpt.training.runs import read_state, read_metrics; "
-            "from functional_gpt.training.loop import read_config_file; r, t, j = sys.argv[1:]; "
+            "from functional_gpt.training.settings import read_config_file; r, t, j = sys.argv[1:]; "
             "print(ascii([read_state(r)['data_dir'], read_metrics(r)[0]['name'], read_config_file(t)['name'], "
             "read_config_file(j)['name']]))")
     env = os.environ | {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": str(ROOT)}

@@ -20,7 +20,8 @@ from functional_gpt import UserError, flatten, init_params, load_params, save_pa
 from functional_gpt.cli import main
 from functional_gpt.training.runs import load_checkpoint
 from functional_gpt.training.step import loss_and_grads
-from functional_gpt.training.loop import make_config, read_config_file, resume_config, train
+from functional_gpt.training.loop import train
+from functional_gpt.training.settings import make_config, read_config_file, resume_config
 
 from conftest import hf_model, random_token_data
 
@@ -38,7 +39,7 @@ def run_config(setup, out, **overrides):
     data, init = setup
     values = dict(data=str(data), out=str(out), init=str(init), batch_size=4, context_length=16, lr=1e-2,
                   warmup_steps=2, eval_interval=2, eval_windows=4, sample_tokens=4, max_steps=4, device="cpu",
-                  dtype="float32")
+                  dtype="float32", optimizer="adamw", schedule="cosine")  # AdamW's cosine run unless changed
     return make_config(values | overrides)
 
 
@@ -104,9 +105,13 @@ def test_run_writes_checkpoints_metrics_and_plot(setup, tmp_path):
     assert summary["val_loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_resume_is_bit_identical(setup, tmp_path):
-    quiet_train(run_config(setup, tmp_path / "straight", max_steps=6, dropout=0.1))
-    quiet_train(run_config(setup, tmp_path / "split", max_steps=3, decay_steps=6, dropout=0.1))
+@pytest.mark.parametrize("optimizer, schedule", [("adamw", "cosine"), ("muon", "wsd")])
+def test_resume_is_bit_identical(setup, tmp_path, optimizer, schedule):
+    """Six steps straight, or three then a resume for three more: the same params and
+    moments bit for bit (Muon's momentum buffers are its exp_avg)."""
+    kw = dict(dropout=0.1, optimizer=optimizer, schedule=schedule)
+    quiet_train(run_config(setup, tmp_path / "straight", max_steps=6, **kw))
+    quiet_train(run_config(setup, tmp_path / "split", max_steps=3, decay_steps=6, **kw))
     quiet_train(resume_config(tmp_path / "split", {"max_steps": 6}), resume=True)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     split = load_file(tmp_path / "split" / "model.safetensors")

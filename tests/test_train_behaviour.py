@@ -29,7 +29,8 @@ from functional_gpt import flatten, init_params, load_params, preset, save_param
 from functional_gpt.cli import main
 from functional_gpt.training.data import Position, next_batch
 from functional_gpt.training.optim import lr_at
-from functional_gpt.training.loop import make_config, resume_config, train
+from functional_gpt.training.loop import train
+from functional_gpt.training.settings import make_config, resume_config
 
 from conftest import TINY, hf_from, hf_model, params_of, reference_training, without_key_bias
 
@@ -87,7 +88,7 @@ def pattern(tmp_path):
 def run_config(data, init, out, **overrides):
     values = dict(data=str(data), out=str(out), init=str(init), batch_size=4, context_length=16, lr=1e-2,
                   warmup_steps=2, eval_interval=2, eval_windows=0, sample_tokens=0, max_steps=4, device="cpu",
-                  dtype="float32")  # float32: the references are float32
+                  dtype="float32", optimizer="adamw", schedule="cosine")  # float32, AdamW, cosine: the references
     return make_config(values | overrides)
 
 

@@ -19,7 +19,8 @@ from functional_gpt.model.lora import attach, init_adapter
 from functional_gpt.model.lora_files import load_adapter, save_adapter
 from functional_gpt.model.transformer import forward
 from functional_gpt.training.data import Position, next_batch
-from functional_gpt.training.loop import make_config, resume_config, train
+from functional_gpt.training.loop import train
+from functional_gpt.training.settings import make_config, resume_config
 from functional_gpt.training.optim import lr_at
 from functional_gpt.training.runs import load_checkpoint
 
@@ -50,7 +51,7 @@ def lora_config(setup, out, **overrides):
     values = dict(data=str(data), out=str(out), init=str(init), batch_size=4, context_length=16, lr=LR,
                   min_lr=MIN_LR, warmup_steps=WARMUP, decay_steps=STEPS, max_steps=STEPS, weight_decay=WD,
                   grad_clip=CLIP, dropout=0.0, eval_interval=2, eval_windows=4, sample_tokens=4, device="cpu",
-                  dtype="float32", lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS)
+                  dtype="float32", lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS, schedule="cosine")
     return make_config(values | overrides)
 
 

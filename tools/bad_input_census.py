@@ -827,7 +827,7 @@ def api_cases() -> list[Case]:
     from functional_gpt.generation.decoding import generate
     from functional_gpt.info import info_report
     from functional_gpt.generation.sampling import Sampling
-    from functional_gpt.training.loop import make_config
+    from functional_gpt.training.settings import make_config
 
     cases = []
 

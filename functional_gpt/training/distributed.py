@@ -455,9 +455,10 @@ def fetch_moments(flat: dict, size: int):
 
 def send_moments(world: World, opt: AdamWState, flat: dict) -> None:
     """On a rank > 0: send its moments to rank 0, in the order a checkpoint writes them
-    (exp_avg of every key, then exp_avg_sq), as rank 0's `fetch_moments` asks for them."""
+    (exp_avg of every key, then exp_avg_sq of those that have one), as rank 0's
+    `fetch_moments` asks for them."""
     owner = owners(flat, world.size)
     for moments in (opt.exp_avg, opt.exp_avg_sq):
         for key in flat:
-            if owner[key] == world.rank:
+            if owner[key] == world.rank and key in moments:
                 dist.send(moments[key].contiguous(), dst=0)

@@ -1,5 +1,6 @@
 """Training: the loop around `step.train_step` (batches, progress, evaluation, checkpoints
-that resume bit-exactly, signals), its settings, metrics and a loss plot.
+that resume bit-exactly, signals, a time budget), its metrics and a loss plot; its
+settings are settings.py's `TrainConfig`.
 
 A run directory holds the latest checkpoint at its root and the best-validation one in
 `best/` (see runs.py for their files and how they are written). Beside them:
@@ -8,14 +9,12 @@ A run directory holds the latest checkpoint at its root and the best-validation 
 
 import ctypes
 import dataclasses
-import json
 import math
 import os
 import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,201 +23,26 @@ import torch
 from tqdm import tqdm
 
 from ..model.checkpoint import load_params
-from ..model.lora import Adapter, attach, check_targets, init_adapter, trainable_count
+from ..model.lora import Adapter, attach, init_adapter, trainable_count
 from ..model.config import GPTConfig, preset
-from .data import DEFAULT_DATA_DIR, check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
+from .budget import budget_seconds, expected_steps, plan_steps
+from .data import check_fits, eval_starts, gather_windows, load_tokens, next_batch, window_starts
 from . import distributed
-from ..device import DTYPES, pick_device, pick_dtype
+from ..device import pick_device, pick_dtype
 from .distributed import SINGLE, World
-from ..checks import check_path, check_str, describe
+from ..checks import describe
 from ..errors import AgreedError, UserError
 from ..files import make_dir, save_png
 from ..generation.decoding import generate
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
 from ..model.params import Params, flatten, init_params
-from .runs import (STATE, base_crc32, checkpoint_dirs, load_checkpoint, read_metrics, read_state, save_run_checkpoint,
+from .runs import (STATE, base_crc32, checkpoint_dirs, load_checkpoint, read_metrics, save_run_checkpoint,
                    write_metrics)
 from ..generation.sampling import Sampling
-from .optim import check_adamw, check_schedule
+from .settings import TrainConfig, lora_layers, lora_targets, resolve
 from .step import Batch, Diverged, LossScale, StepSettings, TrainState, new_state, train_step
 from ..model.tokenizer import ENDOFTEXT_ID, decode
-
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run. The defaults are the main job: the cpu-small preset
-    on the prepared Shakespeare corpus, sized for about 9 minutes on 2 CPU cores."""
-
-    data: str = DEFAULT_DATA_DIR  # prepared data directory (train.bin, val.bin)
-    out: str = "runs/shakespeare"  # run directory
-    preset: str = "cpu-small"  # model preset when training from scratch
-    init: str | None = None  # start from these weights (file, run dir or HF dir) instead
-    max_steps: int = 1000  # optimizer updates in all
-    decay_steps: int | None = None  # where the cosine reaches min_lr (default max_steps)
-    batch_size: int = 8  # windows per micro-batch
-    grad_accum: int = 1  # micro-batches per update
-    context_length: int | None = None  # tokens per window (default: the model's n_positions)
-    stride: int | None = None  # offset between training windows (default context_length)
-    lr: float = 8e-4  # peak learning rate (the main job: 5.26 against 5.29 at 1.2e-3, 5.73 at 3e-3)
-    min_lr: float | None = None  # floor of the cosine (default lr / 10)
-    warmup_steps: int = 30
-    weight_decay: float = 0.1  # on 2-D block weights only (see optim.decays)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    dropout: float | None = None  # sets all three dropout rates (default: the model's)
-    seed: int = 0  # init, data order, dropout and samples
-    eval_interval: int = 100  # steps between evaluations and checkpoints
-    eval_windows: int = 64  # validation windows in a periodic evaluation (fixed set)
-    sample_tokens: int = 48  # tokens of the sample printed at each evaluation; 0: none
-    device: str | None = None  # cpu, cuda, mps (default: best available)
-    dtype: str = "bfloat16"  # compute dtype: bfloat16 (float32 master weights), float32, float16 (CUDA)
-    shard_optimizer: bool = False  # data parallel: each rank keeps its share of AdamW's moments (ZeRO-1)
-    checkpoint_activations: bool = False  # recompute each block in the backward pass
-    compile: bool = False  # torch.compile the model
-    lora_rank: int | None = None  # train a LoRA adapter of this rank on --init's frozen weights (None: all train)
-    lora_alpha: float | None = None  # the adapter's update is (alpha / rank) A @ B (default: the rank)
-    lora_targets: str | None = None  # comma-separated block matrices to adapt (default attn.c_attn)
-    lora_layers: str | None = None  # blocks to adapt: "6-11", "0,3,5" (default: all)
-
-    def __post_init__(self):
-        """Every field's type and range, checked once here, however the config is built
-        (flags, a config file, a resumed state.json, Python): a UserError naming the field."""
-        for field in dataclasses.fields(self):
-            _check_type(field.name, str(field.type), getattr(self, field.name))
-        for name in _POSITIVE:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in _NON_NEGATIVE:
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("context_length", "stride"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        flag = lambda field: f"--{field}"  # the optimizer's settings follow StepSettings' rules
-        check_schedule(lr=self.lr, min_lr=self.lr / 10 if self.min_lr is None else self.min_lr,
-                       warmup_steps=self.warmup_steps,
-                       decay_steps=self.max_steps if self.decay_steps is None else self.decay_steps, name=flag)
-        check_adamw(beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-                    name=flag)
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed must be in 0..2**63-1, got {self.seed}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if self.init is None:
-            preset(self.preset)  # an unknown name fails now, not after the data is read
-        if self.lora_rank is None:
-            given = next((f for f in ("lora_alpha", "lora_targets", "lora_layers") if getattr(self, f) is not None),
-                         None)
-            if given is not None:
-                raise UserError(f"--{given} sets up a LoRA adapter: give its rank with --lora_rank")
-        else:
-            if self.init is None:
-                raise UserError("--lora_rank trains an adapter of existing weights: give them with --init")
-            if self.lora_rank < 1:
-                raise UserError(f"--lora_rank must be >= 1, got {self.lora_rank}")
-            if self.lora_alpha is not None and not self.lora_alpha > 0:
-                raise UserError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
-            lora_targets(self.lora_targets)
-            lora_layers(self.lora_layers)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_interval")
-_NON_NEGATIVE = ("eval_windows", "sample_tokens")
-
-
-def lora_targets(text: str | None) -> tuple[str, ...]:
-    """--lora_targets "attn.c_attn,mlp.c_fc" -> the TARGETS it names (None: attn.c_attn)."""
-    if text is None:
-        return ("attn.c_attn",)
-    try:
-        return check_targets([name.strip() for name in check_str("--lora_targets", text).split(",")])
-    except UserError as e:  # "targets: ..."
-        raise UserError(f"--lora_{e}") from None
-
-
-MAX_LAYERS = 10_000  # a bound on --lora_layers before the model is known (GPT-2 XL has 48 blocks)
-
-
-def lora_layers(text: str | None) -> list[int] | None:
-    """--lora_layers "0-3,8" -> [0, 1, 2, 3, 8] (None: every block); the model's range is
-    checked where the model is known."""
-    if text is None:
-        return None
-    layers = []
-    for part in check_str("--lora_layers", text).split(","):
-        first, dash, last = part.strip().partition("-")
-        last = last if dash else first
-        if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
-            raise UserError(f"--lora_layers: {part.strip()!r} is not a block index or a range like 6-11")
-        if int(last) >= MAX_LAYERS:
-            raise UserError(f"--lora_layers: block {int(last)} is past any model's blocks (fewer than {MAX_LAYERS})")
-        layers += range(int(first), int(last) + 1)
-    return layers
-
-
-def _check_type(key: str, kind: str, value) -> None:
-    """kind: the field's annotation as text ("int", "float | None", "str | None", ...)."""
-    if value is None:
-        if "None" not in kind:
-            raise UserError(f"--{key}: a value is required")
-    elif "bool" in kind:
-        if not isinstance(value, bool):
-            raise UserError(f"--{key}: expected true or false, got {describe(value)}")
-    elif "str" in kind:
-        if not isinstance(value, str) or not value:
-            raise UserError(f"--{key}: expected a non-empty string, got {describe(value)}")
-    elif "float" in kind:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"--{key}: expected a finite number, got {describe(value)}")
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"--{key}: expected an integer, got {describe(value)}")
-
-
-def make_config(values: dict) -> TrainConfig:
-    """A TrainConfig from {field: value} (defaults for the rest): a wrong name is a
-    UserError, an integer field given as an integral float (4.0, as JSON may) is taken as
-    the integer, and TrainConfig checks every type and range."""
-    if not isinstance(values, dict):
-        raise UserError(f"training settings: expected a table of settings, got {type(values).__name__}")
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    unknown = next((k for k in values if k not in kinds), None)
-    if unknown is not None:
-        raise UserError(f"unknown training setting {describe(unknown)}; known: {', '.join(kinds)}")
-    integral = lambda k, v: isinstance(v, float) and v.is_integer() and "int" in kinds[k] and "float" not in kinds[k]
-    return TrainConfig(**{k: int(v) if integral(k, v) else v for k, v in values.items()})
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Training settings from a TOML or JSON file (keys are TrainConfig's field names)."""
-    path = check_path("--config", path, "a TOML or JSON file of settings")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib  # Python 3.11+
-
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-    except ImportError:
-        raise UserError(f"{path}: TOML needs Python 3.11 or later; use a JSON file") from None
-    except ValueError as e:
-        raise UserError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a table of settings")
-    return values
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -260,37 +84,6 @@ def sample_text(params: Params, config: GPTConfig, n_tokens: int, seed: int, dev
 # ----------------------------------------------------------------------- the run
 
 
-def resume_config(run_dir: str | os.PathLike, overrides: dict) -> TrainConfig:
-    """The stored configuration of the run in `run_dir`. `overrides` (flags given on the
-    command line) may extend max_steps and change how the step computes (dtype: the master
-    weights are float32 whatever the compute dtype; shard_optimizer, checkpoint_activations,
-    compile); any other that differs is a UserError."""
-    state_file = Path(run_dir) / STATE
-    stored = read_state(run_dir)["config"]
-    values = {"dtype": "float32", **stored, "out": str(Path(run_dir))}  # runs from before --dtype: float32
-    for key, given in overrides.items():
-        if key == "lora_rank" and stored.get(key) is None:
-            raise UserError(f"--lora_rank: {run_dir} is a full training run, which LoRA cannot continue; train an "
-                            f"adapter of its weights into a new run: --init {run_dir} --lora_rank {given} --out DIR")
-        if key in _MAY_CHANGE_ON_RESUME:
-            values[key] = given
-            continue
-        same = given == stored.get(key)
-        if key in ("data", "out", "init") and given is not None and stored.get(key) is not None:
-            same = Path(given).resolve() == Path(stored[key]).resolve()
-        if not same:
-            raise UserError(
-                f"--{key} {given} differs from the checkpoint's {key}={stored.get(key)} "
-                f"({state_file}); drop the flag, or train into a new --out"
-            )
-    try:
-        return make_config(values)
-    except UserError as e:
-        raise UserError(f"{state_file}: config: {e}") from None
-
-
-_MAY_CHANGE_ON_RESUME = ("max_steps", "dtype", "shard_optimizer", "checkpoint_activations", "compile")
-
 
 def keep_freed_memory() -> None:
     # glibc hands each block over 32 MB to mmap and back to the kernel when freed; the
@@ -315,23 +108,6 @@ def _model(cfg: TrainConfig, device) -> tuple[Params, GPTConfig]:
         config = dataclasses.replace(config, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
     return params, config
 
-
-def resolve(cfg: TrainConfig, config: GPTConfig) -> TrainConfig:
-    """Fill the defaults that depend on the model, and check the run fits it."""
-    context = cfg.context_length or config.n_positions
-    if context > config.n_positions:
-        raise UserError(f"--context_length {context} does not fit the model's n_positions={config.n_positions}")
-    return dataclasses.replace(
-        cfg,
-        data=str(Path(cfg.data).resolve()),
-        init=None if cfg.init is None else str(Path(cfg.init).resolve()),
-        context_length=context,
-        stride=cfg.stride or context,
-        decay_steps=cfg.decay_steps or cfg.max_steps,
-        min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
-        lora_alpha=float(cfg.lora_rank) if cfg.lora_rank is not None and cfg.lora_alpha is None else cfg.lora_alpha,
-        lora_targets=",".join(lora_targets(cfg.lora_targets)) if cfg.lora_rank is not None else None,
-    )
 
 
 def new_adapter(cfg: TrainConfig, params: Params, config: GPTConfig) -> Adapter:
@@ -413,6 +189,8 @@ class _Start(NamedTuple):
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     base_crc32: str | None  # a LoRA run's frozen weights' fingerprint
+    spent: float  # seconds of its --time_budget the run has spent
+    planned: int | None  # the run's length in steps: --max_steps, or once a budget has fixed it
 
 
 def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
@@ -436,6 +214,7 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
                 f"so only the precision of the compute changes")
         metrics = [m for m in read_metrics(run) if m["step"] <= state.step]
         best, base_crc = fields["best_val_loss"], fields.get("base_crc32")
+        spent, planned = fields.get("time_spent", 0.0), fields.get("planned_steps")
     else:
         if (run / STATE).exists():
             raise UserError(f"{run}: already holds a run; continue it with --resume {run}, or pick another --out")
@@ -443,12 +222,18 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
         cfg = resolve(cfg, config)
         adapter = None if cfg.lora_rank is None else new_adapter(cfg, params, config)
         base_crc = None if adapter is None else base_crc32(params)
-        state = new_state(params, cfg.seed, device, moments_of=_moments_of(cfg, world), adapter=adapter)
-        metrics, best = [], None
+        state = new_state(params, cfg.seed, device, moments_of=_moments_of(cfg, world), adapter=adapter,
+                          optimizer=cfg.optimizer)
+        metrics, best, spent, planned = [], None, 0.0, None
     if dtype == torch.float16 and state.loss_scale is None:
         state = dataclasses.replace(state, loss_scale=LossScale())
-    if state.step >= cfg.max_steps:
-        raise UserError(f"{run} is already at step {state.step}; pass a larger --max_steps to train on")
+    if cfg.time_budget is None:
+        planned = cfg.max_steps
+        if state.step >= planned:
+            raise UserError(f"{run} is already at step {state.step}; pass a larger --max_steps to train on")
+    elif planned is not None and state.step >= planned:
+        raise UserError(f"{run} has trained its --time_budget {cfg.time_budget} ({state.step} steps); train on from "
+                        f"it into a new run: --init {run} --out DIR")
     train_tokens = load_tokens(cfg.data, "train", vocab_size=config.vocab_size)
     val_tokens = load_tokens(cfg.data, "val", vocab_size=config.vocab_size)
     check_fits(train_tokens, cfg.context_length, f"{cfg.data}/train.bin")
@@ -461,7 +246,8 @@ def _start(cfg: TrainConfig, world: World, *, resume: bool, log) -> _Start:
         if state.position.index >= n_windows:
             raise UserError(f"{run / STATE}: data_position index {state.position.index} is past the "
                             f"{n_windows} windows of an epoch")
-    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens, base_crc)
+    return _Start(cfg, device, dtype, state, config, metrics, best, train_tokens, val_tokens, base_crc, spent,
+                  planned)
 
 
 def _moments_of(cfg: TrainConfig, world: World):
@@ -522,11 +308,14 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
     run = Path(cfg.out)
     moments_of = _moments_of(cfg, world)
     _make_run_dir(run, world, device)
+    budget = None if cfg.time_budget is None else budget_seconds(cfg.time_budget)
+    planned = start.planned  # the run's length in steps, once known
     settings = StepSettings(config, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                            decay_steps=cfg.decay_steps, betas=(cfg.beta1, cfg.beta2),
+                            decay_steps=cfg.decay_steps or planned or UNPLANNED, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip or None, dtype=dtype,
                             world=world, shard_optimizer=cfg.shard_optimizer,
-                            checkpoint_activations=cfg.checkpoint_activations, compile=cfg.compile)
+                            checkpoint_activations=cfg.checkpoint_activations, compile=cfg.compile,
+                            schedule=cfg.schedule, cooldown=cfg.cooldown, optimizer=cfg.optimizer)
     quick_starts = eval_starts(len(val_tokens), cfg.context_length, cfg.eval_windows or None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context_length
     stop = _StopOnSignal()
@@ -535,14 +324,25 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
     lora = "" if state.adapter is None else (
         f" ({trainable_count(state.adapter):,} train: LoRA r={cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
         f"{cfg.lora_targets} of {'every block' if cfg.lora_layers is None else 'blocks ' + cfg.lora_layers})")
+    length = (f"steps {state.step}..{planned}" if budget is None else
+              f"for {cfg.time_budget} ({start.spent:.0f}s spent, " + (f"{planned} steps)" if planned is not None
+                                                                   else "its steps fixed when the cooldown is due)"))
+    ns = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    optimizer = "AdamW" if cfg.optimizer == "adamw" else f"Muon (Newton-Schulz in {ns}) + AdamW"
     log(f"training {run} on {cfg.data}: {n_params:,} parameters{lora}, {tokens_per_step} tokens/step{ranks}, "
-        f"steps {state.step}..{cfg.max_steps}, device {device}, {str(dtype).removeprefix('torch.')}")
+        f"{length}, {optimizer}, {cfg.schedule} schedule, device {device}, {str(dtype).removeprefix('torch.')}")
+    began = time.time()
+
+    def spent() -> float:  # seconds of the budget spent so far; under a budget the slowest rank's
+        local = start.spent + time.time() - began
+        return local if budget is None else max(distributed.every_rank(world, local, device))
 
     def model() -> Params:  # what the run has trained, as the model runs it
         return state.params if state.adapter is None else attach(state.params, state.adapter, config=config)
 
     def checkpoint(val: float | None, is_best: bool, lr: float):
         flat = state.trainable()
+        clock = spent()
         if not world.is_main:  # under --shard_optimizer, rank 0 writes this rank's moments too
             for _ in checkpoint_dirs(run, is_best) if moments_of is not None else ():
                 distributed.send_moments(world, state.opt, flat)
@@ -551,6 +351,8 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                   "best_val_loss": best, "config": cfg.to_dict()}
         if start.base_crc32 is not None:
             record["base_crc32"] = start.base_crc32
+        if budget is not None:
+            record |= {"time_spent": clock, "planned_steps": planned}
         write_metrics(run, metrics)
         fetch = distributed.fetch_moments(flat, world.size) if moments_of is not None else None
         save_run_checkpoint(run, state, config, record, is_best=is_best, fetch_moment=fetch)
@@ -570,12 +372,20 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
         x, y = (torch.stack(t).to(device) for t in zip(*windows))
         return Batch(x, y, position)
 
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", disable=not progress,
+    bar = tqdm(total=planned, initial=state.step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     say = bar.write if world.is_main else _silent
-    began = time.time()
+    unfinished = lambda: planned is None or state.step < planned
     with stop, bar:  # the bar is closed before any error is printed
-        while state.step < cfg.max_steps:
+        while unfinished():
+            if planned is None:  # under a budget, until its cooldown is due
+                clock = spent()
+                planned = plan_steps(state.step, clock, budget, cfg.cooldown)
+                if planned is not None:
+                    settings = dataclasses.replace(settings, decay_steps=planned)
+                    say(f"step {state.step}: {clock:.0f}s of {budget:.0f}s spent, the cooldown starts: the run "
+                        f"takes {planned} steps (as --max_steps {planned} would)")
+                bar.total = planned or expected_steps(state.step, clock, budget)
             t0 = time.time()
             try:
                 state, result = train_step(state, next_step_batch(), settings)
@@ -587,7 +397,7 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}")
             bar.update()
             stop_now = distributed.any_rank(world, stop.requested is not None, device)
-            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+            if state.step % cfg.eval_interval == 0 or state.step == planned:
                 val = val_loss(model(), config, val_tokens, quick_starts, cfg.context_length, device, world=world)
                 if not math.isfinite(val):
                     raise stopped(state.step, f"validation loss is {val}")
@@ -604,13 +414,14 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                     plot_losses(metrics, run / "loss.png")
             elif stop_now:
                 checkpoint(None, False, lr)
-            if stop_now and state.step < cfg.max_steps:
+            if stop_now and unfinished():
                 bar.close()
                 log(f"stopped by {stop.requested or 'a signal to another rank'} at step {state.step}; checkpoint "
                     f"saved. Resume with: fgpt train --resume {run}")
                 return {"step": state.step, "interrupted": True}
         bar.close()
         elapsed = time.time() - began
+        clock = spent()
         # The figure a run is judged by: every val token predicted once, at the model's full
         # context (the training context when val.bin is shorter than that).
         final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
@@ -632,6 +443,10 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
            f"0..{world.size - 1})"))
     summary = {"step": step, "val_loss": final, "best_val_loss": best, "train_seconds": elapsed,
                "peak_rss_mib": peaks[0], "interrupted": False}
+    if budget is not None:
+        log(f"time budget {cfg.time_budget}: {step} steps in {clock:.0f}s; the same flags with --max_steps {step} "
+            f"instead of --time_budget replay this run step for step")
+        summary["budget_seconds_spent"] = clock
     if world.size > 1:
         summary["peak_rss_mib_per_rank"] = peaks
     if world.is_main:
@@ -639,6 +454,9 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
         write_metrics(run, metrics)
         plot_losses(metrics, run / "loss.png")
     return summary
+
+
+UNPLANNED = 2**62  # decay_steps while a budget's length is unknown: wsd keeps lr constant until it is
 
 
 def _weights_flags(cfg: TrainConfig) -> str:

@@ -1,4 +1,4 @@
-"""AdamW, the learning-rate schedule and gradient clipping as plain functions over
+"""AdamW, the learning-rate schedules and gradient clipping as plain functions over
 {GPT-2 key: tensor} dicts, so the optimizer state is data that saves under parameter names.
 """
 
@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import check_int, check_number, check_tensor_dict, describe
+from ..checks import check_choice, check_int, check_number, check_tensor_dict, describe
 from ..errors import UserError
 
 Flat = dict[str, torch.Tensor]  # GPT-2 dotted key -> tensor
@@ -142,18 +142,45 @@ def _groups(params: Flat, grads: Flat, state: AdamWState):
         yield group
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> float:
+SCHEDULES = ("cosine", "wsd")
+
+
+def cooldown_start(decay_steps: int, cooldown: float) -> int:
+    """The first update of a warmup-stable-decay schedule's final linear decay: the last
+    round(cooldown * decay_steps) updates of `decay_steps` decay (at least one). Each more
+    step of decay_steps moves it by 0 or 1, so every step is the start for some length."""
+    return decay_steps - max(1, round(cooldown * decay_steps))
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float,
+          schedule: str = "cosine", cooldown: float = 0.25) -> float:
     """Learning rate for update `step` (0-based): linear warm-up from lr/warmup_steps to
-    lr over `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then min_lr."""
+    lr over `warmup_steps`, then down to `min_lr` at `decay_steps`, then min_lr. The way
+    down: "cosine" from the end of the warm-up; "wsd" (warmup-stable-decay, trapezoidal)
+    constant at lr, then linear over the last `cooldown` fraction of decay_steps (from
+    cooldown_start), reaching min_lr at update decay_steps - 1."""
     step, decay_steps = check_int("step", step, 0), check_int("decay_steps", decay_steps, 0)
     lr, min_lr, warmup_steps, _ = check_schedule(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                                                  decay_steps=max(1, decay_steps))  # the formula takes decay 0 too
+    check_choice("schedule", schedule, SCHEDULES)
+    cooldown = check_cooldown(cooldown)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= decay_steps:
         return min_lr
+    if schedule == "wsd":
+        start = cooldown_start(decay_steps, cooldown)
+        if step < start:
+            return lr
+        return lr + (min_lr - lr) * (step + 1 - start) / (decay_steps - start)
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def check_cooldown(cooldown, name: str = "cooldown") -> float:
+    """The share of a wsd run in its final decay: in (0, 1) (a time budget learns the
+    pace from the steps before it)."""
+    return check_number(name, cooldown, 0, 1, low_open=True, high_open=True)
 
 
 # The norm is summed over flat pieces of at most this many elements: torch's float32 norm of

@@ -2,7 +2,8 @@
 
 A checkpoint is `model.safetensors` (params + config, loadable by `load_params`),
 `optimizer.safetensors` (Adam's moments keyed `exp_avg.<GPT-2 key>` and
-`exp_avg_sq.<GPT-2 key>`, the step in its metadata) and `state.json` (step, data
+`exp_avg_sq.<GPT-2 key>`, a Muon matrix's momentum buffer as its exp_avg alone, the step in
+its metadata) and `state.json` (step, data
 position, RNG state, the full run configuration; the commit marker, written last). The
 run directory holds the latest checkpoint at its root and the best-validation one in
 `best/`, beside `metrics.jsonl` (one JSON object per step and per evaluation).
@@ -34,6 +35,7 @@ from ..errors import UserError
 from .data import Position
 from .distributed import crc32_of
 from ..files import atomic_path, write_json
+from .muon import second_moment_keys
 from .optim import AdamWState
 from ..model.params import check_finite, flatten
 from .step import LossScale, TrainState
@@ -63,11 +65,12 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainState, config: GPTCo
     else:
         save_adapter(pending, state.adapter, base=record.get("config", {}).get("init"))
     flat = state.trainable()
-    specs = [(f"{kind}.{k}", p.shape, p.dtype) for kind in MOMENTS for k, p in flat.items()]
+    kept = moment_keys(flat, record.get("config", {}).get("optimizer") or "adamw")
+    specs = [(f"{kind}.{k}", flat[k].shape, flat[k].dtype) for kind in MOMENTS for k in kept[kind]]
 
     def moments():
         for kind, have in zip(MOMENTS, (state.opt.exp_avg, state.opt.exp_avg_sq)):
-            for key in flat:
+            for key in kept[kind]:
                 yield have[key] if key in have else fetch_moment(kind, key)
 
     with atomic_path(pending / OPTIMIZER) as tmp:
@@ -97,6 +100,11 @@ def checkpoint_dirs(run_dir: str | os.PathLike, is_best: bool) -> list[Path]:
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def moment_keys(flat: dict, optimizer: str) -> dict[str, list[str]]:
+    """{moment kind: the keys of `flat` an `optimizer` run keeps it for}, in file order."""
+    return {"exp_avg": list(flat), "exp_avg_sq": second_moment_keys(flat, optimizer)}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
@@ -176,6 +184,9 @@ _STATE_FIELDS = {
 # Present in LoRA runs only: the frozen base weights' fingerprint (base_crc32).
 _BASE_CRC = ("'crc32 ' and 8 hex digits", lambda x: isinstance(x, str) and len(x) == 14 and x.startswith("crc32 ")
              and _hex(x[6:]))
+# Present in time-budget runs only: the seconds spent, and the steps once the cooldown fixed them.
+_BUDGET_FIELDS = {"time_spent": ("a number >= 0", lambda x: _number(x) and x >= 0),
+                  "planned_steps": ("null or an integer >= 1", lambda x: x is None or (_count(x) and x >= 1))}
 # Present in float16 runs only.
 _LOSS_SCALE = ("an object {scale: a number > 0, good_steps: an integer >= 0}",
                lambda x: isinstance(x, dict) and set(x) == {"scale", "good_steps"} and _number(x["scale"])
@@ -202,6 +213,10 @@ def read_state(run_dir: str | os.PathLike) -> dict:
             raise UserError(f"{path}: field {field!r} must be {kind}, got {state[field]!r:.80}")
     if "loss_scale" in state and not _LOSS_SCALE[1](state["loss_scale"]):
         raise UserError(f"{path}: field 'loss_scale' must be {_LOSS_SCALE[0]}, got {state['loss_scale']!r:.80}")
+    for field, (kind, ok) in _BUDGET_FIELDS.items() if state["config"].get("time_budget") is not None else ():
+        if not ok(state.get(field, ...)):
+            raise UserError(f"{path}: field {field!r} must be {kind} in a time-budget run, got "
+                            f"{state.get(field, 'nothing')!r:.80}")
     if state["config"].get("lora_rank") is not None and not _BASE_CRC[1](state.get("base_crc32")):
         raise UserError(f"{path}: field 'base_crc32' must be {_BASE_CRC[0]} in a LoRA run, got "
                         f"{state.get('base_crc32')!r:.80}")
@@ -259,14 +274,15 @@ def write_metrics(run_dir: str | os.PathLike, metrics: list[dict]) -> None:
 # ------------------------------------------------------- optimizer.safetensors
 
 
-def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu", keep=None) -> AdamWState:
-    """Adam's moments for the params `flat` from `path`: exactly the keys
-    exp_avg.<key> / exp_avg_sq.<key>, each of its param's shape, finite, and an integer
-    adam_step in the metadata. keep: read the moments of these params only (a rank's
-    share under --shard_optimizer; default all)."""
+def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu", keep=None, optimizer: str = "adamw") -> AdamWState:
+    """The optimizer's moments for the params `flat` from `path`: exactly the keys
+    exp_avg.<key> / exp_avg_sq.<key> an `optimizer` run keeps (moment_keys), each of its
+    param's shape, finite, and an integer adam_step in the metadata. keep: read the
+    moments of these params only (a rank's share under --shard_optimizer; default all)."""
     keep = set(flat) if keep is None else set(keep)
     path = Path(path)
-    expected = {f"{kind}.{k}": tuple(t.shape) for kind in ("exp_avg", "exp_avg_sq") for k, t in flat.items()}
+    expected = {f"{kind}.{k}": tuple(flat[k].shape) for kind, keys in moment_keys(flat, optimizer).items()
+                for k in keys}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             keys = set(f.keys())
@@ -288,8 +304,8 @@ def read_optimizer(path: str | os.PathLike, flat: dict, device="cpu", keep=None)
     if not step.isdigit():
         raise UserError(f"{path}: metadata adam_step must be an integer >= 0, got {step!r}")
     kept = [k for k in flat if k in keep]
-    return AdamWState({k: tensors[f"exp_avg.{k}"] for k in kept}, {k: tensors[f"exp_avg_sq.{k}"] for k in kept},
-                      int(step))
+    return AdamWState({k: tensors[f"exp_avg.{k}"] for k in kept},
+                      {k: tensors[f"exp_avg_sq.{k}"] for k in kept if f"exp_avg_sq.{k}" in expected}, int(step))
 
 
 def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -> tuple[TrainState, GPTConfig, dict]:
@@ -307,7 +323,8 @@ def load_checkpoint(run_dir: str | os.PathLike, device="cpu", moments_of=None) -
     else:
         params, config, adapter = _lora_checkpoint(run_dir, fields, device)
         flat = dict(adapter.tensors)
-    opt = read_optimizer(run_dir / OPTIMIZER, flat, device, keep=None if moments_of is None else moments_of(flat))
+    opt = read_optimizer(run_dir / OPTIMIZER, flat, device, keep=None if moments_of is None else moments_of(flat),
+                         optimizer=fields["config"].get("optimizer") or "adamw")
     if opt.step != fields["step"]:
         raise UserError(f"{run_dir}: {OPTIMIZER} is at step {opt.step}, {STATE} at step {fields['step']}")
     rng = {name: _generator_state(run_dir / STATE, name, text) for name, text in fields["rng"].items()}

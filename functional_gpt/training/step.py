@@ -23,7 +23,9 @@ from ..errors import UserError
 from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
-from .optim import AdamWState, adamw_init, adamw_step, check_adamw, check_schedule, clip_grad_norm, lr_at
+from .muon import is_muon_matrix, muon_step
+from .optim import (SCHEDULES, AdamWState, adamw_init, adamw_step, check_adamw, check_cooldown, check_schedule,
+                    clip_grad_norm, lr_at)
 from ..model.lora import Adapter, attach, check_adapter
 from ..model.params import Params, check_params, flatten, unflatten
 
@@ -48,7 +50,8 @@ class TrainState:
     (model/lora.py) the only thing that trains: the model runs `attach(params, adapter)`
     (the low-rank product per call), params stay frozen and have no moments. opt: AdamW's
     moments (under the flat GPT-2 keys, or the adapter's) and its step count. step: optimizer updates made. position:
-    where the next batch starts in the shuffled windows (data.next_batch). rng: the
+    where the next batch starts in the shuffled windows (data.next_batch). Under Muon, a
+    Muon matrix's exp_avg is its momentum buffer, and it has no exp_avg_sq. rng: the
     generator state(s) dropout draws from, {"torch": CPU state[, "cuda": CUDA state]}
     as uint8 tensors. loss_scale: float16 training only.
     """
@@ -67,12 +70,13 @@ class TrainState:
 
 
 def new_state(params: Params, seed: int, device: torch.device, moments_of=None, *,
-              adapter: Adapter | None = None) -> TrainState:
+              adapter: Adapter | None = None, optimizer: str = "adamw") -> TrainState:
     """The state before the first step: fresh moments, position 0, the RNG seeded as
     torch.manual_seed(seed) would seed it (without touching torch's global generator).
     moments_of(flat trainable tensors) -> the keys to keep moments for (a rank's share
     under shard_optimizer; default all). adapter: train this LoRA adapter of `params`
-    alone (its float32 tensors; params frozen)."""
+    alone (its float32 tensors; params frozen). optimizer: "adamw", or "muon" (Muon for the
+    blocks' matrices, AdamW for the rest; see StepSettings), whose moments it makes."""
     if not isinstance(params, dict):
         raise UserError(f"params: expected the nested dict of GPT-2 tensors, got {describe(params)}")
     if isinstance(params, Params):
@@ -92,14 +96,27 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None, 
         wrong = next((k for k, t in flat.items() if t.dtype != torch.float32), None)
         if wrong is not None:
             raise UserError(f"adapter: {wrong} is {describe(flat[wrong])}; an adapter trains in float32")
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "muon" and adapter is not None:
+        raise UserError("optimizer: a LoRA adapter trains with 'adamw'; Muon is for the full model's block matrices")
     keys = flat if moments_of is None else moments_of(flat)
-    return TrainState(params, adamw_init({k: flat[k] for k in keys}), 0, Position(), rng, adapter=adapter)
+    opt = adamw_init({k: flat[k] for k in keys})
+    if optimizer == "muon":  # Muon's matrices keep one moment, their momentum buffer
+        opt = opt._replace(exp_avg_sq={k: v for k, v in opt.exp_avg_sq.items() if not is_muon_matrix(k, flat[k])})
+    return TrainState(params, opt, 0, Position(), rng, adapter=adapter)
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
 class StepSettings:
     """How a step computes: the model's config (n_head, epsilon, dropout rates), the
-    schedule (optim.lr_at), AdamW's settings, the clipping norm (None: none), the compute
+    schedule (optim.lr_at: "cosine" or "wsd" with its cooldown fraction), the optimizer
+    ("adamw"; or "muon": muon.muon_step for the blocks' 2-D matrices, with Newton-Schulz in
+    bfloat16 when the compute dtype is bfloat16, else in float32, and AdamW for the
+    embeddings, the tied head, biases and gains, one lr for both), AdamW's settings (the
+    weight decay applies to Muon's matrices too), the clipping norm (None: none), the compute
     dtype, whether dropout is on, and the data-parallel world: each rank computes the
     gradients of its own share of the batch and they are averaged over the ranks;
     shard_optimizer: each rank keeps the moments of its own tensors only (ZeRO-1, the
@@ -121,6 +138,9 @@ class StepSettings:
     shard_optimizer: bool = False
     checkpoint_activations: bool = False
     compile: bool = False
+    schedule: str = "cosine"
+    cooldown: float = 0.25
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         """Every field checked here, by the rules `fgpt train`'s flags follow too (optim's
@@ -133,6 +153,9 @@ class StepSettings:
         check_adamw(beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
                     grad_clip=self.grad_clip)
         check_choice("dtype", self.dtype, (torch.float32, torch.bfloat16, torch.float16))
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_cooldown(self.cooldown)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if not isinstance(self.world, World):
             raise UserError(f"world: expected a World (distributed.world_from_env), got {describe(self.world)}")
         for name in ("dropout", "shard_optimizer", "checkpoint_activations", "compile"):
@@ -181,8 +204,8 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     _check_step(state, batch, settings)
     flat = state.trainable()
     world = settings.world
-    lr = lr_at(state.step, lr=settings.lr, warmup_steps=settings.warmup_steps,
-               decay_steps=settings.decay_steps, min_lr=settings.min_lr)
+    lr = lr_at(state.step, lr=settings.lr, warmup_steps=settings.warmup_steps, decay_steps=settings.decay_steps,
+               min_lr=settings.min_lr, schedule=settings.schedule, cooldown=settings.cooldown)
     scale = state.loss_scale.scale if state.loss_scale is not None else 1.0
     rng = _dropout_rng(state.rng, world)
     # Each weight is cast once per step; its gradient arrives in the compute dtype.
@@ -223,10 +246,10 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     if settings.shard_optimizer and world.size > 1:
         owner = owners(flat, world.size)
         mine = {k: t for k, t in flat.items() if owner[k] == world.rank}
-        opt = adamw_step(mine, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        opt = _update(mine, grads, state.opt, lr, settings)
         broadcast_owned(flat, owner)
     else:
-        opt = adamw_step(flat, grads, state.opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        opt = _update(flat, grads, state.opt, lr, settings)
     key, largest = max_abs(flat)
     if not largest <= DIVERGED_WEIGHT:
         raise Diverged(f"the update made {key} {'diverge' if math.isfinite(largest) else 'non-finite'} "
@@ -236,6 +259,20 @@ def train_step(state: TrainState, batch: Batch, settings: StepSettings) -> tuple
     if reducer is not None:
         metrics["allreduce_wait_s"] = reducer.waited
     return after, metrics
+
+
+def _update(params: dict, grads: dict, opt: AdamWState, lr: float, settings: StepSettings) -> AdamWState:
+    """The optimizer's update of `params` (those whose moments `opt` holds), in place."""
+    if settings.optimizer == "adamw":
+        return adamw_step(params, grads, opt, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    matrices = {k: p for k, p in params.items() if is_muon_matrix(k, p)}
+    rest = {k: p for k, p in params.items() if k not in matrices}
+    after = adamw_step(rest, {k: grads[k] for k in rest}, opt._replace(exp_avg={k: opt.exp_avg[k] for k in rest}),
+                       lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    muon_step(matrices, {k: grads[k] for k in matrices}, {k: opt.exp_avg[k] for k in matrices}, lr=lr,
+              weight_decay=settings.weight_decay, ns_dtype=torch.bfloat16 if settings.dtype == torch.bfloat16
+              else torch.float32)
+    return opt._replace(step=after.step)
 
 
 def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None:
@@ -251,6 +288,8 @@ def _check_step(state: TrainState, batch: Batch, settings: StepSettings) -> None
     check_params(state.params, config, "state.params", quantized=False)
     if state.adapter is not None:
         check_adapter(state.adapter, flatten(state.params))
+        if settings.optimizer == "muon":
+            raise UserError("settings.optimizer: a LoRA adapter trains with 'adamw'; Muon is for the full model")
     if not isinstance(batch, Batch):
         raise UserError(f"batch: expected a Batch(x, y, end), got {describe(batch)}")
     x = check_tensor("batch.x", batch.x, dims="A B T", kind="integer")
