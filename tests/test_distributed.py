@@ -172,6 +172,29 @@ def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path,
     assert min(norms) > CLIP
 
 
+def test_a_muon_run_on_two_processes_with_sharded_moments_is_one_process(setup, tmp_path):
+    """--optimizer muon --schedule wsd on 2 ranks, each keeping the moments of its share
+    of the tensors (ZeRO-1): the params of one process within 1e-5 of each tensor's scale,
+    the final validation loss within 1e-6, and a checkpoint holding every moment (a Muon
+    matrix's momentum buffer alone, no second moment), equal to the one-process run's to
+    1e-4. (Muon against torch.optim.Muon: tests/test_muon.py.)"""
+    data, init = setup
+    muon = dict(optimizer="muon", schedule="wsd")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(flags(data, init, one, **muon))
+    done = torchrun(as_argv(flags(data, init, two, shard_optimizer=True, **muon)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_params(params(two), params(one), 1e-5, "2 processes vs 1")
+    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)
+    moments = [load_file(str(run / "optimizer.safetensors")) for run in (two, one)]
+    matrices = {k for k, t in params(one).items() if t.dim() == 2 and k not in ("wte.weight", "wpe.weight")}
+    assert len(matrices) == 4 * TINY.n_layer
+    assert set(moments[0]) == {f"exp_avg.{k}" for k in params(one)} | {f"exp_avg_sq.{k}" for k in params(one)
+                                                                        if k not in matrices}
+    assert_same_params(*({k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in m.items()} for m in moments),
+                       1e-4, "moments")
+
+
 def adapter_of(run: Path) -> dict:
     """The run's LoRA adapter in our layout (peft stores each matrix transposed)."""
     stored = load_file(str(run / "adapter_model.safetensors"))

@@ -195,3 +195,23 @@ def test_a_bfloat16_muon_step_is_torchs_muon_on_the_float32_masters_with_the_bf1
     for key, v in flatten(after.params).items():
         assert v.dtype == after.opt.exp_avg[key].dtype == torch.float32
         torch.testing.assert_close(v, masters[key].detach(), rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_float32_muon_step_orthogonalizes_in_float32():
+    """A float32 step's Muon matrices get muon_step with float32 Newton-Schulz, exactly
+    (a CPU without bf16 arithmetic would emulate bf16's at ~40x the time; the bf16 result
+    is 3% away, within test_a_muon_train_step_follows_torchs_muon's tolerance)."""
+    from functional_gpt.training.step import loss_and_grads
+
+    model = hf_model(TINY, seed=11)
+    t = torch.randint(TINY.vocab_size, (4, 17), generator=torch.Generator().manual_seed(12))
+    state = new_state(params_of(model), seed=0, device=CPU, optimizer="muon")
+    flat = {k: v.clone() for k, v in flatten(state.params).items()}
+    _, grads = loss_and_grads(flat, t[:, :-1], t[:, 1:], TINY)
+    keys = [k for k, v in flat.items() if is_muon_matrix(k, v)]
+    lr = lr_at(0, lr=2e-2, warmup_steps=1, decay_steps=3, min_lr=2e-3, schedule="wsd")
+    muon_step({k: flat[k] for k in keys}, {k: grads[k] for k in keys}, {k: torch.zeros_like(flat[k]) for k in keys},
+              lr=lr, weight_decay=0.1, ns_dtype=torch.float32)
+    after, _ = train_step(state, Batch(t[None, :, :-1], t[None, :, 1:], Position()), muon_settings())
+    for key in keys:
+        assert torch.equal(flatten(after.params)[key], flat[key]), key

@@ -552,6 +552,18 @@ def cli_cases() -> list[Case]:
                         ("--dtype", "float16")]:
         add(f"train {flag} {value}", T + [flag, value], E(flag if flag != "--device" else value), "train.py")
     add("train --dtype bfloat16", T + ["--dtype", "bfloat16"], OK(state_step("run", 2)), "train.py")
+    TB = [a for i, a in enumerate(T) if "--max_steps" not in T[max(0, i - 1) : i + 1]]  # T without its --max_steps
+    for value in ("0", "0s", "-5m", "10x", "600", "soon", "1e400s", "", "nan"):
+        add(f"train --time_budget {value!r}", TB + ["--time_budget", value], E("--time_budget"), "budget.py")
+    add("train --time_budget 10m --max_steps 2", T + ["--time_budget", "10m"], E("--time_budget"), "settings.py")
+    add("train --time_budget 10m --decay_steps 5", TB + ["--time_budget", "10m", "--decay_steps", "5"],
+        E("--decay_steps"), "settings.py")
+    for flag, value in (("--optimizer", "sgd"), ("--optimizer", "Muon"), ("--optimizer", ""), ("--schedule", "linear"),
+                        ("--cooldown", "0"), ("--cooldown", "1"), ("--cooldown", "nan"), ("--cooldown", "-0.5")):
+        add(f"train {flag} {value!r}", T + [flag, value], E(flag), "settings.py")
+    add("train --time_budget 3s", TB + ["--time_budget", "3s"],
+        OK(lambda ws, out, v: None if json.loads((ws / "run/state.json").read_text())["planned_steps"] else
+           "no planned_steps"), "budget.py")
     add("train --compile=yes", T + ["--compile=yes"], E("--compile"), "cli.py")
     add("train --config compile = \"yes\"", [*T, "--config", "{W}/c.toml"], E("--compile: expected true or false"),
         "train.py", setup=files(**{"c.toml": 'compile = "yes"'}))

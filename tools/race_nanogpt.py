@@ -1,12 +1,13 @@
 """`fgpt train` against karpathy/nanoGPT's train.py for the same wall time on the same data (a benchmark).
 
     python tools/race_nanogpt.py --nanogpt PATH [--budget 10m] [--data data/shakespeare] [--out runs/race]
-                                 [--fgpt_args "..."]
+                                 [--fgpt_args "..." | --fgpt_run RUN]
 
 PATH is a checkout of github.com/karpathy/nanoGPT (its train.py, model.py, configurator.py);
 nothing of it is downloaded here or copied into this repository. One after the other, never
 together, so that no timing overlaps another:
-  ours      `fgpt train --time_budget BUDGET` into OUT/fgpt (with --fgpt_args);
+  ours      `fgpt train --time_budget BUDGET` into OUT/fgpt (with --fgpt_args), or the
+            finished run RUN of that budget on --data (the main job's, runs/shakespeare);
   nanoGPT   its train.py from scratch in the working directory OUT/nanogpt, whose
             data/fgpt/{train,val}.bin link to --data's: first 25 iterations that measure
             its seconds per iteration, then the run whose cosine schedule is fitted to the
@@ -120,21 +121,32 @@ def race_ours(args, out: Path) -> dict:
     """Train our side for the budget, then score it -> its numbers, config and loss curve."""
     from functional_gpt.training.runs import read_metrics, read_state
 
-    run_dir, log = out / "fgpt", out / "fgpt.log"
-    command = fgpt_command(args, run_dir)
-    print(f"ours: fgpt {shlex.join(command[3:])} (log: {log})", flush=True)
-    wall = run_logged(command, log, "fgpt train")
+    if args.fgpt_run is not None:  # a finished run of the budget: the main job's, say
+        run_dir, command, wall = args.fgpt_run, None, None
+        print(f"ours: the run in {run_dir}", flush=True)
+    else:
+        run_dir, log = out / "fgpt", out / "fgpt.log"
+        command = fgpt_command(args, run_dir)
+        print(f"ours: fgpt {shlex.join(command[3:])} (log: {log})", flush=True)
+        wall = run_logged(command, log, "fgpt train")
     state, metrics = read_state(run_dir), read_metrics(run_dir)
+    if state["config"].get("time_budget") != args.budget:
+        raise SystemExit(f"--fgpt_run {run_dir}: trained for --time_budget {state['config'].get('time_budget')}, "
+                         f"not the race's --budget {args.budget}")
+    if Path(state["data_dir"]).resolve() != args.data.resolve():
+        raise SystemExit(f"--fgpt_run {run_dir}: trained on {state['data_dir']}, not the race's --data {args.data}")
     cfg = state["config"]
     tokens_per_update = cfg["batch_size"] * cfg["grad_accum"] * cfg["context_length"]
     steps = [m for m in metrics if "loss" in m]
     step_seconds = sum(tokens_per_update / m["tokens_per_s"] for m in steps)
     own = next(m["final_val_loss"] for m in metrics if "final_val_loss" in m)
-    print(f"ours: {state['step']} updates, {wall:.1f} s in all; scoring it on val.bin", flush=True)
+    print(f"ours: {state['step']} updates in {state['time_spent']:.1f} s of the budget; scoring it on val.bin",
+          flush=True)
     scored = score_ours(run_dir, args.data, cfg["context_length"])
     print(f"ours: val loss {scored['val_loss']:.4f} over {scored['windows']} windows (fgpt train's own final "
           f"evaluation: {own:.4f})", flush=True)
     return {"command": command, "updates": state["step"], "step_seconds": step_seconds,
+            "budget_seconds_spent": state["time_spent"],
             "tokens_per_s": len(steps) * tokens_per_update / step_seconds, "wall_seconds": wall, **scored,
             "own_final_val_loss": own, "curve": [(m["step"], m["loss"]) for m in steps], "config": cfg,
             "model_config": state["model_config"]}
@@ -282,15 +294,15 @@ def report(args, out: Path, budget: float, load: float, ours: dict, theirs: dict
     print(f"\nrace for {args.budget} on {args.data}: {model['n_layer']} layers, {model['n_head']} heads, "
           f"n_embd {model['n_embd']}, context {cfg['context_length']}, {cfg['batch_size']} x {cfg['grad_accum']} "
           f"windows per update; val: {ours['windows']} windows; {cpu_line()}; load average {load:.2f} before")
-    print("| | parameters | updates | in steps s | tokens/s | wall s | val loss | vs fgpt |")
+    print("| | parameters | updates | in steps s | tokens/s | training s | val loss | vs fgpt |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, r, updates, wall in (("fgpt", ours, ours["updates"], ours["wall_seconds"]),
+    for name, r, updates, wall in (("fgpt", ours, ours["updates"], ours["budget_seconds_spent"]),
                                    ("nanoGPT", theirs, theirs["iters"], theirs["train_seconds"])):
         vs = "" if r is ours else f"{r['val_loss'] - ours['val_loss']:+.4f}"
         print(f"| {name} | {r['parameters']:,} | {updates} | {r['step_seconds']:.1f} | {r['tokens_per_s']:.0f} | "
               f"{wall:.1f} | {r['val_loss']:.4f} | {vs} |")
-    print("in steps: the sum of each update's time as its trainer logs it; wall: fgpt train's whole process "
-          "(start-up and evaluations included), nanoGPT's train.py from exec to the end of its loop")
+    print("in steps: the sum of each update's time as its trainer logs it; training: fgpt train's loop (steps, "
+          "evaluations, checkpoints: the budget it spent), nanoGPT's train.py from exec to the end of its loop")
     write_json(out / "race.json", {"budget": args.budget, "budget_seconds": budget, "data": str(args.data),
                                    "cpu": cpu_line(), "load_average_before": load, "fgpt": ours, "nanogpt": theirs,
                                    "difference": theirs["val_loss"] - ours["val_loss"]})
@@ -334,6 +346,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/shakespeare"), help="a prepared data directory")
     ap.add_argument("--out", type=Path, default=Path("runs/race"))
     ap.add_argument("--fgpt_args", default="", help="more flags for fgpt train, one string")
+    ap.add_argument("--fgpt_run", type=Path, default=None,
+                    help="race this finished `fgpt train --time_budget BUDGET` run instead of training one")
     args = ap.parse_args()
     from functional_gpt.errors import UserError
     from functional_gpt.training.budget import budget_seconds

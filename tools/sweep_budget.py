@@ -3,7 +3,7 @@
     python tools/sweep_budget.py [--budget 3m] [--out runs/sweep] [--only "main job,adamw"]
 
 Every variant is the main job (`fgpt train` with its defaults: cpu-small, Muon + AdamW,
-warmup-stable-decay, lr 8e-4, batches of 8 x 128) with one thing changed: the optimizer,
+warmup-stable-decay, lr 2e-3, batches of 8 x 128) with one thing changed: the optimizer,
 the schedule, the learning rate, the batch, the context or the model's shape (a shape
 other than cpu-small starts from random weights of that shape, written here with
 init_params and given as --init). Each is its own `fgpt train` process, run one after
@@ -33,7 +33,7 @@ VARIANTS = {  # name -> (what it changes, fgpt train flags)
     "main job": ("", []),
     "adamw": ("optimizer", ["--optimizer", "adamw"]),
     "cosine": ("schedule", ["--schedule", "cosine"]),
-    "lr 4e-4": ("learning rate", ["--lr", "4e-4"]),
+    "lr 8e-4": ("learning rate", ["--lr", "8e-4"]),
     "lr 1.6e-3": ("learning rate", ["--lr", "1.6e-3"]),
     "lr 3.2e-3": ("learning rate", ["--lr", "3.2e-3"]),
     "batch 4": ("batch", ["--batch_size", "4"]),

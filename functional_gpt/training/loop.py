@@ -376,11 +376,12 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                dynamic_ncols=True)
     say = bar.write if world.is_main else _silent
     unfinished = lambda: planned is None or state.step < planned
+    last_evaluation = 0.0  # seconds the last evaluation and checkpoint took: the run's last one comes on top
     with stop, bar:  # the bar is closed before any error is printed
         while unfinished():
             if planned is None:  # under a budget, until its cooldown is due
                 clock = spent()
-                planned = plan_steps(state.step, clock, budget, cfg.cooldown)
+                planned = plan_steps(state.step, clock, budget - last_evaluation, cfg.cooldown)
                 if planned is not None:
                     settings = dataclasses.replace(settings, decay_steps=planned)
                     say(f"step {state.step}: {clock:.0f}s of {budget:.0f}s spent, the cooldown starts: the run "
@@ -398,6 +399,7 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
             bar.update()
             stop_now = distributed.any_rank(world, stop.requested is not None, device)
             if state.step % cfg.eval_interval == 0 or state.step == planned:
+                evaluation_began = spent() if budget is not None else 0.0
                 val = val_loss(model(), config, val_tokens, quick_starts, cfg.context_length, device, world=world)
                 if not math.isfinite(val):
                     raise stopped(state.step, f"validation loss is {val}")
@@ -412,6 +414,8 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                 checkpoint(val, is_best, lr)
                 if world.is_main:
                     plot_losses(metrics, run / "loss.png")
+                if budget is not None:
+                    last_evaluation = spent() - evaluation_began
             elif stop_now:
                 checkpoint(None, False, lr)
             if stop_now and unfinished():
