@@ -280,9 +280,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         "preset": f"model preset for a fresh model: {', '.join(PRESETS)}",
         "init": "start from these weights (a .safetensors file, run dir or Hugging Face GPT-2 dir)",
         "max_steps": "optimizer updates in all, instead of --time_budget (on --resume: may be raised to train on)",
-        "time_budget": "the run's length as wall time, e.g. 90s, 10m, 1.5h: steps, evaluations and checkpoints "
-                       "fit in it, the final evaluation follows; the steps are fixed when the cooldown is due and "
-                       "recorded (default: 10m unless --max_steps is given)",
+        "time_budget": "the run's length as wall time, e.g. 90s, 10m, 1.5h: steps, evaluations, checkpoints and "
+                       "the final evaluation fit in it; the steps are fixed when the cooldown is due and recorded "
+                       "(default: 10m unless --max_steps is given)",
         "decay_steps": "step where the schedule reaches --min_lr (default: --max_steps)",
         "schedule": "wsd: warm-up, constant, then linear decay over the last --cooldown of the run; cosine: warm-up, "
                     "then a cosine to --min_lr",

@@ -1,5 +1,7 @@
 """Choosing where tensors live (a GPU when present, never required) and the training dtype."""
 
+import os
+
 import torch
 
 from .checks import describe
@@ -91,6 +93,22 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return {flag for line in lines[:1] for flag in line.split(":", 1)[-1].split()}
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "bf16")  # what the speed paths pick by
+
+
+def cpu_summary() -> str:
+    """One line: the CPU's model name, cores, the SPEED_FLAGS it has, and whether training
+    in bfloat16 runs in bf16 here (`fgpt info`; every published figure names it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    flags = " ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none of " + ", ".join(SPEED_FLAGS)
+    bf16 = "bfloat16 training in bf16" if cpu_has_bf16() else "bfloat16 training falls back to float32"
+    return f"{name or 'unknown model'}, {os.cpu_count()} cores, flags: {flags} ({bf16})"
 
 
 def cpu_has_bf16() -> bool:

@@ -7,14 +7,15 @@ import torch.nn.functional as F
 
 from .model.checkpoint import load_params
 from .model.config import preset
-from .device import pick_device
+from .device import cpu_summary, pick_device
 from .model.params import count_params, init_params
 from .model.transformer import forward
 
 
 def info_report(*, preset_name: str | None = None, weights: str | None = None,
                 device: str | None = None, seq_len: int = 64, seed: int = 0) -> str:
-    """A readable report: torch version, device, threads, config, parameter count, and
+    """A readable report: torch version, device, threads, the CPU and its speed flags,
+    config, parameter count, and
     the loss of one forward pass on random tokens (about ln(vocab_size) for a fresh model)."""
     dev = pick_device(device)
     if weights is not None:
@@ -34,6 +35,7 @@ def info_report(*, preset_name: str | None = None, weights: str | None = None,
         f"torch       {torch.__version__}",
         f"device      {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         f"threads     {torch.get_num_threads()}",
+        f"cpu         {cpu_summary()}",
         f"model       {source}",
         "config      " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()),
         f"parameters  {count_params(config):,}",

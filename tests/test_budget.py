@@ -92,10 +92,10 @@ def test_bad_budget_schedule_and_optimizer_flags_are_one_line(setup, tmp_path, f
         make_config(values)
 
 
-def budget_config(setup, out, budget="4s", **overrides):
+def budget_config(setup, out, budget="4s", eval_interval=5, **overrides):
     """A Muon + wsd budget run of the tiny model, evaluated every 5 steps."""
     return run_config(setup, out, max_steps=None, time_budget=budget, optimizer="muon", schedule="wsd", dropout=0.1,
-                      eval_interval=5, sample_tokens=0, **overrides)
+                      eval_interval=eval_interval, sample_tokens=0, **overrides)
 
 
 def test_a_budget_run_ends_on_time_records_its_steps_and_replays_with_max_steps(setup, tmp_path):
@@ -174,3 +174,22 @@ def test_a_budget_runs_garbled_clock_is_one_line(setup, tmp_path, field, value, 
     path.write_text(json.dumps(state))
     with pytest.raises(UserError, match=message):
         quiet_train(resume_config(run, {}), resume=True)
+
+
+def test_a_budget_holds_back_the_time_of_its_last_and_final_evaluations(setup, tmp_path, monkeypatch):
+    """Evaluations made slow (0.1 s per window: 0.4 s for the periodic 4, about 2 s for
+    the final one over every window of val.bin): the run, final evaluation included,
+    still ends within its 5 s, because the steps are fixed with that time held back."""
+    import time
+
+    import functional_gpt.training.loop as loop
+
+    original = loop.val_loss
+
+    def slow(params, config, tokens, starts, *args, **kwargs):
+        time.sleep(0.1 * len(starts))
+        return original(params, config, tokens, starts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "val_loss", slow)
+    summary = quiet_train(budget_config(setup, tmp_path / "run", budget="5s", eval_interval=3))
+    assert summary["budget_seconds_spent"] < 5.0 * 1.08

@@ -26,6 +26,20 @@ def test_info_reports_a_fresh_model(capsys):
     assert abs(loss - math.log(50257)) < 0.3
 
 
+@pytest.mark.parametrize("flags, shown, bf16", [
+    ({"fpu", "avx2", "avx512f"}, "flags: avx2 avx512f", "falls back to float32"),
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "flags: avx2 avx512f avx512_bf16 amx_bf16", "in bf16"),
+    (set(), "flags: none of avx2", "falls back to float32"),
+])
+def test_info_names_the_cpus_speed_flags_and_its_bf16_path(monkeypatch, capsys, flags, shown, bf16):
+    """The CPU line every published figure quotes: the flags the speed paths pick by, and
+    which way --dtype bfloat16 goes on it."""
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: flags)
+    assert main(["info", "--preset", "cpu-tiny"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu "))
+    assert shown in line and f"(bfloat16 training {bf16})" in line
+
+
 def test_info_reads_weights(tmp_path, capsys, tiny_params, tiny_config):
     save_params(tmp_path / "m.safetensors", tiny_params, tiny_config)
     assert main(["info", "--weights", str(tmp_path / "m.safetensors")]) == 0

@@ -23,7 +23,6 @@ tokens over the wall time, and the p50 of their times to the first token). Promp
 
 import argparse
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -123,10 +122,9 @@ def weights_to_serve(weights: Path | None, config_name: str, folder: Path) -> Pa
 
 
 def cpu_line() -> str:
-    from functional_gpt.device import cpu_flags
+    from functional_gpt.device import cpu_summary
 
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}))
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, flags: {flags}"
+    return cpu_summary()
 
 
 def main() -> None:

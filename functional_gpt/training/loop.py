@@ -376,12 +376,18 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                dynamic_ncols=True)
     say = bar.write if world.is_main else _silent
     unfinished = lambda: planned is None or state.step < planned
-    last_evaluation = 0.0  # seconds the last evaluation and checkpoint took: the run's last one comes on top
+    # The figure a run is judged by: every val token predicted once, at the model's full
+    # context (the training context when val.bin is shorter than that).
+    final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
+    final_starts = eval_starts(len(val_tokens), final_T)
+    # Under a budget, the seconds its end takes beyond the steps: the last periodic evaluation
+    # and checkpoint as the latest one took, and the final evaluation at that one's pace.
+    held_back = 0.0
     with stop, bar:  # the bar is closed before any error is printed
         while unfinished():
             if planned is None:  # under a budget, until its cooldown is due
                 clock = spent()
-                planned = plan_steps(state.step, clock, budget - last_evaluation, cfg.cooldown)
+                planned = plan_steps(state.step, clock, budget - held_back, cfg.cooldown)
                 if planned is not None:
                     settings = dataclasses.replace(settings, decay_steps=planned)
                     say(f"step {state.step}: {clock:.0f}s of {budget:.0f}s spent, the cooldown starts: the run "
@@ -401,6 +407,7 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
             if state.step % cfg.eval_interval == 0 or state.step == planned:
                 evaluation_began = spent() if budget is not None else 0.0
                 val = val_loss(model(), config, val_tokens, quick_starts, cfg.context_length, device, world=world)
+                evaluated = spent() if budget is not None else 0.0
                 if not math.isfinite(val):
                     raise stopped(state.step, f"validation loss is {val}")
                 is_best = best is None or val < best
@@ -415,7 +422,8 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                 if world.is_main:
                     plot_losses(metrics, run / "loss.png")
                 if budget is not None:
-                    last_evaluation = spent() - evaluation_began
+                    per_token = (evaluated - evaluation_began) / (len(quick_starts) * cfg.context_length)
+                    held_back = spent() - evaluation_began + per_token * len(final_starts) * final_T
             elif stop_now:
                 checkpoint(None, False, lr)
             if stop_now and unfinished():
@@ -425,16 +433,12 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
                 return {"step": state.step, "interrupted": True}
         bar.close()
         elapsed = time.time() - began
-        clock = spent()
-        # The figure a run is judged by: every val token predicted once, at the model's full
-        # context (the training context when val.bin is shorter than that).
-        final_T = config.n_positions if len(val_tokens) > config.n_positions else cfg.context_length
-        final_starts = eval_starts(len(val_tokens), final_T)
         # Ranks stop a final evaluation together or not at all: a signal only skips it in a single process.
         should_stop = (lambda: stop.requested is not None) if world.size == 1 else (lambda: False)
         final = None if stop_now else val_loss(model(), config, val_tokens, final_starts, final_T,
                                                device, should_stop=should_stop, world=world)
     step = state.step
+    clock = spent()
     if final is None:
         log(f"stopped by {stop.requested or 'a signal to another rank'} after the last step ({step}): the run is "
             f"complete and saved; the final evaluation over all of val.bin was skipped (run: fgpt eval "
@@ -448,8 +452,8 @@ def _train(start: _Start, world: World, *, progress: bool, log) -> dict:
     summary = {"step": step, "val_loss": final, "best_val_loss": best, "train_seconds": elapsed,
                "peak_rss_mib": peaks[0], "interrupted": False}
     if budget is not None:
-        log(f"time budget {cfg.time_budget}: {step} steps in {clock:.0f}s; the same flags with --max_steps {step} "
-            f"instead of --time_budget replay this run step for step")
+        log(f"time budget {cfg.time_budget}: {step} steps in {clock:.0f}s, the final evaluation included; the same "
+            f"flags with --max_steps {step} instead of --time_budget replay this run step for step")
         summary["budget_seconds_spent"] = clock
     if world.size > 1:
         summary["peak_rss_mib_per_rank"] = peaks
