@@ -34,6 +34,8 @@ import functional_gpt.device as device_module
 import functional_gpt.interp as interp
 import functional_gpt.reference as reference
 import functional_gpt.training as training
+import functional_gpt.training.budget as budget_module
+import functional_gpt.training.muon as muon_module
 import functional_gpt.training.settings as settings_module
 import functional_gpt.generation.speculative as speculative
 from functional_gpt import UserError
@@ -204,6 +206,7 @@ P = lambda: PARAMS  # noqa: E731
 PARAMS_WORDS = ("config", "params", "state.params", "members")
 TOKEN_WORDS = ("tokens", "token id", "sequence of", "rows for a cache")
 FLAT = lambda: fg.flatten(_fresh_params())  # noqa: E731
+MATRICES = lambda: {k: t for k, t in FLAT().items() if muon_module.is_muon_matrix(k, t)}  # noqa: E731
 
 CASES = {
     # --- model
@@ -375,7 +378,16 @@ CASES = {
                        says=dict(betas=("betas[",), grads=("params",)), updates=("params", "state")),
     "clip_grad_norm": Case(training.clip_grad_norm, dict(grads=FLAT, max_norm=lambda: 0.5), updates=("grads",)),
     "lr_at": Case(training.lr_at, dict(step=lambda: 3, lr=lambda: 1.0, warmup_steps=lambda: 2, decay_steps=lambda: 9,
-                                       min_lr=lambda: 0.1), says=dict(lr=("min_lr",), min_lr=("lr",))),
+                                       min_lr=lambda: 0.1, schedule=lambda: "wsd", cooldown=lambda: 0.25),
+                  says=dict(lr=("min_lr",), min_lr=("lr",))),
+    "muon_step": Case(muon_module.muon_step, dict(params=MATRICES, grads=MATRICES,
+                                                  momentum_buffers=lambda: {k: t.zero_() for k, t in MATRICES().items()},
+                                                  lr=lambda: 1e-2, weight_decay=lambda: 0.1, momentum=lambda: 0.95,
+                                                  ns_dtype=lambda: torch.float32),
+                      says=dict(grads=("params",), momentum_buffers=("params",)),
+                      updates=("params", "momentum_buffers")),
+    "budget_seconds": Case(budget_module.budget_seconds, dict(text=lambda: "10m"), says=dict(text=("--time_budget",)),
+                           spoilers=dict(text=st.text(alphabet="0123456789.-+e smhinx", max_size=8))),
     "next_batch": Case(training.next_batch, dict(tokens=lambda: training.load_tokens(_data_dir(), "train"),
                                                  position=lambda: Position(1, 3), batch_size=lambda: 3,
                                                  context_length=lambda: 8, stride=lambda: 4, seed=lambda: 0),

@@ -49,6 +49,8 @@ def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor():
     assert [lr_at(s, **kw) for s in range(13)] == pytest.approx(
         [0.5, 1.0] + [1.0] * 7 + [0.7, 0.4, 0.1, 0.1])
     assert cooldown_start(12, 0.25) == 9
+    # however short the run, its last update decays (round(0.25 * 2) is 0: one step of decay, not none)
+    assert lr_at(1, **kw | {"warmup_steps": 0, "decay_steps": 2}) == pytest.approx(0.1)
     cosine = [lr_at(s, **kw | {"schedule": "cosine"}) for s in range(2, 12)]
     assert all(a > b for a, b in zip(cosine, cosine[1:]))
 
@@ -148,7 +150,9 @@ def test_a_budget_run_resumes_its_clock_and_its_planned_length(setup, tmp_path, 
     state = json.loads((run / "state.json").read_text())
     assert first["interrupted"] and state["step"] == 10 and state["planned_steps"] is None
     assert 0 < state["time_spent"] < 3.0
+    spent_before = state["time_spent"]
     second = quiet_train(resume_config(run, {}), resume=True)
+    assert second["budget_seconds_spent"] >= spent_before + second["train_seconds"]  # the clock went on
     state = json.loads((run / "state.json").read_text())
     assert second["step"] == state["planned_steps"] == state["step"] > 10
     assert state["time_spent"] < 6.0 * 1.15

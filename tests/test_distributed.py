@@ -139,6 +139,25 @@ def logged(run: Path) -> list[dict]:
 # --------------------------------------------------------- equal to one process
 
 
+def one_and_two_processes(setup, tmp_path, shard: bool, **settings) -> tuple[Path, Path]:
+    """The run of `settings` in one process and on 2 ranks (shard: with --shard_optimizer)
+    -> (one, two) run directories, the two's final validation loss checked to be the one's
+    within 1e-6 (every rank's share of the windows, all-reduced)."""
+    data, init = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process(flags(data, init, one, **settings))
+    done = torchrun(as_argv(flags(data, init, two, shard_optimizer=shard, **settings)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)
+    return one, two
+
+
+def moments(run: Path) -> dict:
+    """The run's optimizer.safetensors as {"<key>|<moment>": tensor}."""
+    stored = load_file(str(run / "optimizer.safetensors"))
+    return {f"{k.split('.', 1)[1]}|{k.split('.')[0]}": v for k, v in stored.items()}
+
+
 @pytest.mark.parametrize("grad_accum, shard", [(1, False), pytest.param(2, False, marks=pytest.mark.slow),
                                                 pytest.param(2, True, marks=pytest.mark.slow)],
                          ids=["batch4", "accum2", "accum2-sharded-optimizer"])
@@ -152,16 +171,9 @@ def test_two_processes_train_as_one_process_and_as_transformers(setup, tmp_path,
     ones. With --shard_optimizer each rank holds half the moments, and the checkpoint
     holds them all, equal to the one-process run's."""
     data, init = setup
-    one, two = tmp_path / "one", tmp_path / "two"
-    one_process(flags(data, init, one, grad_accum=grad_accum))
-    done = torchrun(as_argv(flags(data, init, two, grad_accum=grad_accum, shard_optimizer=shard)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = one_and_two_processes(setup, tmp_path, shard, grad_accum=grad_accum)
     assert_same_params(params(two), params(one), 1e-5, "2 processes vs 1")
-    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)  # every rank's share, all-reduced
-    moments_two, moments_one = load_file(str(two / "optimizer.safetensors")), load_file(str(one / "optimizer.safetensors"))
-    assert_same_params({k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_two.items()},
-                       {k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in moments_one.items()}, 1e-4,
-                       "moments")
+    assert_same_params(moments(two), moments(one), 1e-4, "moments")
     start = flatten(load_params(init)[0])
     batches = reference_batches(data, steps=STEPS, windows=4 * grad_accum)
     expected, losses, norms = reference_training(start, TINY, batches, lrs=closed_form_lrs(STEPS),
@@ -178,21 +190,13 @@ def test_a_muon_run_on_two_processes_with_sharded_moments_is_one_process(setup, 
     the final validation loss within 1e-6, and a checkpoint holding every moment (a Muon
     matrix's momentum buffer alone, no second moment), equal to the one-process run's to
     1e-4. (Muon against torch.optim.Muon: tests/test_muon.py.)"""
-    data, init = setup
-    muon = dict(optimizer="muon", schedule="wsd")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one_process(flags(data, init, one, **muon))
-    done = torchrun(as_argv(flags(data, init, two, shard_optimizer=True, **muon)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = one_and_two_processes(setup, tmp_path, True, optimizer="muon", schedule="wsd")
     assert_same_params(params(two), params(one), 1e-5, "2 processes vs 1")
-    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)
-    moments = [load_file(str(run / "optimizer.safetensors")) for run in (two, one)]
     matrices = {k for k, t in params(one).items() if t.dim() == 2 and k not in ("wte.weight", "wpe.weight")}
     assert len(matrices) == 4 * TINY.n_layer
-    assert set(moments[0]) == {f"exp_avg.{k}" for k in params(one)} | {f"exp_avg_sq.{k}" for k in params(one)
-                                                                        if k not in matrices}
-    assert_same_params(*({k.split(".", 1)[1] + "|" + k.split(".")[0]: v for k, v in m.items()} for m in moments),
-                       1e-4, "moments")
+    assert set(moments(two)) == {f"{k}|exp_avg" for k in params(one)} | {f"{k}|exp_avg_sq" for k in params(one)
+                                                                          if k not in matrices}
+    assert_same_params(moments(two), moments(one), 1e-4, "moments")
 
 
 def adapter_of(run: Path) -> dict:
@@ -215,16 +219,11 @@ def test_a_lora_run_on_two_processes_is_one_process_and_peft(setup, tmp_path, sh
 
     pytest.importorskip("peft")
     data, init = setup
-    lora = dict(lora_rank=4, lora_alpha=8.0, lora_targets="attn.c_attn,mlp.c_fc")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one_process(flags(data, init, one, **lora))
-    done = torchrun(as_argv(flags(data, init, two, shard_optimizer=shard, **lora)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = one_and_two_processes(setup, tmp_path, shard, lora_rank=4, lora_alpha=8.0,
+                                     lora_targets="attn.c_attn,mlp.c_fc")
     assert_same_params(adapter_of(two), adapter_of(one), 1e-5, "2 processes vs 1")
-    assert final_val_loss(two) == pytest.approx(final_val_loss(one), rel=1e-6)
-    moments = [load_file(str(run / "optimizer.safetensors")) for run in (two, one)]
-    assert set(moments[0]) == {f"{m}.{k}" for m in ("exp_avg", "exp_avg_sq") for k in adapter_of(one)}
-    assert_same_params(*moments, 1e-4, "moments")
+    assert set(moments(two)) == {f"{k}|{m}" for m in ("exp_avg", "exp_avg_sq") for k in adapter_of(one)}
+    assert_same_params(moments(two), moments(one), 1e-4, "moments")
     base = load_params(init)[0]
     save_adapter(tmp_path / "first", init_adapter(base, 4, 8.0, ["attn.c_attn", "mlp.c_fc"], seed=0))
     expected, _, norms = reference_lora_training(flatten(base), TINY, tmp_path / "first",
