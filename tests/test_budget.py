@@ -81,7 +81,7 @@ def test_no_plan_before_the_first_step():
     (dict(time_budget="10m", max_steps=100),
      r"^--max_steps 100 and --time_budget 10m both set the run's length: give one \(a budget run records"),
     (dict(time_budget="10m", decay_steps=100, max_steps=None),
-     r"^--decay_steps 100 and --time_budget 10m sets where the decay ends in steps"),
+     r"^--decay_steps 100 does not go with --time_budget 10m: under a budget, where the decay ends is fixed"),
     (dict(optimizer="sgd"), r"^--optimizer: expected one of 'adamw', 'muon', got 'sgd'"),
     (dict(schedule="linear"), r"^--schedule: expected one of 'cosine', 'wsd', got 'linear'"),
     (dict(cooldown=1.0), r"^--cooldown: expected a finite number in \(0, 1\), got 1.0"),

@@ -88,11 +88,13 @@ class TrainConfig:
                        decay_steps=self.decay_steps if self.decay_steps is not None else self.max_steps or 1, name=flag)
         if self.time_budget is not None:
             budget_seconds(self.time_budget)
-            for field, what in (("max_steps", "both set the run's length: give one"),
-                                ("decay_steps", "sets where the decay ends in steps; under a budget the budget does")):
-                if getattr(self, field) is not None:
-                    raise UserError(f"--{field} {getattr(self, field)} and --time_budget {self.time_budget} {what}"
-                                    f" (a budget run records the steps it reached, to replay it with --max_steps)")
+            if self.max_steps is not None:
+                raise UserError(f"--max_steps {self.max_steps} and --time_budget {self.time_budget} both set the run's "
+                                f"length: give one (a budget run records the steps it reached, to replay it with "
+                                f"--max_steps)")
+            if self.decay_steps is not None:
+                raise UserError(f"--decay_steps {self.decay_steps} does not go with --time_budget {self.time_budget}: "
+                                f"under a budget, where the decay ends is fixed when the cooldown is due")
         check_choice("--schedule", self.schedule, SCHEDULES)
         check_cooldown(self.cooldown, "--cooldown")
         if self.optimizer is not None:
