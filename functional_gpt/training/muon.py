@@ -12,7 +12,7 @@ import torch
 
 from ..checks import check_choice, check_number, check_tensor_dict
 from ..errors import UserError
-from .optim import Flat, decays
+from .optim import Flat, check_update_fits, decays
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -77,14 +77,8 @@ def muon_step(params: Flat, grads: Flat, momentum_buffers: Flat, *, lr: float, w
     check_number("weight_decay", weight_decay, 0)
     check_number("momentum", momentum, 0, 1, high_open=True)
     check_choice("ns_dtype", ns_dtype, (torch.bfloat16, torch.float32))
-    largest = min((torch.finfo(p.dtype).max for p in params.values()), default=math.inf)
-    step = max((lr * update_scale(p.shape) for p in params.values()), default=0.0)
-    if step > largest:
-        raise UserError(f"lr: {lr:g} overflows the params' dtype in the update (lr * update_scale = {step:.3g}, "
-                        f"at most {largest:.3g})")
-    if lr * weight_decay > largest:
-        raise UserError(f"weight_decay: {weight_decay:g} overflows the params' dtype in the update (lr * "
-                        f"weight_decay = {lr * weight_decay:.3g}, at most {largest:.3g})")
+    check_update_fits(params, lr=lr, weight_decay=weight_decay, step_is="lr * update_scale",
+                      step=max((lr * update_scale(p.shape) for p in params.values()), default=0.0))
     with torch.no_grad():
         for key, p in params.items():
             g, buf = grads[key], momentum_buffers[key]

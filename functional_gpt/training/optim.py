@@ -98,13 +98,7 @@ def adamw_step(
     step = previous + 1
     bias1 = 1 - beta1**step
     bias2_sqrt = math.sqrt(1 - beta2**step)
-    largest = min((torch.finfo(t.dtype).max for t in params.values()), default=math.inf)
-    if lr / bias1 > largest:
-        raise UserError(f"lr: {lr:g} overflows the params' dtype in the update (lr / (1 - beta1**step) = "
-                        f"{lr / bias1:.3g}, at most {largest:.3g})")
-    if lr * weight_decay > largest:
-        raise UserError(f"weight_decay: {weight_decay:g} overflows the params' dtype in the update (lr * "
-                        f"weight_decay = {lr * weight_decay:.3g}, at most {largest:.3g})")
+    check_update_fits(params, lr=lr, weight_decay=weight_decay, step=lr / bias1, step_is="lr / (1 - beta1**step)")
     with torch.no_grad():
         for group in _groups(params, grads, state):
             p, g, m, v, decayed = (list(column) for column in zip(*group))
@@ -120,6 +114,19 @@ def adamw_step(
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
     return AdamWState(state.exp_avg, state.exp_avg_sq, step)
+
+
+def check_update_fits(params: Flat, *, lr: float, weight_decay: float, step: float, step_is: str) -> None:
+    """An update's factors within the params' dtype: the largest factor on the step
+    (`step`, the expression `step_is`) and the decay's lr * weight_decay; else a UserError
+    naming lr or weight_decay, before anything changes."""
+    largest = min((torch.finfo(t.dtype).max for t in params.values()), default=math.inf)
+    if step > largest:
+        raise UserError(f"lr: {lr:g} overflows the params' dtype in the update ({step_is} = {step:.3g}, at most "
+                        f"{largest:.3g})")
+    if lr * weight_decay > largest:
+        raise UserError(f"weight_decay: {weight_decay:g} overflows the params' dtype in the update (lr * "
+                        f"weight_decay = {lr * weight_decay:.3g}, at most {largest:.3g})")
 
 
 def _groups(params: Flat, grads: Flat, state: AdamWState):
