@@ -23,7 +23,7 @@ from ..errors import UserError
 from .distributed import SINGLE, GradientReducer, World, broadcast_owned, mean, owners
 from .loss import lm_head_loss
 from ..model.transformer import forward_hidden
-from .muon import is_muon_matrix, muon_step
+from .muon import is_muon_matrix, muon_step, second_moment_keys
 from .optim import (SCHEDULES, AdamWState, adamw_init, adamw_step, check_adamw, check_cooldown, check_schedule,
                     clip_grad_norm, lr_at)
 from ..model.lora import Adapter, attach, check_adapter
@@ -101,8 +101,8 @@ def new_state(params: Params, seed: int, device: torch.device, moments_of=None, 
         raise UserError("optimizer: a LoRA adapter trains with 'adamw'; Muon is for the full model's block matrices")
     keys = flat if moments_of is None else moments_of(flat)
     opt = adamw_init({k: flat[k] for k in keys})
-    if optimizer == "muon":  # Muon's matrices keep one moment, their momentum buffer
-        opt = opt._replace(exp_avg_sq={k: v for k, v in opt.exp_avg_sq.items() if not is_muon_matrix(k, flat[k])})
+    second = set(second_moment_keys(flat, optimizer))  # Muon's matrices keep one moment, their momentum buffer
+    opt = opt._replace(exp_avg_sq={k: v for k, v in opt.exp_avg_sq.items() if k in second})
     return TrainState(params, opt, 0, Position(), rng, adapter=adapter)
 
 
